@@ -1,0 +1,261 @@
+/*
+ * clkvq: low-bit KV-cache quantization kernels for OpenCL.
+ *
+ * This header is the whole public API. Every call returns a clkvq_status;
+ * clkvq_status_string() names it and clkvq_last_error() carries the detail
+ * (the OpenCL build log, the bad argument and why) for the context it was
+ * called on. Nothing is enqueued before the arguments have been validated.
+ *
+ * Tensor shapes follow the KV cache: [n_heads][n_tokens][head_dim], fp32,
+ * row-major, channels innermost.
+ */
+#ifndef CLKVQ_H
+#define CLKVQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#ifndef CL_TARGET_OPENCL_VERSION
+#define CL_TARGET_OPENCL_VERSION 120
+#endif
+#include <CL/cl.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CLKVQ_VERSION_MAJOR 0
+#define CLKVQ_VERSION_MINOR 1
+#define CLKVQ_VERSION_PATCH 0
+
+/* ---------------------------------------------------------------- status */
+
+typedef enum {
+    CLKVQ_OK = 0,
+    CLKVQ_ERR_INVALID_ARG,     /* a null handle, a bad shape or value */
+    CLKVQ_ERR_UNSUPPORTED,     /* a format/option combination not in the table */
+    CLKVQ_ERR_NO_DEVICE,       /* no OpenCL platform/device matches */
+    CLKVQ_ERR_OPENCL,          /* an OpenCL call failed (code in the message) */
+    CLKVQ_ERR_BUILD,           /* kernel build failed (log in the message) */
+    CLKVQ_ERR_OUT_OF_MEMORY,   /* host or device allocation failed */
+    CLKVQ_ERR_NONFINITE,       /* NaN/Inf or |x| > 65504 in the input */
+    CLKVQ_ERR_BUFFER_TOO_SMALL,/* a caller buffer is smaller than required */
+    CLKVQ_ERR_IO,              /* a file could not be read or written */
+    CLKVQ_ERR_CORRUPT,         /* a file is malformed; it was not trusted */
+    CLKVQ_ERR_DEVICE_LIMIT     /* exceeds a device limit (work-group, memory) */
+} clkvq_status;
+
+/* A static string naming the status ("CLKVQ_ERR_NONFINITE: ..."). */
+const char *clkvq_status_string(clkvq_status status);
+
+/* ---------------------------------------------------------------- context */
+
+typedef struct clkvq_context clkvq_context;
+
+/*
+ * Picks a device itself. device_spec: NULL or "" reads $CLKVQ_DEVICE; a
+ * decimal number is an index into the list of all devices of all platforms
+ * (as clkvq_list_devices prints them), anything else a case-insensitive
+ * substring of "<platform> <device name>". Default: the first GPU, else the
+ * first device. The queue has profiling enabled.
+ */
+clkvq_status clkvq_context_create(clkvq_context **out, const char *device_spec);
+
+/*
+ * Wraps a runtime's own OpenCL objects; they are retained, not copied, and
+ * released again by clkvq_context_release. Profiling on the queue is
+ * optional (only the autotuner and benchmarks need it).
+ */
+clkvq_status clkvq_context_wrap(clkvq_context **out, cl_context cl_ctx,
+                                cl_device_id device, cl_command_queue queue);
+
+void clkvq_context_release(clkvq_context *ctx);
+
+/* The detail of the last failing call on ctx ("" if none). ctx may be NULL:
+ * then the message of the last failure of a call given a NULL context on
+ * this thread is returned. */
+const char *clkvq_last_error(const clkvq_context *ctx);
+
+cl_context clkvq_context_cl_context(const clkvq_context *ctx);
+cl_device_id clkvq_context_cl_device(const clkvq_context *ctx);
+cl_command_queue clkvq_context_cl_queue(const clkvq_context *ctx);
+
+typedef struct {
+    char platform[128];
+    char vendor[128];
+    char name[256];
+    char driver_version[128];
+    char device_version[128];
+    int is_gpu;
+    int compute_units;
+    size_t max_work_group_size;
+    uint64_t local_mem_bytes;
+    uint64_t global_mem_bytes;
+    uint64_t max_alloc_bytes;
+    /* vendor_name_driver_cu, sanitized for a file name */
+    char device_key[384];
+} clkvq_device_info;
+
+clkvq_status clkvq_context_device_info(const clkvq_context *ctx, clkvq_device_info *out);
+
+/* Device time in milliseconds (from OpenCL profiling events) of the kernels
+ * the last call on ctx enqueued; -1 when the queue has no profiling. */
+double clkvq_last_device_ms(const clkvq_context *ctx);
+
+/*
+ * Measures copy bandwidth (GB/s, bytes read + bytes written per second) of
+ * a plain device copy kernel over a buffer of `bytes`, median of `reps`
+ * runs after a warm-up: the roof that benchmarks quote ratios against.
+ */
+clkvq_status clkvq_copy_bandwidth(clkvq_context *ctx, size_t bytes, int reps, double *gbps);
+
+/* Prints one line per OpenCL device: "<index>: <platform> / <device> (<type>)". */
+clkvq_status clkvq_list_devices(FILE *out);
+
+/* ---------------------------------------------------------------- formats */
+
+typedef enum {
+    CLKVQ_FMT_Q8 = 0,  /* 8-bit codes, 4 per 32-bit word */
+    CLKVQ_FMT_Q4,      /* 4-bit codes, 8 per word */
+    CLKVQ_FMT_Q3,      /* 3-bit codes, 32 per 3 words (a bit stream) */
+    CLKVQ_FMT_Q2,      /* 2-bit codes, 16 per word */
+    CLKVQ_FMT_T15,     /* "1.5-bit": three levels, 5 trits per byte (1.6 bits) */
+    CLKVQ_FMT_COUNT
+} clkvq_format;
+
+/* How a format packs, one row of the format table. */
+typedef struct {
+    clkvq_format format;
+    const char *name;       /* "q8", "q4", "q3", "q2", "t1.5" */
+    const char *bits_name;  /* "8", "4", "3", "2", "1.5" (as configs write it) */
+    int levels;             /* 256, 16, 8, 4, 3 */
+    int codes_per_block;    /* 4, 8, 32, 16, 5 */
+    int bytes_per_block;    /* 4, 4, 12, 4, 1 */
+    double code_bits;       /* storage bits per code: 8, 4, 3, 2, 1.6 */
+} clkvq_format_info;
+
+const clkvq_format_info *clkvq_format_get(clkvq_format format);
+/* Accepts "q8"/"8", "q4"/"4", "q3"/"3", "q2"/"2", "t1.5"/"1.5". */
+clkvq_status clkvq_format_parse(const char *text, clkvq_format *out);
+
+typedef enum {
+    CLKVQ_AXIS_TOKEN = 0, /* groups of group_size channels along head_dim */
+    CLKVQ_AXIS_CHANNEL    /* groups of group_size tokens of one channel (KIVI keys) */
+} clkvq_axis;
+
+typedef enum {
+    CLKVQ_PARAM_FP16 = 0, /* scale and zero as IEEE half */
+    CLKVQ_PARAM_FP8_E4M3  /* scale and zero as fp8 e4m3 (max 448) */
+} clkvq_param_type;
+
+typedef enum {
+    CLKVQ_ZERO_FLOAT = 0, /* x = code * scale + zero, zero = clipped min (SKVQ, KIVI) */
+    CLKVQ_ZERO_INT        /* x = (code - zero) * scale, zero an integer code (KVTuner) */
+} clkvq_zero_mode;
+
+typedef struct {
+    clkvq_format format;
+    clkvq_axis axis;
+    int group_size;          /* a multiple of 32 */
+    float clip_alpha;        /* in (0, 1]; min and max are both scaled by it */
+    clkvq_param_type param_type;
+    clkvq_zero_mode zero_mode;
+} clkvq_quant_params;
+
+/* format Q4, token axis, group 32, alpha 1, fp16 params, float zero */
+clkvq_quant_params clkvq_quant_params_default(void);
+
+typedef struct {
+    int n_heads;
+    int n_tokens;
+    int head_dim;
+} clkvq_shape;
+
+/* Sizes of the packed codes and the per-group parameters for a shape.
+ * Codes: token axis [n_heads][n_tokens][head_dim/group codes groups];
+ * channel axis [n_heads][ceil(n_tokens/group)][head_dim][group codes]. */
+typedef struct {
+    size_t group_bytes;   /* packed bytes of one group's codes */
+    size_t param_bytes;   /* bytes of one group's (scale, zero) */
+    size_t n_groups;      /* groups in the whole tensor */
+    size_t code_bytes;    /* total */
+    size_t params_bytes;  /* total */
+    double bits_per_element; /* codes + params, per real element */
+} clkvq_quant_layout;
+
+clkvq_status clkvq_quant_layout_get(const clkvq_quant_params *qp, const clkvq_shape *shape,
+                                    clkvq_quant_layout *out);
+
+/* Checks qp against shape (and itself); fills a message on ctx (may be NULL). */
+clkvq_status clkvq_quant_params_validate(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                         const clkvq_shape *shape);
+
+/* ------------------------------------------------------------ quantization */
+
+/*
+ * Quantizes x (fp32 [n_heads][n_tokens][head_dim]) into codes and params
+ * on the device. perm (int32 [n_heads][head_dim], or NULL for identity)
+ * gathers channels: output channel c of head h is input channel
+ * perm[h*head_dim + c]; quantization groups run over the permuted channels,
+ * so no reordered copy of x ever exists.
+ * Input with NaN, Inf or |x| > 65504 is rejected with CLKVQ_ERR_NONFINITE and
+ * nothing is written. Blocks until done.
+ */
+clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
+                            const clkvq_shape *shape, cl_mem x, cl_mem perm,
+                            cl_mem codes, cl_mem params);
+
+/* Dequantizes to fp32 [n_heads][n_tokens][head_dim]. With perm, channels are
+ * put back in their original order; without, they stay in packed order. */
+clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
+                              const clkvq_shape *shape, cl_mem codes, cl_mem params,
+                              cl_mem perm, cl_mem out);
+
+/* Host-memory conveniences around the two calls above (copy in, run, copy
+ * out). codes/params must hold clkvq_quant_layout_get's sizes. */
+clkvq_status clkvq_quantize_host(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                 const clkvq_shape *shape, const float *x, const int32_t *perm,
+                                 void *codes, size_t codes_size, void *params,
+                                 size_t params_size);
+clkvq_status clkvq_dequantize_host(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                   const clkvq_shape *shape, const void *codes,
+                                   const void *params, const int32_t *perm, float *out);
+
+/* ------------------------------------------------------------ calibration */
+
+/*
+ * Channel permutation per head from calibration data x [n_heads][n_tokens]
+ * [head_dim]: channels sorted by their (max - min) range over the tokens and
+ * cut into fixed groups of group_size, so each group holds channels of
+ * similar range. perm_out: int32 [n_heads][head_dim] (perm[h*hd + c] = the
+ * input channel at packed position c). A runtime may fold it into its
+ * W_k/W_v rows instead of passing it to the kernels.
+ */
+clkvq_status clkvq_calibrate_permutation(clkvq_context *ctx, const clkvq_shape *shape,
+                                         const float *x, int group_size, int32_t *perm_out);
+
+/*
+ * Grid search of the clip ratio alpha in [alpha_lo, alpha_hi] (step
+ * alpha_step) minimizing the mean squared reconstruction error of x under
+ * qp (qp->clip_alpha is ignored) and perm (NULL: identity). Host only.
+ */
+clkvq_status clkvq_calibrate_clip(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                  const clkvq_shape *shape, const float *x,
+                                  const int32_t *perm, float alpha_lo, float alpha_hi,
+                                  float alpha_step, float *best_alpha, double *best_mse);
+
+/* ------------------------------------------------------ synthetic KV data */
+
+/*
+ * A seeded, realistic synthetic K/V for one layer: key outlier channels
+ * 10-50x the rest, RoPE-like rotating channel pairs, a massive first-token
+ * (sink) activation, per-token value scale variation. k and v are
+ * [n_heads][n_tokens][head_dim]; either may be NULL.
+ */
+clkvq_status clkvq_synth_kv(uint64_t seed, const clkvq_shape *shape, float *k, float *v);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CLKVQ_H */

@@ -1,0 +1,42 @@
+/* Library-internal: the context object and error helpers. Not installed. */
+#ifndef CLKVQ_INTERNAL_H
+#define CLKVQ_INTERNAL_H
+
+#include "clkvq.h"
+
+#include <stdarg.h>
+
+#define CLKVQ_MSG_MAX 8192
+
+struct clkvq_program_cache; /* lib/program_cache.c */
+
+struct clkvq_context {
+    cl_platform_id platform;
+    cl_context cl_ctx;
+    cl_device_id device;
+    cl_command_queue queue;
+    clkvq_device_info info;
+    int little_endian;
+    int has_correct_div; /* CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT */
+    struct clkvq_program_cache *programs;
+    double last_device_ms; /* profiled kernel time of the last call, -1 if none */
+    char last_error[CLKVQ_MSG_MAX];
+};
+
+/* Records a formatted message on ctx (or the thread's NULL-context slot)
+ * and returns status, so a failure is one line: return clkvq_fail(...). */
+clkvq_status clkvq_fail(clkvq_context *ctx, clkvq_status status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* CLKVQ_ERR_OPENCL with the OpenCL error name and what was being done. */
+clkvq_status clkvq_cl_fail(clkvq_context *ctx, cl_int err, const char *what);
+
+const char *clkvq_cl_error_name(cl_int err);
+
+/* Clears the last message (at the start of a public call). */
+void clkvq_clear_error(clkvq_context *ctx);
+
+/* Round x up to a multiple of m. */
+static inline size_t clkvq_round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+#endif

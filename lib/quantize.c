@@ -1,0 +1,347 @@
+/* Host side of quantization: validation, program variants, launches. */
+#include "internal.h"
+#include "program_cache.h"
+#include "quant_format.h"
+#include "reference.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Work-items per work-group for the group kernels; the autotuner will own it. */
+#define QUANT_LOCAL_SIZE 64
+/* Elements each work-item of the input check scans. */
+#define CHECK_PER_ITEM 256
+
+static const char *const g_quant_sources[] = {"quantize.cl"};
+
+/* The one program variant a parameter set needs: formats, parameter
+ * storage and zero mode are compile-time; everything else is an argument. */
+static void variant_options(const clkvq_quant_params *qp, char *buf, size_t size)
+{
+    snprintf(buf, size, "-D FMT=%d -D PARAM_FP8=%d -D ZERO_INT=%d", (int)qp->format,
+             qp->param_type == CLKVQ_PARAM_FP8_E4M3, qp->zero_mode == CLKVQ_ZERO_INT);
+}
+
+static clkvq_status get_kernel(clkvq_context *ctx, const clkvq_quant_params *qp,
+                               const char *name, cl_kernel *out)
+{
+    char options[128];
+    variant_options(qp, options, sizeof options);
+    return clkvq_kernel_get(ctx, g_quant_sources, 1, options, name, out);
+}
+
+static clkvq_status check_buffer(clkvq_context *ctx, cl_mem buf, const char *what, size_t need)
+{
+    if (!buf)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s buffer is NULL", what);
+    size_t have = 0;
+    cl_int err = clGetMemObjectInfo(buf, CL_MEM_SIZE, sizeof have, &have, NULL);
+    if (err != CL_SUCCESS)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s is not a valid buffer (%s)", what,
+                          clkvq_cl_error_name(err));
+    if (have < need)
+        return clkvq_fail(ctx, CLKVQ_ERR_BUFFER_TOO_SMALL,
+                          "%s buffer holds %zu bytes, %zu needed", what, have, need);
+    return CLKVQ_OK;
+}
+
+/* Reads the permutation back and checks it: a bad one would make kernels
+ * read out of bounds, so it is never trusted. It is n_heads*head_dim ints. */
+static clkvq_status check_perm(clkvq_context *ctx, cl_mem perm, const clkvq_shape *shape)
+{
+    size_t n = (size_t)shape->n_heads * (size_t)shape->head_dim;
+    clkvq_status st = check_buffer(ctx, perm, "perm", n * sizeof(int32_t));
+    if (st != CLKVQ_OK)
+        return st;
+    int32_t *host = malloc(n * sizeof(int32_t));
+    if (!host)
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "no memory to check perm");
+    cl_int err = clEnqueueReadBuffer(ctx->queue, perm, CL_TRUE, 0, n * sizeof(int32_t), host, 0,
+                                     NULL, NULL);
+    int ok = err == CL_SUCCESS && clkvq_ref_is_permutation(host, shape->n_heads, shape->head_dim);
+    free(host);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(ctx, err, "reading perm");
+    if (!ok)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "perm is not a permutation of 0..%d for every one of %d heads",
+                          shape->head_dim - 1, shape->n_heads);
+    return CLKVQ_OK;
+}
+
+/* Sums the device time of finished events into ctx->last_device_ms. */
+static void record_time(clkvq_context *ctx, cl_event *events, int n)
+{
+    double ms = 0.0;
+    for (int i = 0; i < n; i++) {
+        cl_ulong start = 0, end = 0;
+        if (clGetEventProfilingInfo(events[i], CL_PROFILING_COMMAND_START, sizeof start, &start,
+                                    NULL) != CL_SUCCESS ||
+            clGetEventProfilingInfo(events[i], CL_PROFILING_COMMAND_END, sizeof end, &end,
+                                    NULL) != CL_SUCCESS) {
+            ms = -1.0;
+            break;
+        }
+        ms += (double)(end - start) * 1e-6;
+    }
+    ctx->last_device_ms = ms;
+}
+
+static size_t global_size(size_t items) { return clkvq_round_up(items ? items : 1, QUANT_LOCAL_SIZE); }
+
+static clkvq_status launch(clkvq_context *ctx, cl_kernel kernel, size_t items, const char *what,
+                           cl_event *event)
+{
+    size_t global = global_size(items), local = QUANT_LOCAL_SIZE;
+    cl_int err = clEnqueueNDRangeKernel(ctx->queue, kernel, 1, NULL, &global, &local, 0, NULL,
+                                        event);
+    return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, what);
+}
+
+/* Scans x for NaN/Inf/out-of-range values before anything is written. */
+static clkvq_status check_input(clkvq_context *ctx, const clkvq_quant_params *qp, cl_mem x,
+                                size_t n, cl_event *event)
+{
+    cl_kernel kernel;
+    clkvq_status st = get_kernel(ctx, qp, "clkvq_check_input", &kernel);
+    if (st != CLKVQ_OK)
+        return st;
+    cl_int err;
+    cl_int first_bad = INT_MAX;
+    cl_mem bad = clCreateBuffer(ctx->cl_ctx, CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR,
+                                sizeof first_bad, &first_bad, &err);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(ctx, err, "creating the input-check flag");
+    cl_int count = (cl_int)n, per_item = CHECK_PER_ITEM;
+    err = clSetKernelArg(kernel, 0, sizeof x, &x);
+    err |= clSetKernelArg(kernel, 1, sizeof count, &count);
+    err |= clSetKernelArg(kernel, 2, sizeof per_item, &per_item);
+    err |= clSetKernelArg(kernel, 3, sizeof bad, &bad);
+    if (err != CL_SUCCESS) {
+        clReleaseMemObject(bad);
+        return clkvq_cl_fail(ctx, err, "setting input-check arguments");
+    }
+    st = launch(ctx, kernel, (n + CHECK_PER_ITEM - 1) / CHECK_PER_ITEM, "input check", event);
+    if (st == CLKVQ_OK) {
+        err = clEnqueueReadBuffer(ctx->queue, bad, CL_TRUE, 0, sizeof first_bad, &first_bad, 0,
+                                  NULL, NULL);
+        if (err != CL_SUCCESS)
+            st = clkvq_cl_fail(ctx, err, "reading the input-check flag");
+    }
+    clReleaseMemObject(bad);
+    if (st == CLKVQ_OK && first_bad != INT_MAX)
+        st = clkvq_fail(ctx, CLKVQ_ERR_NONFINITE,
+                        "input element %d is NaN, Inf or beyond +-65504; nothing was written",
+                        (int)first_bad);
+    return st;
+}
+
+static clkvq_status set_group_args(clkvq_context *ctx, cl_kernel kernel, int first,
+                                   const clkvq_shape *shape, int group_size)
+{
+    cl_int err = clSetKernelArg(kernel, (cl_uint)first, sizeof(cl_int), &shape->n_heads);
+    err |= clSetKernelArg(kernel, (cl_uint)first + 1, sizeof(cl_int), &shape->n_tokens);
+    err |= clSetKernelArg(kernel, (cl_uint)first + 2, sizeof(cl_int), &shape->head_dim);
+    err |= clSetKernelArg(kernel, (cl_uint)first + 3, sizeof(cl_int), &group_size);
+    return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, "setting shape arguments");
+}
+
+clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
+                            const clkvq_shape *shape, cl_mem x, cl_mem perm, cl_mem codes,
+                            cl_mem params)
+{
+    if (!ctx)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_quantize: context is NULL");
+    clkvq_clear_error(ctx);
+    ctx->last_device_ms = -1.0;
+    clkvq_quant_layout layout;
+    clkvq_status st = clkvq_quant_params_validate(ctx, qp, shape);
+    if (st != CLKVQ_OK)
+        return st;
+    clkvq_quant_layout_get(qp, shape, &layout);
+    size_t n = (size_t)shape->n_heads * shape->n_tokens * shape->head_dim;
+    if ((st = check_buffer(ctx, x, "x", n * sizeof(float))) != CLKVQ_OK ||
+        (st = check_buffer(ctx, codes, "codes", layout.code_bytes)) != CLKVQ_OK ||
+        (st = check_buffer(ctx, params, "params", layout.params_bytes)) != CLKVQ_OK)
+        return st;
+    if (perm && (st = check_perm(ctx, perm, shape)) != CLKVQ_OK)
+        return st;
+
+    cl_event events[2] = {NULL, NULL};
+    if ((st = check_input(ctx, qp, x, n, &events[0])) != CLKVQ_OK) {
+        if (events[0])
+            clReleaseEvent(events[0]);
+        return st;
+    }
+    int token_axis = qp->axis == CLKVQ_AXIS_TOKEN;
+    cl_kernel kernel;
+    st = get_kernel(ctx, qp, token_axis ? "clkvq_quantize_token" : "clkvq_quantize_channel",
+                    &kernel);
+    if (st == CLKVQ_OK) {
+        cl_int err = clSetKernelArg(kernel, 0, sizeof x, &x);
+        err |= clSetKernelArg(kernel, 1, sizeof perm, perm ? (const void *)&perm : NULL);
+        err |= clSetKernelArg(kernel, 2, sizeof codes, &codes);
+        err |= clSetKernelArg(kernel, 3, sizeof params, &params);
+        err |= clSetKernelArg(kernel, 8, sizeof(float), &qp->clip_alpha);
+        if (err != CL_SUCCESS)
+            st = clkvq_cl_fail(ctx, err, "setting quantize arguments");
+    }
+    if (st == CLKVQ_OK)
+        st = set_group_args(ctx, kernel, 4, shape, qp->group_size);
+    if (st == CLKVQ_OK)
+        st = launch(ctx, kernel, layout.n_groups, "quantize", &events[1]);
+    if (st == CLKVQ_OK) {
+        cl_int err = clWaitForEvents(1, &events[1]);
+        if (err != CL_SUCCESS)
+            st = clkvq_cl_fail(ctx, err, "waiting for quantize");
+        else
+            record_time(ctx, events, 2);
+    }
+    for (int i = 0; i < 2; i++)
+        if (events[i])
+            clReleaseEvent(events[i]);
+    return st;
+}
+
+clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
+                              const clkvq_shape *shape, cl_mem codes, cl_mem params,
+                              cl_mem perm, cl_mem out)
+{
+    if (!ctx)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_dequantize: context is NULL");
+    clkvq_clear_error(ctx);
+    ctx->last_device_ms = -1.0;
+    clkvq_quant_layout layout;
+    clkvq_status st = clkvq_quant_params_validate(ctx, qp, shape);
+    if (st != CLKVQ_OK)
+        return st;
+    clkvq_quant_layout_get(qp, shape, &layout);
+    size_t n = (size_t)shape->n_heads * shape->n_tokens * shape->head_dim;
+    if ((st = check_buffer(ctx, codes, "codes", layout.code_bytes)) != CLKVQ_OK ||
+        (st = check_buffer(ctx, params, "params", layout.params_bytes)) != CLKVQ_OK ||
+        (st = check_buffer(ctx, out, "out", n * sizeof(float))) != CLKVQ_OK)
+        return st;
+    if (perm && (st = check_perm(ctx, perm, shape)) != CLKVQ_OK)
+        return st;
+
+    cl_kernel kernel;
+    int token_axis = qp->axis == CLKVQ_AXIS_TOKEN;
+    st = get_kernel(ctx, qp, token_axis ? "clkvq_dequantize_token" : "clkvq_dequantize_channel",
+                    &kernel);
+    if (st != CLKVQ_OK)
+        return st;
+    cl_int err = clSetKernelArg(kernel, 0, sizeof codes, &codes);
+    err |= clSetKernelArg(kernel, 1, sizeof params, &params);
+    err |= clSetKernelArg(kernel, 2, sizeof perm, perm ? (const void *)&perm : NULL);
+    err |= clSetKernelArg(kernel, 3, sizeof out, &out);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(ctx, err, "setting dequantize arguments");
+    if ((st = set_group_args(ctx, kernel, 4, shape, qp->group_size)) != CLKVQ_OK)
+        return st;
+    cl_event event;
+    if ((st = launch(ctx, kernel, layout.n_groups, "dequantize", &event)) != CLKVQ_OK)
+        return st;
+    err = clWaitForEvents(1, &event);
+    if (err == CL_SUCCESS)
+        record_time(ctx, &event, 1);
+    clReleaseEvent(event);
+    return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, "waiting for dequantize");
+}
+
+/* ------------------------------------------------------------ host wrappers */
+
+typedef struct {
+    cl_mem mem[5];
+    int n;
+} buffer_set;
+
+static void release_buffers(buffer_set *set)
+{
+    for (int i = 0; i < set->n; i++)
+        if (set->mem[i])
+            clReleaseMemObject(set->mem[i]);
+}
+
+/* A device buffer of size bytes, filled from host when host != NULL. */
+static clkvq_status add_buffer(clkvq_context *ctx, buffer_set *set, size_t size,
+                               const void *host, cl_mem *out)
+{
+    cl_int err;
+    cl_mem_flags flags = CL_MEM_READ_WRITE | (host ? CL_MEM_COPY_HOST_PTR : 0);
+    *out = clCreateBuffer(ctx->cl_ctx, flags, size, (void *)host, &err);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(ctx, err, "creating a buffer");
+    set->mem[set->n++] = *out;
+    return CLKVQ_OK;
+}
+
+static clkvq_status read_back(clkvq_context *ctx, cl_mem mem, size_t size, void *host)
+{
+    cl_int err = clEnqueueReadBuffer(ctx->queue, mem, CL_TRUE, 0, size, host, 0, NULL, NULL);
+    return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, "reading results back");
+}
+
+clkvq_status clkvq_quantize_host(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                 const clkvq_shape *shape, const float *x, const int32_t *perm,
+                                 void *codes, size_t codes_size, void *params,
+                                 size_t params_size)
+{
+    if (!ctx)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_quantize_host: context is NULL");
+    clkvq_quant_layout layout;
+    clkvq_status st = clkvq_quant_params_validate(ctx, qp, shape);
+    if (st != CLKVQ_OK)
+        return st;
+    clkvq_quant_layout_get(qp, shape, &layout);
+    if (!x || !codes || !params)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "x, codes or params is NULL");
+    if (codes_size < layout.code_bytes || params_size < layout.params_bytes)
+        return clkvq_fail(ctx, CLKVQ_ERR_BUFFER_TOO_SMALL,
+                          "codes/params hold %zu/%zu bytes, %zu/%zu needed", codes_size,
+                          params_size, layout.code_bytes, layout.params_bytes);
+    size_t n = (size_t)shape->n_heads * shape->n_tokens * shape->head_dim;
+    buffer_set set = {{0}, 0};
+    cl_mem x_mem, perm_mem = NULL, codes_mem, params_mem;
+    if ((st = add_buffer(ctx, &set, n * sizeof(float), x, &x_mem)) == CLKVQ_OK &&
+        (!perm || (st = add_buffer(ctx, &set, (size_t)shape->n_heads * shape->head_dim *
+                                                  sizeof(int32_t),
+                                   perm, &perm_mem)) == CLKVQ_OK) &&
+        (st = add_buffer(ctx, &set, layout.code_bytes, NULL, &codes_mem)) == CLKVQ_OK &&
+        (st = add_buffer(ctx, &set, layout.params_bytes, NULL, &params_mem)) == CLKVQ_OK &&
+        (st = clkvq_quantize(ctx, qp, shape, x_mem, perm_mem, codes_mem, params_mem)) ==
+            CLKVQ_OK &&
+        (st = read_back(ctx, codes_mem, layout.code_bytes, codes)) == CLKVQ_OK)
+        st = read_back(ctx, params_mem, layout.params_bytes, params);
+    release_buffers(&set);
+    return st;
+}
+
+clkvq_status clkvq_dequantize_host(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                   const clkvq_shape *shape, const void *codes,
+                                   const void *params, const int32_t *perm, float *out)
+{
+    if (!ctx)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_dequantize_host: context is NULL");
+    clkvq_quant_layout layout;
+    clkvq_status st = clkvq_quant_params_validate(ctx, qp, shape);
+    if (st != CLKVQ_OK)
+        return st;
+    clkvq_quant_layout_get(qp, shape, &layout);
+    if (!codes || !params || !out)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "codes, params or out is NULL");
+    size_t n = (size_t)shape->n_heads * shape->n_tokens * shape->head_dim;
+    buffer_set set = {{0}, 0};
+    cl_mem codes_mem, params_mem, perm_mem = NULL, out_mem;
+    if ((st = add_buffer(ctx, &set, layout.code_bytes, codes, &codes_mem)) == CLKVQ_OK &&
+        (st = add_buffer(ctx, &set, layout.params_bytes, params, &params_mem)) == CLKVQ_OK &&
+        (!perm || (st = add_buffer(ctx, &set, (size_t)shape->n_heads * shape->head_dim *
+                                                  sizeof(int32_t),
+                                   perm, &perm_mem)) == CLKVQ_OK) &&
+        (st = add_buffer(ctx, &set, n * sizeof(float), NULL, &out_mem)) == CLKVQ_OK &&
+        (st = clkvq_dequantize(ctx, qp, shape, codes_mem, params_mem, perm_mem, out_mem)) ==
+            CLKVQ_OK)
+        st = read_back(ctx, out_mem, n * sizeof(float), out);
+    release_buffers(&set);
+    return st;
+}

@@ -1,0 +1,58 @@
+#include "test_util.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static clkvq_context *g_ctx;
+
+static void release_ctx(void) { clkvq_context_release(g_ctx); }
+
+clkvq_context *test_ctx(void)
+{
+    if (!g_ctx) {
+        clkvq_status st = clkvq_context_create(&g_ctx, NULL);
+        if (st != CLKVQ_OK) {
+            fprintf(stderr, "no OpenCL context: %s: %s\n", clkvq_status_string(st),
+                    clkvq_last_error(NULL));
+            exit(1);
+        }
+        atexit(release_ctx);
+    }
+    return g_ctx;
+}
+
+double test_uniform(uint64_t *state)
+{
+    uint64_t x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return (double)((x * 0x2545F4914F6CDD1DULL) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+double test_normal(uint64_t *state)
+{
+    double u1 = test_uniform(state), u2 = test_uniform(state);
+    if (u1 < 1e-300)
+        u1 = 1e-300;
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+void test_fill_normal(uint64_t seed, float *x, size_t n, float sigma)
+{
+    uint64_t s = seed * 0x9E3779B97F4A7C15ULL + 1;
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)(sigma * test_normal(&s));
+}
+
+int test_run_suite(Suite *suite)
+{
+    SRunner *runner = srunner_create(suite);
+    srunner_set_fork_status(runner, CK_NOFORK);
+    srunner_run_all(runner, CK_NORMAL);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,23 @@
+/* Shared by the test suites: one context per process, seeded data. */
+#ifndef CLKVQ_TEST_UTIL_H
+#define CLKVQ_TEST_UTIL_H
+
+#include "clkvq.h"
+
+#include <check.h>
+#include <stdint.h>
+
+/* The process-wide context on the default device (created once; the
+ * suites run with CK_FORK=no semantics for it, see test_main). */
+clkvq_context *test_ctx(void);
+
+/* xorshift64* in [0,1) and a standard normal, for reproducible data. */
+double test_uniform(uint64_t *state);
+double test_normal(uint64_t *state);
+void test_fill_normal(uint64_t seed, float *x, size_t n, float sigma);
+
+/* Runs a suite without forking (one OpenCL context per process) and
+ * returns the process exit code. */
+int test_run_suite(Suite *suite);
+
+#endif
