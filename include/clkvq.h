@@ -222,6 +222,135 @@ clkvq_status clkvq_dequantize_host(clkvq_context *ctx, const clkvq_quant_params 
                                    const clkvq_shape *shape, const void *codes,
                                    const void *params, const int32_t *perm, float *out);
 
+/* ---------------------------------------------------------------- KV cache */
+
+typedef enum {
+    CLKVQ_SCHEME_FP16 = 0, /* no quantization: the baseline */
+    CLKVQ_SCHEME_TOKEN,    /* per-token groups, every token quantized at once */
+    CLKVQ_SCHEME_KIVI,     /* per-channel K in blocks of `residual` tokens, per-token V,
+                              fp16 residual: K waits until R tokens gather, V keeps the
+                              last R tokens */
+    CLKVQ_SCHEME_SKVQ,     /* reordered channels, clipped per-token groups, fp16 window of
+                              the last `window` tokens and the first `n_sink` tokens */
+    CLKVQ_SCHEME_COUNT
+} clkvq_scheme;
+
+const char *clkvq_scheme_name(clkvq_scheme scheme); /* "fp16", "token", "kivi", "skvq" */
+clkvq_status clkvq_scheme_parse(const char *text, clkvq_scheme *out);
+
+/* Where the packed per-token groups of a (sequence, kv head) lie. Both keep
+ * a group's bytes together; the autotuner picks per device. */
+typedef enum {
+    CLKVQ_LAYOUT_TOKEN_MAJOR = 0, /* [token][group]: a token's row is contiguous */
+    CLKVQ_LAYOUT_GROUP_PLANAR,    /* [group][token]: one group of consecutive tokens is
+                                     contiguous (vector/coalesced loads across tokens) */
+    CLKVQ_LAYOUT_COUNT
+} clkvq_layout;
+
+typedef struct {
+    clkvq_scheme scheme;
+    clkvq_format format_k, format_v;
+    int group_size;            /* channels (or KIVI key tokens) per group */
+    float clip_k, clip_v;      /* SKVQ clip ratios (1 = no clipping) */
+    clkvq_param_type param_type;
+    clkvq_zero_mode zero_mode;
+    int window;                /* skvq: recent tokens kept in fp16 */
+    int n_sink;                /* skvq: first tokens kept in fp16 */
+    int residual;              /* kivi: R, a multiple of group_size */
+    const int32_t *perm_k;     /* [n_kv_heads][head_dim] or NULL; copied at create */
+    const int32_t *perm_v;
+} clkvq_layer_config;
+
+/* Defaults per scheme: q4/q4, group 32 (skvq 128, window 128, 5 sinks,
+ * clip 1), kivi residual 128, fp16 params, float zero, no permutation. */
+clkvq_layer_config clkvq_layer_config_default(clkvq_scheme scheme);
+
+typedef struct {
+    int n_layers;
+    int n_seqs;
+    int capacity;              /* tokens per sequence */
+    int n_kv_heads;
+    int n_q_heads;             /* a multiple of n_kv_heads (GQA) */
+    int head_dim;
+    clkvq_layout layout_k, layout_v;
+    const clkvq_layer_config *layers; /* n_layers entries */
+} clkvq_cache_config;
+
+typedef struct {
+    size_t device_bytes;       /* all buffers of the cache */
+    size_t quantized_bytes;    /* codes + params */
+    size_t fp16_bytes;         /* windows, sinks, residuals */
+    double bits_per_element;   /* device_bytes over capacity * n_seqs * heads * dim * 2 */
+} clkvq_cache_memory;
+
+/* Validates cfg and computes what create would allocate (nothing is). */
+clkvq_status clkvq_cache_plan(clkvq_context *ctx, const clkvq_cache_config *cfg,
+                              clkvq_cache_memory *out);
+
+typedef struct clkvq_cache clkvq_cache;
+
+clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cfg,
+                                clkvq_cache **out);
+void clkvq_cache_release(clkvq_cache *cache);
+
+/*
+ * Appends n_tokens of K and V ([n_kv_heads][n_tokens][head_dim] fp32, channels
+ * in the model's order) to sequence seq of one layer: a prefill chunk or one
+ * decode token. Tokens that leave the fp16 window are quantized (KIVI keys
+ * in whole blocks of R). On any error (capacity, shape, NaN/Inf, device
+ * failure before the first write) the cache is exactly as it was.
+ */
+clkvq_status clkvq_cache_append(clkvq_cache *cache, int layer, int seq, int n_tokens,
+                                const float *k, const float *v);
+/* The same from device buffers of the cache's context. */
+clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int layer, int seq, int n_tokens,
+                                    cl_mem k, cl_mem v);
+
+/* Tokens stored for seq in layer. */
+clkvq_status clkvq_cache_length(const clkvq_cache *cache, int layer, int seq, int *n_tokens);
+
+/*
+ * Keeps the first n_tokens of seq in every layer (0 clears it). Tokens that
+ * the shorter sequence keeps in fp16 but that were quantized come back as
+ * their dequantized values rounded to fp16.
+ */
+clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens);
+
+/* Reads seq of layer back as fp32 [n_kv_heads][length][head_dim] in the
+ * model's channel order: dequantized where quantized. k or v may be NULL. */
+clkvq_status clkvq_cache_read(clkvq_cache *cache, int layer, int seq, float *k, float *v);
+
+/*
+ * Decode attention for one layer: one query per sequence, q fp32
+ * [n_seqs][n_q_heads][head_dim] (model channel order) -> out, same shape.
+ * softmax(scale * q.K^T) V over every token of each sequence; a sequence of
+ * length 0 gets zeros. Scores come straight from the packed codes.
+ */
+clkvq_status clkvq_cache_decode(clkvq_cache *cache, int layer, cl_mem q, cl_mem out,
+                                float scale);
+clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, const float *q, float *out,
+                                     float scale);
+
+/*
+ * Causal prefill attention for the last n_queries tokens of seq (already
+ * appended): q fp32 [n_q_heads][n_queries][head_dim] -> out, same shape;
+ * query i sits at position length - n_queries + i and attends to tokens
+ * 0..that position. GEMM-shaped: CLBlast batched GEMMs over the cache
+ * dequantized to scratch.
+ */
+clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq, int n_queries,
+                                      const float *q, float *out, float scale);
+
+/*
+ * The fp32 baseline: decode attention for one sequence through CLBlast
+ * GEMVs (scores = K q, softmax, out = V^T p per query head). k and v are
+ * fp32 [n_kv_heads][n_tokens][head_dim], q and out [n_q_heads][head_dim],
+ * all device buffers. Blocks; clkvq_last_device_ms covers its kernels.
+ */
+clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads, int head_dim,
+                               int n_tokens, cl_mem k, cl_mem v, cl_mem q, cl_mem out,
+                               float scale);
+
 /* ------------------------------------------------------------ calibration */
 
 /*

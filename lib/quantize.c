@@ -1,6 +1,7 @@
 /* Host side of quantization: validation, program variants, launches. */
 #include "internal.h"
 #include "program_cache.h"
+#include "quantize.h"
 #include "quant_format.h"
 #include "reference.h"
 
@@ -13,7 +14,7 @@
 /* Elements each work-item of the input check scans. */
 #define CHECK_PER_ITEM 256
 
-static const char *const g_quant_sources[] = {"quantize.cl"};
+static const char *const g_quant_sources[] = {"quant_common.cl", "quantize.cl"};
 
 /* The one program variant a parameter set needs: formats, parameter
  * storage and zero mode are compile-time; everything else is an argument. */
@@ -28,7 +29,7 @@ static clkvq_status get_kernel(clkvq_context *ctx, const clkvq_quant_params *qp,
 {
     char options[128];
     variant_options(qp, options, sizeof options);
-    return clkvq_kernel_get(ctx, g_quant_sources, 1, options, name, out);
+    return clkvq_kernel_get(ctx, g_quant_sources, 2, options, name, out);
 }
 
 static clkvq_status check_buffer(clkvq_context *ctx, cl_mem buf, const char *what, size_t need)
@@ -99,12 +100,12 @@ static clkvq_status launch(clkvq_context *ctx, cl_kernel kernel, size_t items, c
     return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, what);
 }
 
-/* Scans x for NaN/Inf/out-of-range values before anything is written. */
-static clkvq_status check_input(clkvq_context *ctx, const clkvq_quant_params *qp, cl_mem x,
+clkvq_status clkvq_check_finite(clkvq_context *ctx, const clkvq_quant_params *qp, cl_mem x,
                                 size_t n, cl_event *event)
 {
     cl_kernel kernel;
-    clkvq_status st = get_kernel(ctx, qp, "clkvq_check_input", &kernel);
+    clkvq_quant_params any = clkvq_quant_params_default();
+    clkvq_status st = get_kernel(ctx, qp ? qp : &any, "clkvq_check_input", &kernel);
     if (st != CLKVQ_OK)
         return st;
     cl_int err;
@@ -169,7 +170,7 @@ clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
         return st;
 
     cl_event events[2] = {NULL, NULL};
-    if ((st = check_input(ctx, qp, x, n, &events[0])) != CLKVQ_OK) {
+    if ((st = clkvq_check_finite(ctx, qp, x, n, &events[0])) != CLKVQ_OK) {
         if (events[0])
             clReleaseEvent(events[0]);
         return st;

@@ -1,0 +1,749 @@
+/* The KV cache object: configuration, memory plan, append, truncate, read.
+ * lib/kv_cache.h documents the token regions and the layouts. */
+#include "kv_cache.h"
+
+#include "program_cache.h"
+#include "quant_format.h"
+#include "quantize.h"
+#include "reference.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define CACHE_LOCAL_SIZE 64
+#define MAX_GQA_GROUP 8
+#define MAX_HEAD_DIM 256
+
+static const char *const g_cache_sources[] = {"quant_common.cl", "kv_cache.cl"};
+static const char *const g_scheme_names[CLKVQ_SCHEME_COUNT] = {"fp16", "token", "kivi", "skvq"};
+
+const char *clkvq_scheme_name(clkvq_scheme scheme)
+{
+    return (int)scheme >= 0 && scheme < CLKVQ_SCHEME_COUNT ? g_scheme_names[scheme] : "?";
+}
+
+clkvq_status clkvq_scheme_parse(const char *text, clkvq_scheme *out)
+{
+    if (!text || !out)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_scheme_parse: NULL argument");
+    for (int s = 0; s < CLKVQ_SCHEME_COUNT; s++)
+        if (!strcasecmp(text, g_scheme_names[s])) {
+            *out = (clkvq_scheme)s;
+            return CLKVQ_OK;
+        }
+    return clkvq_fail(NULL, CLKVQ_ERR_UNSUPPORTED,
+                      "scheme '%s' is not one of fp16, token, kivi, skvq", text);
+}
+
+clkvq_layer_config clkvq_layer_config_default(clkvq_scheme scheme)
+{
+    clkvq_layer_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.scheme = scheme;
+    cfg.format_k = CLKVQ_FMT_Q4;
+    cfg.format_v = CLKVQ_FMT_Q4;
+    cfg.group_size = 32;
+    cfg.clip_k = cfg.clip_v = 1.0f;
+    cfg.param_type = CLKVQ_PARAM_FP16;
+    cfg.zero_mode = CLKVQ_ZERO_FLOAT;
+    if (scheme == CLKVQ_SCHEME_SKVQ) {
+        cfg.group_size = 128;
+        cfg.window = 128;
+        cfg.n_sink = 5;
+    } else if (scheme == CLKVQ_SCHEME_KIVI) {
+        cfg.residual = 128;
+    }
+    return cfg;
+}
+
+int clkvq_cache_q_end(const clkvq_cache_layer *layer, int is_v, int n)
+{
+    const clkvq_layer_config *cfg = &layer->cfg;
+    int sink_end = clkvq_cache_n_sink_eff(layer, n);
+    switch (cfg->scheme) {
+    case CLKVQ_SCHEME_FP16: return sink_end;
+    case CLKVQ_SCHEME_TOKEN: return n;
+    case CLKVQ_SCHEME_KIVI:
+        return is_v ? (n > cfg->residual ? n - cfg->residual : 0) : n / cfg->residual * cfg->residual;
+    case CLKVQ_SCHEME_SKVQ: return n - cfg->window > sink_end ? n - cfg->window : sink_end;
+    default: return n;
+    }
+}
+
+int clkvq_cache_pack_from(const clkvq_cache_layer *layer, int is_v, int n_old, int n_new)
+{
+    int q0 = clkvq_cache_q_end(layer, is_v, n_old);
+    int sink_end = clkvq_cache_n_sink_eff(layer, n_new);
+    return q0 > sink_end ? q0 : sink_end;
+}
+
+/* ------------------------------------------------------------ validation */
+
+static clkvq_quant_params tensor_params(const clkvq_layer_config *cfg, int is_v)
+{
+    clkvq_quant_params qp = clkvq_quant_params_default();
+    qp.format = is_v ? cfg->format_v : cfg->format_k;
+    qp.axis = cfg->scheme == CLKVQ_SCHEME_KIVI && !is_v ? CLKVQ_AXIS_CHANNEL : CLKVQ_AXIS_TOKEN;
+    qp.group_size = cfg->group_size;
+    qp.clip_alpha = is_v ? cfg->clip_v : cfg->clip_k;
+    qp.param_type = cfg->param_type;
+    qp.zero_mode = cfg->zero_mode;
+    return qp;
+}
+
+static clkvq_status validate_layer(clkvq_context *ctx, const clkvq_cache_config *cfg, int l)
+{
+    const clkvq_layer_config *lc = &cfg->layers[l];
+    if ((int)lc->scheme < 0 || lc->scheme >= CLKVQ_SCHEME_COUNT)
+        return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED, "layer %d: scheme %d is unknown", l,
+                          (int)lc->scheme);
+    if (lc->scheme != CLKVQ_SCHEME_SKVQ && (lc->window != 0 || lc->n_sink != 0))
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "layer %d: window/n_sink are skvq settings, %s has none", l,
+                          clkvq_scheme_name(lc->scheme));
+    if (lc->scheme != CLKVQ_SCHEME_KIVI && lc->residual != 0)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "layer %d: residual is a kivi setting, %s has none", l,
+                          clkvq_scheme_name(lc->scheme));
+    if (lc->window < 0 || lc->n_sink < 0)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d: negative window or n_sink", l);
+    if (lc->scheme == CLKVQ_SCHEME_FP16)
+        return CLKVQ_OK;
+    if (lc->scheme == CLKVQ_SCHEME_KIVI &&
+        (lc->residual <= 0 || lc->group_size <= 0 || lc->residual % lc->group_size != 0))
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "layer %d: kivi residual %d must be a positive multiple of group_size %d",
+                          l, lc->residual, lc->group_size);
+    clkvq_shape shape = {cfg->n_kv_heads, cfg->capacity, cfg->head_dim};
+    for (int is_v = 0; is_v < 2; is_v++) {
+        clkvq_quant_params qp = tensor_params(lc, is_v);
+        clkvq_status st = clkvq_quant_params_validate(ctx, &qp, &shape);
+        if (st != CLKVQ_OK) {
+            char detail[CLKVQ_MSG_MAX / 2];
+            snprintf(detail, sizeof detail, "%s", clkvq_last_error(ctx));
+            return clkvq_fail(ctx, st, "layer %d %s: %s", l, is_v ? "V" : "K", detail);
+        }
+        const int32_t *perm = is_v ? lc->perm_v : lc->perm_k;
+        if (perm && !clkvq_ref_is_permutation(perm, cfg->n_kv_heads, cfg->head_dim))
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                              "layer %d: perm_%c is not a permutation of 0..%d per kv head", l,
+                              is_v ? 'v' : 'k', cfg->head_dim - 1);
+    }
+    return CLKVQ_OK;
+}
+
+static clkvq_status validate_config(clkvq_context *ctx, const clkvq_cache_config *cfg)
+{
+    if (!cfg || !cfg->layers)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "cache config or its layers is NULL");
+    if (cfg->n_layers <= 0 || cfg->n_seqs <= 0 || cfg->capacity <= 0 || cfg->n_kv_heads <= 0 ||
+        cfg->n_q_heads <= 0 || cfg->head_dim <= 0)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "cache sizes must be positive: %d layers, %d seqs, capacity %d, "
+                          "%d kv heads, %d q heads, head_dim %d",
+                          cfg->n_layers, cfg->n_seqs, cfg->capacity, cfg->n_kv_heads,
+                          cfg->n_q_heads, cfg->head_dim);
+    if (cfg->n_q_heads % cfg->n_kv_heads != 0)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "n_q_heads %d is not a multiple of n_kv_heads %d", cfg->n_q_heads,
+                          cfg->n_kv_heads);
+    if (cfg->n_q_heads / cfg->n_kv_heads > MAX_GQA_GROUP)
+        return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED, "GQA group %d exceeds %d query heads per kv head",
+                          cfg->n_q_heads / cfg->n_kv_heads, MAX_GQA_GROUP);
+    if (cfg->head_dim % 32 != 0 || cfg->head_dim > MAX_HEAD_DIM)
+        return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
+                          "head_dim %d: must be a multiple of 32 and at most %d", cfg->head_dim,
+                          MAX_HEAD_DIM);
+    for (int i = 0; i < 2; i++) {
+        clkvq_layout layout = i ? cfg->layout_v : cfg->layout_k;
+        if ((int)layout < 0 || layout >= CLKVQ_LAYOUT_COUNT)
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layout_%c %d is unknown", i ? 'v' : 'k',
+                              (int)layout);
+    }
+    for (int l = 0; l < cfg->n_layers; l++) {
+        clkvq_status st = validate_layer(ctx, cfg, l);
+        if (st != CLKVQ_OK)
+            return st;
+    }
+    return CLKVQ_OK;
+}
+
+/* ------------------------------------------------------------ geometry */
+
+static int ring_slots(const clkvq_layer_config *lc, int capacity)
+{
+    switch (lc->scheme) {
+    case CLKVQ_SCHEME_FP16: return capacity;
+    case CLKVQ_SCHEME_KIVI: return lc->residual;
+    case CLKVQ_SCHEME_SKVQ: return lc->window > 0 ? lc->window : 1;
+    default: return 1; /* token: nothing stays fp16; one slot keeps indexing simple */
+    }
+}
+
+typedef struct {
+    size_t codes, params, fp;
+} store_bytes;
+
+static void fill_store_geometry(const clkvq_cache_config *cfg, const clkvq_layer_config *lc,
+                                int is_v, clkvq_tensor_store *st)
+{
+    clkvq_quant_params qp = tensor_params(lc, is_v);
+    if (lc->scheme == CLKVQ_SCHEME_FP16) { /* nothing is packed: formats are not read */
+        memset(st, 0, sizeof *st);
+        st->layout = is_v ? cfg->layout_v : cfg->layout_k;
+        return;
+    }
+    st->format = qp.format;
+    st->axis = qp.axis;
+    st->clip = qp.clip_alpha;
+    st->group_words = (int)((clkvq_group_bytes(qp.format, qp.group_size) + 3) / 4);
+    st->n_groups = qp.axis == CLKVQ_AXIS_TOKEN ? cfg->head_dim / qp.group_size : 0;
+    st->row_words = st->n_groups * st->group_words;
+    st->layout = is_v ? cfg->layout_v : cfg->layout_k;
+}
+
+static store_bytes store_size(const clkvq_cache_config *cfg, const clkvq_layer_config *lc,
+                              const clkvq_tensor_store *st, int fp_slots)
+{
+    store_bytes b = {0, 0, 0};
+    size_t sh = (size_t)cfg->n_seqs * cfg->n_kv_heads;
+    b.fp = sh * (size_t)fp_slots * cfg->head_dim * 2;
+    if (lc->scheme == CLKVQ_SCHEME_FP16)
+        return b;
+    size_t pb = clkvq_param_bytes(lc->param_type);
+    size_t groups;
+    if (st->axis == CLKVQ_AXIS_TOKEN)
+        groups = sh * (size_t)cfg->capacity * st->n_groups;
+    else
+        groups = sh * (size_t)(cfg->capacity / lc->group_size) * cfg->head_dim;
+    b.codes = groups * st->group_words * 4;
+    b.params = groups * pb;
+    return b;
+}
+
+clkvq_status clkvq_cache_plan(clkvq_context *ctx, const clkvq_cache_config *cfg,
+                              clkvq_cache_memory *out)
+{
+    if (ctx)
+        clkvq_clear_error(ctx);
+    clkvq_status st = validate_config(ctx, cfg);
+    if (st != CLKVQ_OK)
+        return st;
+    if (!out)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "memory plan output is NULL");
+    memset(out, 0, sizeof *out);
+    for (int l = 0; l < cfg->n_layers; l++) {
+        const clkvq_layer_config *lc = &cfg->layers[l];
+        int fp_slots = ring_slots(lc, cfg->capacity) + lc->n_sink;
+        for (int is_v = 0; is_v < 2; is_v++) {
+            clkvq_tensor_store ts;
+            fill_store_geometry(cfg, lc, is_v, &ts);
+            store_bytes b = store_size(cfg, lc, &ts, fp_slots);
+            out->quantized_bytes += b.codes + b.params;
+            out->fp16_bytes += b.fp;
+        }
+    }
+    out->device_bytes = out->quantized_bytes + out->fp16_bytes;
+    double elements = 2.0 * cfg->n_layers * (double)cfg->n_seqs * cfg->capacity *
+                      cfg->n_kv_heads * cfg->head_dim;
+    out->bits_per_element = 8.0 * (double)out->device_bytes / elements;
+    return CLKVQ_OK;
+}
+
+/* ------------------------------------------------------------ create */
+
+static clkvq_status create_buffer(clkvq_context *ctx, size_t size, const void *host,
+                                  cl_mem *out, const char *what)
+{
+    if (size > ctx->info.max_alloc_bytes)
+        return clkvq_fail(ctx, CLKVQ_ERR_DEVICE_LIMIT,
+                          "%s needs %zu bytes, the device allows %llu per buffer", what, size,
+                          (unsigned long long)ctx->info.max_alloc_bytes);
+    cl_int err;
+    cl_mem_flags flags = CL_MEM_READ_WRITE | (host ? CL_MEM_COPY_HOST_PTR : 0);
+    *out = clCreateBuffer(ctx->cl_ctx, flags, size ? size : 4, (void *)host, &err);
+    if (err != CL_SUCCESS) {
+        *out = NULL;
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating %s (%zu bytes): %s", what,
+                          size, clkvq_cl_error_name(err));
+    }
+    return CLKVQ_OK;
+}
+
+static void release_mem(cl_mem *m)
+{
+    if (*m)
+        clReleaseMemObject(*m);
+    *m = NULL;
+}
+
+static clkvq_status create_store(clkvq_cache *cache, clkvq_cache_layer *layer, int is_v,
+                                 const int32_t *perm)
+{
+    clkvq_context *ctx = cache->ctx;
+    const clkvq_cache_config *cfg = &cache->cfg;
+    clkvq_tensor_store *st = is_v ? &layer->v : &layer->k;
+    fill_store_geometry(cfg, &layer->cfg, is_v, st);
+    store_bytes b = store_size(cfg, &layer->cfg, st, layer->fp_slots);
+    clkvq_status s = create_buffer(ctx, b.fp, NULL, &st->fp, "fp16 store");
+    if (s == CLKVQ_OK && b.codes)
+        s = create_buffer(ctx, b.codes, NULL, &st->codes, "packed codes");
+    if (s == CLKVQ_OK && b.params)
+        s = create_buffer(ctx, b.params, NULL, &st->params, "packed params");
+    if (s == CLKVQ_OK && perm) {
+        size_t n = (size_t)cfg->n_kv_heads * cfg->head_dim;
+        st->perm_host = malloc(n * sizeof(int32_t));
+        if (!st->perm_host)
+            return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "copying a permutation");
+        memcpy(st->perm_host, perm, n * sizeof(int32_t));
+        s = create_buffer(ctx, n * sizeof(int32_t), perm, &st->perm, "permutation");
+    }
+    return s;
+}
+
+static void release_store(clkvq_tensor_store *st)
+{
+    release_mem(&st->codes);
+    release_mem(&st->params);
+    release_mem(&st->fp);
+    release_mem(&st->perm);
+    free(st->perm_host);
+    st->perm_host = NULL;
+}
+
+void clkvq_cache_release(clkvq_cache *cache)
+{
+    if (!cache)
+        return;
+    if (cache->layers) {
+        for (int l = 0; l < cache->cfg.n_layers; l++) {
+            release_store(&cache->layers[l].k);
+            release_store(&cache->layers[l].v);
+            free(cache->layers[l].length);
+        }
+        free(cache->layers);
+    }
+    release_mem(&cache->seq_len);
+    release_mem(&cache->partials);
+    release_mem(&cache->q_scratch);
+    free(cache);
+}
+
+clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cfg,
+                                clkvq_cache **out)
+{
+    if (!ctx || !out)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_create: NULL context or out");
+    *out = NULL;
+    clkvq_cache_memory plan;
+    clkvq_status st = clkvq_cache_plan(ctx, cfg, &plan);
+    if (st != CLKVQ_OK)
+        return st;
+    if (plan.device_bytes > ctx->info.global_mem_bytes)
+        return clkvq_fail(ctx, CLKVQ_ERR_DEVICE_LIMIT,
+                          "the cache needs %zu bytes, the device has %llu", plan.device_bytes,
+                          (unsigned long long)ctx->info.global_mem_bytes);
+    clkvq_cache *cache = calloc(1, sizeof *cache);
+    if (!cache)
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating the cache object");
+    cache->ctx = ctx;
+    cache->cfg = *cfg;
+    cache->cfg.layers = NULL;
+    cache->layers = calloc((size_t)cfg->n_layers, sizeof *cache->layers);
+    if (!cache->layers) {
+        clkvq_cache_release(cache);
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating cache layers");
+    }
+    for (int l = 0; l < cfg->n_layers && st == CLKVQ_OK; l++) {
+        clkvq_cache_layer *layer = &cache->layers[l];
+        layer->cfg = cfg->layers[l];
+        layer->cfg.perm_k = layer->cfg.perm_v = NULL;
+        layer->ring = ring_slots(&layer->cfg, cfg->capacity);
+        layer->fp_slots = layer->ring + layer->cfg.n_sink;
+        layer->length = calloc((size_t)cfg->n_seqs, sizeof(int));
+        if (!layer->length)
+            st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating sequence lengths");
+        if (st == CLKVQ_OK)
+            st = create_store(cache, layer, 0, cfg->layers[l].perm_k);
+        if (st == CLKVQ_OK)
+            st = create_store(cache, layer, 1, cfg->layers[l].perm_v);
+    }
+    if (st == CLKVQ_OK)
+        st = create_buffer(ctx, (size_t)cfg->n_seqs * sizeof(cl_int), NULL, &cache->seq_len,
+                           "sequence lengths");
+    if (st != CLKVQ_OK) {
+        clkvq_cache_release(cache);
+        return st;
+    }
+    *out = cache;
+    return CLKVQ_OK;
+}
+
+/* ------------------------------------------------------------ kernels */
+
+void clkvq_cache_store_options(const clkvq_cache *cache, const clkvq_cache_layer *layer,
+                               const clkvq_tensor_store *store, char *buf, size_t size)
+{
+    (void)cache;
+    snprintf(buf, size, "-D FMT=%d -D PARAM_FP8=%d -D ZERO_INT=%d -D AXIS_CHANNEL=%d -D LAYOUT=%d",
+             (int)store->format, layer->cfg.param_type == CLKVQ_PARAM_FP8_E4M3,
+             layer->cfg.zero_mode == CLKVQ_ZERO_INT, store->axis == CLKVQ_AXIS_CHANNEL,
+             (int)store->layout);
+}
+
+static clkvq_status store_kernel(clkvq_cache *cache, const clkvq_cache_layer *layer,
+                                 const clkvq_tensor_store *store, const char *name,
+                                 cl_kernel *out)
+{
+    char options[160];
+    clkvq_cache_store_options(cache, layer, store, options, sizeof options);
+    return clkvq_kernel_get(cache->ctx, g_cache_sources, 2, options, name, out);
+}
+
+/* Sets args first.. first+9: the geometry every cache kernel takes. */
+static cl_int set_geometry(cl_kernel k, cl_uint first, const clkvq_cache *cache,
+                           const clkvq_cache_layer *layer, const clkvq_tensor_store *store, int seq)
+{
+    const clkvq_cache_config *cfg = &cache->cfg;
+    cl_int vals[10] = {cfg->n_kv_heads, cfg->head_dim, cfg->capacity, layer->cfg.group_size,
+                       store->group_words, store->n_groups, layer->fp_slots, layer->ring,
+                       layer->cfg.n_sink, seq};
+    cl_int err = CL_SUCCESS;
+    for (cl_uint i = 0; i < 10; i++)
+        err |= clSetKernelArg(k, first + i, sizeof(cl_int), &vals[i]);
+    return err;
+}
+
+static cl_int set_mem(cl_kernel k, cl_uint index, cl_mem m)
+{
+    return clSetKernelArg(k, index, sizeof(cl_mem), m ? (const void *)&m : NULL);
+}
+
+static cl_int set_int(cl_kernel k, cl_uint index, int v)
+{
+    cl_int x = v;
+    return clSetKernelArg(k, index, sizeof x, &x);
+}
+
+static clkvq_status run_1d(clkvq_context *ctx, cl_kernel k, size_t items, const char *what)
+{
+    size_t local = CACHE_LOCAL_SIZE;
+    size_t global = clkvq_round_up(items ? items : 1, local);
+    cl_int err = clEnqueueNDRangeKernel(ctx->queue, k, 1, NULL, &global, &local, 0, NULL, NULL);
+    return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, what);
+}
+
+/* ------------------------------------------------------------ append */
+
+static clkvq_status check_seq(clkvq_cache *cache, int layer, int seq)
+{
+    if (layer < 0 || layer >= cache->cfg.n_layers)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG, "layer %d is outside 0..%d", layer,
+                          cache->cfg.n_layers - 1);
+    if (seq < 0 || seq >= cache->cfg.n_seqs)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG, "sequence %d is outside 0..%d", seq,
+                          cache->cfg.n_seqs - 1);
+    return CLKVQ_OK;
+}
+
+/* Quantizes tokens [q0, q1) of one tensor: stage them (old fp16 rows or new
+ * input, gathered into packed channel order), then pack. */
+static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
+                                   clkvq_tensor_store *store, int seq, cl_mem in, int n_old,
+                                   int n_in, int q0, int q1, cl_mem staging)
+{
+    const clkvq_cache_config *cfg = &cache->cfg;
+    int n_stage = q1 - q0;
+    cl_kernel stage, quant;
+    clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_stage", &stage);
+    if (st == CLKVQ_OK)
+        st = store_kernel(cache, layer, store,
+                          store->axis == CLKVQ_AXIS_TOKEN ? "clkvq_cache_quantize_token"
+                                                          : "clkvq_cache_quantize_channel",
+                          &quant);
+    if (st != CLKVQ_OK)
+        return st;
+    cl_int err = set_mem(stage, 0, store->fp) | set_mem(stage, 1, in) |
+                 set_mem(stage, 2, store->perm) | set_mem(stage, 3, staging) |
+                 set_geometry(stage, 4, cache, layer, store, seq) | set_int(stage, 14, q0) |
+                 set_int(stage, 15, n_stage) | set_int(stage, 16, n_old) | set_int(stage, 17, n_in);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(cache->ctx, err, "setting stage arguments");
+    st = run_1d(cache->ctx, stage, (size_t)cfg->n_kv_heads * n_stage * cfg->head_dim, "stage");
+    if (st != CLKVQ_OK)
+        return st;
+    err = set_mem(quant, 0, staging) | set_mem(quant, 1, store->codes) |
+          set_mem(quant, 2, store->params) | set_geometry(quant, 3, cache, layer, store, seq) |
+          clSetKernelArg(quant, 13, sizeof(float), &store->clip) | set_int(quant, 14, q0) |
+          set_int(quant, 15, n_stage);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(cache->ctx, err, "setting cache quantize arguments");
+    size_t items = store->axis == CLKVQ_AXIS_TOKEN
+                       ? (size_t)cfg->n_kv_heads * n_stage * store->n_groups
+                       : (size_t)cfg->n_kv_heads * (n_stage / layer->cfg.group_size) * cfg->head_dim;
+    return run_1d(cache->ctx, quant, items, "cache quantize");
+}
+
+static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
+                               clkvq_tensor_store *store, int seq, cl_mem in, int n_old,
+                               int n_in, int q_end_new)
+{
+    cl_kernel k;
+    clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_store_fp16", &k);
+    if (st != CLKVQ_OK)
+        return st;
+    cl_int err = set_mem(k, 0, in) | set_mem(k, 1, store->perm) | set_mem(k, 2, store->fp) |
+                 set_geometry(k, 3, cache, layer, store, seq) | set_int(k, 13, n_old) |
+                 set_int(k, 14, n_in) | set_int(k, 15, q_end_new);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(cache->ctx, err, "setting fp16 store arguments");
+    return run_1d(cache->ctx, k,
+                  (size_t)cache->cfg.n_kv_heads * n_in * cache->cfg.head_dim, "fp16 store");
+}
+
+static clkvq_status check_input_buffer(clkvq_cache *cache, cl_mem m, const char *what,
+                                       size_t need)
+{
+    if (!m)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG, "%s is NULL", what);
+    size_t have = 0;
+    cl_int err = clGetMemObjectInfo(m, CL_MEM_SIZE, sizeof have, &have, NULL);
+    if (err != CL_SUCCESS)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG, "%s is not a valid buffer (%s)",
+                          what, clkvq_cl_error_name(err));
+    if (have < need)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_BUFFER_TOO_SMALL,
+                          "%s holds %zu bytes, %zu needed", what, have, need);
+    return CLKVQ_OK;
+}
+
+clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
+                                    cl_mem v)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_append: cache is NULL");
+    clkvq_context *ctx = cache->ctx;
+    clkvq_clear_error(ctx);
+    clkvq_status st = check_seq(cache, l, seq);
+    if (st != CLKVQ_OK)
+        return st;
+    clkvq_cache_layer *layer = &cache->layers[l];
+    const clkvq_cache_config *cfg = &cache->cfg;
+    int n_old = layer->length[seq];
+    if (n_tokens <= 0)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "n_tokens %d must be positive", n_tokens);
+    if (n_tokens > cfg->capacity - n_old)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "appending %d tokens to sequence %d of layer %d (length %d) exceeds "
+                          "its capacity %d; nothing was appended",
+                          n_tokens, seq, l, n_old, cfg->capacity);
+    size_t n_values = (size_t)cfg->n_kv_heads * n_tokens * cfg->head_dim;
+    if ((st = check_input_buffer(cache, k, "k", n_values * sizeof(float))) != CLKVQ_OK ||
+        (st = check_input_buffer(cache, v, "v", n_values * sizeof(float))) != CLKVQ_OK)
+        return st;
+    cl_mem inputs[2] = {k, v};
+    for (int i = 0; i < 2; i++) {
+        cl_event ev = NULL;
+        st = clkvq_check_finite(ctx, NULL, inputs[i], n_values, &ev);
+        if (ev)
+            clReleaseEvent(ev);
+        if (st != CLKVQ_OK) {
+            char detail[CLKVQ_MSG_MAX / 2];
+            snprintf(detail, sizeof detail, "%s", clkvq_last_error(ctx));
+            return clkvq_fail(ctx, st, "%s: %s", i ? "v" : "k", detail);
+        }
+    }
+
+    /* All allocations happen before the first write, so running out of
+     * memory leaves the cache as it was. */
+    int n_new = n_old + n_tokens;
+    int q0[2], q1[2];
+    cl_mem staging[2] = {NULL, NULL};
+    for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
+        q0[i] = clkvq_cache_pack_from(layer, i, n_old, n_new);
+        q1[i] = clkvq_cache_q_end(layer, i, n_new);
+        if (q1[i] > q0[i])
+            st = create_buffer(ctx, (size_t)cfg->n_kv_heads * (q1[i] - q0[i]) * cfg->head_dim *
+                                        sizeof(float),
+                               NULL, &staging[i], "append staging");
+    }
+    for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
+        clkvq_tensor_store *store = i ? &layer->v : &layer->k;
+        /* staging reads old fp16 rows that the new tokens may overwrite:
+         * the in-order queue runs it first */
+        if (q1[i] > q0[i])
+            st = quantize_range(cache, layer, store, seq, inputs[i], n_old, n_tokens, q0[i],
+                                q1[i], staging[i]);
+        if (st == CLKVQ_OK)
+            st = store_fp16(cache, layer, store, seq, inputs[i], n_old, n_tokens, q1[i]);
+    }
+    if (st == CLKVQ_OK) {
+        cl_int err = clFinish(ctx->queue);
+        if (err != CL_SUCCESS)
+            st = clkvq_cl_fail(ctx, err, "finishing the append");
+    }
+    for (int i = 0; i < 2; i++)
+        release_mem(&staging[i]);
+    if (st == CLKVQ_OK)
+        layer->length[seq] = n_new;
+    return st;
+}
+
+clkvq_status clkvq_cache_append(clkvq_cache *cache, int layer, int seq, int n_tokens,
+                                const float *k, const float *v)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_append: cache is NULL");
+    clkvq_context *ctx = cache->ctx;
+    if (!k || !v)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_append: k or v is NULL");
+    if (n_tokens <= 0 || n_tokens > cache->cfg.capacity)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "n_tokens %d is outside 1..capacity %d",
+                          n_tokens, cache->cfg.capacity);
+    size_t bytes = (size_t)cache->cfg.n_kv_heads * n_tokens * cache->cfg.head_dim * sizeof(float);
+    cl_mem km = NULL, vm = NULL;
+    clkvq_status st = create_buffer(ctx, bytes, k, &km, "k upload");
+    if (st == CLKVQ_OK)
+        st = create_buffer(ctx, bytes, v, &vm, "v upload");
+    if (st == CLKVQ_OK)
+        st = clkvq_cache_append_mem(cache, layer, seq, n_tokens, km, vm);
+    release_mem(&km);
+    release_mem(&vm);
+    return st;
+}
+
+clkvq_status clkvq_cache_length(const clkvq_cache *cache, int layer, int seq, int *n_tokens)
+{
+    if (!cache || !n_tokens)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_length: NULL argument");
+    clkvq_status st = check_seq((clkvq_cache *)cache, layer, seq);
+    if (st == CLKVQ_OK)
+        *n_tokens = cache->layers[layer].length[seq];
+    return st;
+}
+
+/* ------------------------------------------------------------ truncate */
+
+static clkvq_status refill(clkvq_cache *cache, clkvq_cache_layer *layer,
+                           clkvq_tensor_store *store, int seq, int t_from, int t_count)
+{
+    cl_kernel k;
+    clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_refill_fp16", &k);
+    if (st != CLKVQ_OK)
+        return st;
+    cl_int err = set_mem(k, 0, store->codes) | set_mem(k, 1, store->params) |
+                 set_mem(k, 2, store->fp) | set_geometry(k, 3, cache, layer, store, seq) |
+                 set_int(k, 13, t_from) | set_int(k, 14, t_count);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(cache->ctx, err, "setting refill arguments");
+    return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * t_count * cache->cfg.head_dim,
+                  "refill");
+}
+
+clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_truncate: cache is NULL");
+    clkvq_clear_error(cache->ctx);
+    clkvq_status st = check_seq(cache, 0, seq);
+    if (st != CLKVQ_OK)
+        return st;
+    for (int l = 0; l < cache->cfg.n_layers; l++)
+        if (n_tokens < 0 || n_tokens > cache->layers[l].length[seq])
+            return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
+                              "cannot truncate sequence %d to %d tokens: layer %d holds %d", seq,
+                              n_tokens, l, cache->layers[l].length[seq]);
+    for (int l = 0; l < cache->cfg.n_layers && st == CLKVQ_OK; l++) {
+        clkvq_cache_layer *layer = &cache->layers[l];
+        int n_old = layer->length[seq];
+        for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
+            int q_old = clkvq_cache_q_end(layer, i, n_old);
+            int q_new = clkvq_cache_q_end(layer, i, n_tokens);
+            int to = q_old < n_tokens ? q_old : n_tokens;
+            if (to > q_new)
+                st = refill(cache, layer, i ? &layer->v : &layer->k, seq, q_new, to - q_new);
+        }
+    }
+    if (st == CLKVQ_OK) {
+        cl_int err = clFinish(cache->ctx->queue);
+        if (err != CL_SUCCESS)
+            st = clkvq_cl_fail(cache->ctx, err, "finishing the truncation");
+    }
+    if (st == CLKVQ_OK)
+        for (int l = 0; l < cache->cfg.n_layers; l++)
+            cache->layers[l].length[seq] = n_tokens;
+    return st;
+}
+
+/* ------------------------------------------------------------ read */
+
+static clkvq_status read_tensor(clkvq_cache *cache, clkvq_cache_layer *layer,
+                                clkvq_tensor_store *store, int is_v, int seq, cl_mem out)
+{
+    int n = layer->length[seq];
+    cl_kernel k;
+    clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_read", &k);
+    if (st != CLKVQ_OK)
+        return st;
+    cl_int err = set_mem(k, 0, store->codes) | set_mem(k, 1, store->params) |
+                 set_mem(k, 2, store->fp) | set_mem(k, 3, store->perm) | set_mem(k, 4, out) |
+                 set_geometry(k, 5, cache, layer, store, seq) | set_int(k, 15, n) |
+                 set_int(k, 16, clkvq_cache_q_end(layer, is_v, n)) | set_int(k, 17, 0) |
+                 set_int(k, 18, n);
+    if (err != CL_SUCCESS)
+        return clkvq_cl_fail(cache->ctx, err, "setting read arguments");
+    return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n * cache->cfg.head_dim, "read");
+}
+
+clkvq_status clkvq_cache_read_device(clkvq_cache *cache, int l, int seq, cl_mem k_out,
+                                     cl_mem v_out)
+{
+    clkvq_status st = check_seq(cache, l, seq);
+    if (st != CLKVQ_OK)
+        return st;
+    clkvq_cache_layer *layer = &cache->layers[l];
+    size_t need = (size_t)cache->cfg.n_kv_heads * layer->length[seq] * cache->cfg.head_dim *
+                  sizeof(float);
+    if (layer->length[seq] == 0)
+        return CLKVQ_OK;
+    if (k_out && (st = check_input_buffer(cache, k_out, "k_out", need)) == CLKVQ_OK)
+        st = read_tensor(cache, layer, &layer->k, 0, seq, k_out);
+    if (st == CLKVQ_OK && v_out &&
+        (st = check_input_buffer(cache, v_out, "v_out", need)) == CLKVQ_OK)
+        st = read_tensor(cache, layer, &layer->v, 1, seq, v_out);
+    return st;
+}
+
+clkvq_status clkvq_cache_read(clkvq_cache *cache, int l, int seq, float *k, float *v)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_read: cache is NULL");
+    clkvq_context *ctx = cache->ctx;
+    clkvq_clear_error(ctx);
+    clkvq_status st = check_seq(cache, l, seq);
+    if (st != CLKVQ_OK)
+        return st;
+    int n = cache->layers[l].length[seq];
+    if (n == 0)
+        return CLKVQ_OK;
+    size_t bytes = (size_t)cache->cfg.n_kv_heads * n * cache->cfg.head_dim * sizeof(float);
+    cl_mem km = NULL, vm = NULL;
+    if (k)
+        st = create_buffer(ctx, bytes, NULL, &km, "k read-back");
+    if (st == CLKVQ_OK && v)
+        st = create_buffer(ctx, bytes, NULL, &vm, "v read-back");
+    if (st == CLKVQ_OK)
+        st = clkvq_cache_read_device(cache, l, seq, km, vm);
+    cl_int err = CL_SUCCESS;
+    if (st == CLKVQ_OK && k)
+        err = clEnqueueReadBuffer(ctx->queue, km, CL_TRUE, 0, bytes, k, 0, NULL, NULL);
+    if (st == CLKVQ_OK && err == CL_SUCCESS && v)
+        err = clEnqueueReadBuffer(ctx->queue, vm, CL_TRUE, 0, bytes, v, 0, NULL, NULL);
+    if (st == CLKVQ_OK && err != CL_SUCCESS)
+        st = clkvq_cl_fail(ctx, err, "reading the cache back");
+    release_mem(&km);
+    release_mem(&vm);
+    return st;
+}

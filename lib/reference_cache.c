@@ -1,0 +1,156 @@
+/* Plain-C model of the KV cache's contents; see reference_cache.h. */
+#include "reference_cache.h"
+
+#include "kv_cache.h"
+#include "quant_format.h"
+#include "reference.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct clkvq_ref_cache {
+    clkvq_cache_layer layer; /* only cfg is used, for the token regions */
+    int heads, dim, capacity, length;
+    int32_t *perm[2];
+    float *val[2]; /* [heads][capacity][dim], model order */
+};
+
+clkvq_ref_cache *clkvq_ref_cache_create(const clkvq_layer_config *cfg, int n_kv_heads,
+                                        int head_dim, int capacity)
+{
+    clkvq_ref_cache *rc = calloc(1, sizeof *rc);
+    rc->layer.cfg = *cfg;
+    rc->heads = n_kv_heads;
+    rc->dim = head_dim;
+    rc->capacity = capacity;
+    const int32_t *perms[2] = {cfg->perm_k, cfg->perm_v};
+    for (int i = 0; i < 2; i++) {
+        rc->val[i] = calloc((size_t)n_kv_heads * capacity * head_dim, sizeof(float));
+        if (perms[i]) {
+            rc->perm[i] = malloc(sizeof(int32_t) * (size_t)n_kv_heads * head_dim);
+            memcpy(rc->perm[i], perms[i], sizeof(int32_t) * (size_t)n_kv_heads * head_dim);
+        }
+    }
+    return rc;
+}
+
+void clkvq_ref_cache_free(clkvq_ref_cache *rc)
+{
+    if (!rc)
+        return;
+    for (int i = 0; i < 2; i++) {
+        free(rc->perm[i]);
+        free(rc->val[i]);
+    }
+    free(rc);
+}
+
+int clkvq_ref_cache_length(const clkvq_ref_cache *rc) { return rc->length; }
+
+static float f16_round(float x) { return clkvq_f16_to_f32(clkvq_f32_to_f16(x)); }
+
+static float *at(clkvq_ref_cache *rc, int i, int h, int t, int c)
+{
+    return &rc->val[i][((size_t)h * rc->capacity + t) * rc->dim + c];
+}
+
+static clkvq_quant_params params_of(const clkvq_ref_cache *rc, int i)
+{
+    const clkvq_layer_config *cfg = &rc->layer.cfg;
+    clkvq_quant_params qp = clkvq_quant_params_default();
+    qp.format = i ? cfg->format_v : cfg->format_k;
+    qp.axis = cfg->scheme == CLKVQ_SCHEME_KIVI && !i ? CLKVQ_AXIS_CHANNEL : CLKVQ_AXIS_TOKEN;
+    qp.group_size = cfg->group_size;
+    qp.clip_alpha = i ? cfg->clip_v : cfg->clip_k;
+    qp.param_type = cfg->param_type;
+    qp.zero_mode = cfg->zero_mode;
+    return qp;
+}
+
+/* Quantizes and dequantizes n values in place (one group). */
+static void round_trip_group(const clkvq_quant_params *qp, float **slots, int n)
+{
+    float values[256] = {0}, scale, zero;
+    uint8_t param[4];
+    for (int j = 0; j < n; j++)
+        values[j] = *slots[j];
+    clkvq_ref_group_params(qp, values, n, &scale, &zero, param);
+    for (int j = 0; j < n; j++)
+        *slots[j] = clkvq_ref_dequant_value(qp, clkvq_ref_code(qp, values[j], scale, zero),
+                                            scale, zero);
+}
+
+/* Tokens [q0, q1) of tensor i get packed: values already hold what they are
+ * quantized from. */
+static void quantize_tokens(clkvq_ref_cache *rc, int i, int q0, int q1)
+{
+    clkvq_quant_params qp = params_of(rc, i);
+    int g = qp.group_size;
+    float *slots[256];
+    for (int h = 0; h < rc->heads; h++) {
+        const int32_t *perm = rc->perm[i] ? rc->perm[i] + (size_t)h * rc->dim : NULL;
+        if (qp.axis == CLKVQ_AXIS_TOKEN) {
+            for (int t = q0; t < q1; t++)
+                for (int c0 = 0; c0 < rc->dim; c0 += g) {
+                    for (int j = 0; j < g; j++)
+                        slots[j] = at(rc, i, h, t, perm ? perm[c0 + j] : c0 + j);
+                    round_trip_group(&qp, slots, g);
+                }
+        } else {
+            for (int b = q0; b < q1; b += g)
+                for (int c = 0; c < rc->dim; c++) {
+                    for (int j = 0; j < g; j++)
+                        slots[j] = at(rc, i, h, b + j, perm ? perm[c] : c);
+                    round_trip_group(&qp, slots, g);
+                }
+        }
+    }
+}
+
+void clkvq_ref_cache_append(clkvq_ref_cache *rc, int n_tokens, const float *k, const float *v)
+{
+    const float *in[2] = {k, v};
+    int n_old = rc->length, n_new = n_old + n_tokens;
+    for (int i = 0; i < 2; i++) {
+        int q0 = clkvq_cache_pack_from(&rc->layer, i, n_old, n_new);
+        int q1 = clkvq_cache_q_end(&rc->layer, i, n_new);
+        /* new tokens: raw input if packed right away, else fp16-rounded */
+        for (int h = 0; h < rc->heads; h++)
+            for (int r = 0; r < n_tokens; r++) {
+                int t = n_old + r;
+                int packed_now = t >= rc->layer.cfg.n_sink && t < q1;
+                for (int c = 0; c < rc->dim; c++) {
+                    float x = in[i][((size_t)h * n_tokens + r) * rc->dim + c];
+                    *at(rc, i, h, t, c) = packed_now ? x : f16_round(x);
+                }
+            }
+        if (q1 > q0 && rc->layer.cfg.scheme != CLKVQ_SCHEME_FP16)
+            quantize_tokens(rc, i, q0, q1);
+    }
+    rc->length = n_new;
+}
+
+void clkvq_ref_cache_truncate(clkvq_ref_cache *rc, int n_tokens)
+{
+    for (int i = 0; i < 2; i++) {
+        int q_old = clkvq_cache_q_end(&rc->layer, i, rc->length);
+        int q_new = clkvq_cache_q_end(&rc->layer, i, n_tokens);
+        int to = q_old < n_tokens ? q_old : n_tokens;
+        for (int h = 0; h < rc->heads; h++)
+            for (int t = q_new; t < to; t++)
+                for (int c = 0; c < rc->dim; c++)
+                    *at(rc, i, h, t, c) = f16_round(*at(rc, i, h, t, c));
+    }
+    rc->length = n_tokens;
+}
+
+void clkvq_ref_cache_read(const clkvq_ref_cache *rc, float *k, float *v)
+{
+    float *out[2] = {k, v};
+    for (int i = 0; i < 2; i++)
+        if (out[i])
+            for (int h = 0; h < rc->heads; h++)
+                memcpy(out[i] + (size_t)h * rc->length * rc->dim,
+                       rc->val[i] + (size_t)h * rc->capacity * rc->dim,
+                       sizeof(float) * (size_t)rc->length * rc->dim);
+}

@@ -1,0 +1,325 @@
+/* KV cache state: appends, truncations and read-back against the plain-C
+ * model (lib/reference_cache.c), failed appends, bad configs. */
+#include "reference_cache.h"
+#include "test_util.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HEADS 2
+
+static int32_t *random_perm(uint64_t seed, int heads, int dim)
+{
+    int32_t *perm = malloc(sizeof(int32_t) * (size_t)heads * dim);
+    uint64_t s = seed;
+    for (int h = 0; h < heads; h++) {
+        int32_t *p = perm + (size_t)h * dim;
+        for (int c = 0; c < dim; c++)
+            p[c] = c;
+        for (int c = dim - 1; c > 0; c--) {
+            int j = (int)(test_uniform(&s) * (c + 1));
+            int32_t t = p[c];
+            p[c] = p[j];
+            p[j] = t;
+        }
+    }
+    return perm;
+}
+
+typedef struct {
+    const char *name;
+    clkvq_layer_config cfg;
+} scheme_case;
+
+/* The schemes the state tests cycle through; small windows so that
+ * transitions happen often. */
+static int make_cases(scheme_case *cases, int dim, int32_t *perm_k, int32_t *perm_v)
+{
+    int n = 0;
+    cases[n].name = "fp16";
+    cases[n++].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_FP16);
+    cases[n].name = "token q4/q2";
+    cases[n].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    cases[n++].cfg.format_v = CLKVQ_FMT_Q2;
+    cases[n].name = "token q8/t1.5 fp8 int-zero";
+    cases[n].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    cases[n].cfg.format_k = CLKVQ_FMT_Q3;
+    cases[n].cfg.format_v = CLKVQ_FMT_T15;
+    cases[n].cfg.param_type = CLKVQ_PARAM_FP8_E4M3;
+    cases[n++].cfg.zero_mode = CLKVQ_ZERO_INT;
+    cases[n].name = "kivi q2/q2 R64";
+    cases[n].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_KIVI);
+    cases[n].cfg.format_k = cases[n].cfg.format_v = CLKVQ_FMT_Q2;
+    cases[n++].cfg.residual = 64;
+    cases[n].name = "skvq q2/t1.5 w16 s3 perm clip";
+    cases[n].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    cases[n].cfg.format_k = CLKVQ_FMT_Q2;
+    cases[n].cfg.format_v = CLKVQ_FMT_T15;
+    cases[n].cfg.group_size = dim % 64 == 0 ? 64 : 32;
+    cases[n].cfg.window = 16;
+    cases[n].cfg.n_sink = 3;
+    cases[n].cfg.clip_k = 0.9f;
+    cases[n].cfg.clip_v = 0.95f;
+    cases[n].cfg.perm_k = perm_k;
+    cases[n++].cfg.perm_v = perm_v;
+    return n;
+}
+
+static clkvq_cache *make_cache(const clkvq_layer_config *lc, int n_seqs, int capacity, int dim,
+                               clkvq_layout layout)
+{
+    clkvq_cache_config cfg = {1, n_seqs, capacity, HEADS, HEADS * 2, dim, layout, layout, lc};
+    clkvq_cache *cache = NULL;
+    clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
+    ck_assert_msg(st == CLKVQ_OK, "create: %s", clkvq_last_error(test_ctx()));
+    return cache;
+}
+
+static void fill_chunk(uint64_t seed, float *k, float *v, int n_tokens, int dim)
+{
+    size_t n = (size_t)HEADS * n_tokens * dim;
+    test_fill_normal(seed, k, n, 1.0f);
+    test_fill_normal(seed + 1, v, n, 2.0f);
+    for (int h = 0; h < HEADS; h++) /* key outlier channel */
+        for (int t = 0; t < n_tokens; t++)
+            k[((size_t)h * n_tokens + t) * dim + 5] *= 20.0f;
+}
+
+/* Read-back of every sequence equals the model, bit for bit. */
+static void expect_equal(clkvq_cache *cache, clkvq_ref_cache **model, int n_seqs, int dim,
+                         const char *label)
+{
+    for (int s = 0; s < n_seqs; s++) {
+        int n = clkvq_ref_cache_length(model[s]), got;
+        ck_assert_int_eq(clkvq_cache_length(cache, 0, s, &got), CLKVQ_OK);
+        ck_assert_int_eq(got, n);
+        size_t count = (size_t)HEADS * n * dim;
+        float *k = malloc(count * sizeof(float) + 4), *v = malloc(count * sizeof(float) + 4);
+        float *rk = malloc(count * sizeof(float) + 4), *rv = malloc(count * sizeof(float) + 4);
+        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
+        clkvq_ref_cache_read(model[s], rk, rv);
+        size_t bad = 0, first = 0;
+        for (size_t i = 0; i < count; i++)
+            if (k[i] != rk[i] || v[i] != rv[i]) {
+                if (!bad)
+                    first = i;
+                bad++;
+            }
+        ck_assert_msg(bad == 0, "%s seq %d len %d: %zu mismatches, first at %zu: k %g/%g v %g/%g",
+                      label, s, n, bad, first, (double)k[first], (double)rk[first],
+                      (double)v[first], (double)rv[first]);
+        free(k);
+        free(v);
+        free(rk);
+        free(rv);
+    }
+}
+
+/* Random appends (prefill chunks and single decode tokens) and truncations
+ * over three sequences, for every scheme and both layouts. */
+static void run_state_test(int dim, clkvq_layout layout)
+{
+    const int n_seqs = 3, capacity = 300;
+    int32_t *perm_k = random_perm(3, HEADS, dim), *perm_v = random_perm(4, HEADS, dim);
+    scheme_case cases[8];
+    int n_cases = make_cases(cases, dim, perm_k, perm_v);
+    float *k = malloc(sizeof(float) * HEADS * capacity * dim);
+    float *v = malloc(sizeof(float) * HEADS * capacity * dim);
+    for (int ci = 0; ci < n_cases; ci++) {
+        clkvq_cache *cache = make_cache(&cases[ci].cfg, n_seqs, capacity, dim, layout);
+        clkvq_ref_cache *model[3];
+        for (int s = 0; s < n_seqs; s++)
+            model[s] = clkvq_ref_cache_create(&cases[ci].cfg, HEADS, dim, capacity);
+        uint64_t rng = 1000 + (uint64_t)ci;
+        for (int step = 0; step < 24; step++) {
+            int s = (int)(test_uniform(&rng) * n_seqs);
+            int len = clkvq_ref_cache_length(model[s]);
+            double pick = test_uniform(&rng);
+            if (pick < 0.12 && len > 0) {
+                int to = (int)(test_uniform(&rng) * len);
+                ck_assert_int_eq(clkvq_cache_truncate(cache, s, to), CLKVQ_OK);
+                clkvq_ref_cache_truncate(model[s], to);
+            } else {
+                int n = pick < 0.6 ? 1 : 1 + (int)(test_uniform(&rng) * 90);
+                if (len + n > capacity)
+                    continue;
+                fill_chunk(rng, k, v, n, dim);
+                clkvq_status st = clkvq_cache_append(cache, 0, s, n, k, v);
+                ck_assert_msg(st == CLKVQ_OK, "%s: append: %s", cases[ci].name,
+                              clkvq_last_error(test_ctx()));
+                clkvq_ref_cache_append(model[s], n, k, v);
+            }
+            char label[128];
+            snprintf(label, sizeof label, "%s d=%d layout=%d step %d", cases[ci].name, dim,
+                     (int)layout, step);
+            expect_equal(cache, model, n_seqs, dim, label);
+        }
+        for (int s = 0; s < n_seqs; s++)
+            clkvq_ref_cache_free(model[s]);
+        clkvq_cache_release(cache);
+    }
+    free(k);
+    free(v);
+    free(perm_k);
+    free(perm_v);
+}
+
+START_TEST(state_matches_model_token_major)
+{
+    run_state_test(64, CLKVQ_LAYOUT_TOKEN_MAJOR);
+    run_state_test(96, CLKVQ_LAYOUT_TOKEN_MAJOR);
+}
+END_TEST
+
+START_TEST(state_matches_model_group_planar)
+{
+    run_state_test(128, CLKVQ_LAYOUT_GROUP_PLANAR);
+}
+END_TEST
+
+/* Decode-style appends one token at a time cross every window boundary. */
+START_TEST(window_transitions_one_token_at_a_time)
+{
+    const int dim = 64, capacity = 200;
+    scheme_case cases[8];
+    int32_t *perm = random_perm(9, HEADS, dim);
+    int n_cases = make_cases(cases, dim, perm, perm);
+    float k[HEADS * 64], v[HEADS * 64];
+    for (int ci = 1; ci < n_cases; ci++) {
+        clkvq_cache *cache = make_cache(&cases[ci].cfg, 1, capacity, dim, CLKVQ_LAYOUT_GROUP_PLANAR);
+        clkvq_ref_cache *model[1] = {clkvq_ref_cache_create(&cases[ci].cfg, HEADS, dim, capacity)};
+        for (int t = 0; t < 150; t++) {
+            fill_chunk(77 + (uint64_t)t, k, v, 1, dim);
+            ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 1, k, v), CLKVQ_OK);
+            clkvq_ref_cache_append(model[0], 1, k, v);
+            if (t % 7 == 0 || t > 125)
+                expect_equal(cache, model, 1, dim, cases[ci].name);
+        }
+        clkvq_ref_cache_free(model[0]);
+        clkvq_cache_release(cache);
+    }
+    free(perm);
+}
+END_TEST
+
+static void snapshot(clkvq_cache *cache, int dim, float *k, float *v, int *len)
+{
+    ck_assert_int_eq(clkvq_cache_length(cache, 0, 0, len), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_cache_read(cache, 0, 0, k, v), CLKVQ_OK);
+    (void)dim;
+}
+
+/* A failed append leaves the cache exactly as it was. */
+START_TEST(failed_appends_change_nothing)
+{
+    const int dim = 64, capacity = 100;
+    scheme_case cases[8];
+    int32_t *perm = random_perm(2, HEADS, dim);
+    int n_cases = make_cases(cases, dim, perm, perm);
+    size_t big = (size_t)HEADS * capacity * dim;
+    float *k = malloc(big * sizeof(float)), *v = malloc(big * sizeof(float));
+    float *k0 = malloc(big * sizeof(float)), *v0 = malloc(big * sizeof(float));
+    float *k1 = malloc(big * sizeof(float)), *v1 = malloc(big * sizeof(float));
+    for (int ci = 0; ci < n_cases; ci++) {
+        clkvq_context *ctx = test_ctx();
+        clkvq_cache *cache = make_cache(&cases[ci].cfg, 1, capacity, dim, CLKVQ_LAYOUT_TOKEN_MAJOR);
+        fill_chunk(5, k, v, 70, dim);
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 70, k, v), CLKVQ_OK);
+        int len0, len1;
+        snapshot(cache, dim, k0, v0, &len0);
+
+        fill_chunk(6, k, v, 31, dim); /* one token too many */
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 31, k, v), CLKVQ_ERR_INVALID_ARG);
+        ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "capacity"));
+        fill_chunk(6, k, v, 20, dim);
+        v[HEADS * 20 * dim - 3] = NAN;
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 20, k, v), CLKVQ_ERR_NONFINITE);
+        ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "v:"));
+        v[HEADS * 20 * dim - 3] = 0.0f;
+        k[17] = INFINITY;
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 20, k, v), CLKVQ_ERR_NONFINITE);
+        k[17] = 1e6f; /* beyond fp16 */
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 20, k, v), CLKVQ_ERR_NONFINITE);
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 0, k, v), CLKVQ_ERR_INVALID_ARG);
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 5, NULL, v), CLKVQ_ERR_INVALID_ARG);
+        ck_assert_int_eq(clkvq_cache_append(cache, 1, 0, 5, k, v), CLKVQ_ERR_INVALID_ARG);
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 1, 5, k, v), CLKVQ_ERR_INVALID_ARG);
+        cl_int err;
+        cl_mem small = clCreateBuffer(clkvq_context_cl_context(ctx), 0, 64, NULL, &err);
+        ck_assert_int_eq(clkvq_cache_append_mem(cache, 0, 0, 5, small, small),
+                         CLKVQ_ERR_BUFFER_TOO_SMALL);
+        clReleaseMemObject(small);
+        ck_assert_int_eq(clkvq_cache_truncate(cache, 0, 71), CLKVQ_ERR_INVALID_ARG);
+
+        snapshot(cache, dim, k1, v1, &len1);
+        ck_assert_int_eq(len1, len0);
+        ck_assert(memcmp(k0, k1, sizeof(float) * HEADS * len0 * dim) == 0);
+        ck_assert(memcmp(v0, v1, sizeof(float) * HEADS * len0 * dim) == 0);
+        clkvq_cache_release(cache);
+    }
+    free(k);
+    free(v);
+    free(k0);
+    free(v0);
+    free(k1);
+    free(v1);
+    free(perm);
+}
+END_TEST
+
+START_TEST(bad_configs_are_reported)
+{
+    clkvq_context *ctx = test_ctx();
+    clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_KIVI);
+    clkvq_cache_config cfg = {1, 1, 256, 2, 4, 64, CLKVQ_LAYOUT_TOKEN_MAJOR,
+                              CLKVQ_LAYOUT_TOKEN_MAJOR, &lc};
+    clkvq_cache *cache = NULL;
+    clkvq_cache_memory mem;
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_OK);
+    ck_assert_uint_gt(mem.device_bytes, 0);
+    lc.residual = 48; /* not a multiple of the group */
+    ck_assert_int_eq(clkvq_cache_create(ctx, &cfg, &cache), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "residual"));
+    ck_assert_ptr_null(cache);
+    lc = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    lc.window = 8; /* a window is an skvq setting */
+    ck_assert_int_eq(clkvq_cache_create(ctx, &cfg, &cache), CLKVQ_ERR_INVALID_ARG);
+    lc = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    lc.format_v = (clkvq_format)42;
+    ck_assert_int_eq(clkvq_cache_create(ctx, &cfg, &cache), CLKVQ_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "layer 0 V"));
+    lc = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    cfg.n_q_heads = 3;
+    ck_assert_int_eq(clkvq_cache_create(ctx, &cfg, &cache), CLKVQ_ERR_INVALID_ARG);
+    cfg.n_q_heads = 4;
+    int32_t perm[2 * 64];
+    for (int i = 0; i < 128; i++)
+        perm[i] = i % 64;
+    perm[70] = 3;
+    lc.perm_k = perm;
+    ck_assert_int_eq(clkvq_cache_create(ctx, &cfg, &cache), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "perm_k"));
+    lc.perm_k = NULL;
+    cfg.capacity = 1 << 30; /* far beyond this device */
+    ck_assert_int_eq(clkvq_cache_create(ctx, &cfg, &cache), CLKVQ_ERR_DEVICE_LIMIT);
+    /* memory is reported before allocating: 4-bit + fp16 per 32 = 5 bits */
+    cfg.capacity = 1024;
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_OK);
+    ck_assert_double_eq_tol(8.0 * mem.quantized_bytes / (2.0 * 1024 * 2 * 64), 5.0, 1e-9);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("cache");
+    TCase *tc = tcase_create("cache");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, bad_configs_are_reported);
+    tcase_add_test(tc, failed_appends_change_nothing);
+    tcase_add_test(tc, window_transitions_one_token_at_a_time);
+    tcase_add_test(tc, state_matches_model_token_major);
+    tcase_add_test(tc, state_matches_model_group_planar);
+    suite_add_tcase(s, tc);
+    return test_run_suite(s);
+}
