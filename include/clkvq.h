@@ -331,6 +331,20 @@ clkvq_status clkvq_cache_decode(clkvq_cache *cache, int layer, cl_mem q, cl_mem 
 clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, const float *q, float *out,
                                      float scale);
 
+/* Tunables of the fused decode kernels (compile-time defines). 0 in a
+ * field means "the default for this device" (the tuning database, else
+ * built-in defaults). chunk must be a multiple of wgs; wgs a power of 2. */
+typedef struct {
+    int wgs;   /* work-items per work-group of the chunk kernels */
+    int chunk; /* tokens per work-group (split-K chunk) */
+} clkvq_attn_tuning;
+
+/* Overrides the decode tunables of this cache (NULL: back to defaults), as
+ * CLBlast's OverrideParameters does. Validated against device limits. */
+clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning);
+/* The tunables decode uses now (defaults resolved). */
+clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning *out);
+
 /*
  * Causal prefill attention for the last n_queries tokens of seq (already
  * appended): q fp32 [n_q_heads][n_queries][head_dim] -> out, same shape;

@@ -328,6 +328,8 @@ void clkvq_cache_release(clkvq_cache *cache)
     release_mem(&cache->seq_len);
     release_mem(&cache->partials);
     release_mem(&cache->q_scratch);
+    release_mem(&cache->qsum_scratch);
+    free(cache->host_len);
     free(cache);
 }
 
@@ -373,6 +375,8 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
     if (st == CLKVQ_OK)
         st = create_buffer(ctx, (size_t)cfg->n_seqs * sizeof(cl_int), NULL, &cache->seq_len,
                            "sequence lengths");
+    if (st == CLKVQ_OK && !(cache->host_len = calloc((size_t)cfg->n_seqs, sizeof(int))))
+        st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating sequence lengths");
     if (st != CLKVQ_OK) {
         clkvq_cache_release(cache);
         return st;

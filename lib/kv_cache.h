@@ -62,8 +62,12 @@ struct clkvq_cache {
     cl_mem seq_len;         /* int32 [n_seqs], lengths of the layer last decoded */
     cl_mem partials;        /* decode split-K partial results */
     size_t partials_bytes;
-    cl_mem q_scratch;       /* permuted, scaled queries and group sums */
+    cl_mem q_scratch;       /* permuted, scaled queries */
     size_t q_scratch_bytes;
+    cl_mem qsum_scratch;    /* their per-group sums */
+    size_t qsum_scratch_bytes;
+    clkvq_attn_tuning tuning; /* 0 fields: defaults */
+    int *host_len;          /* staging for seq_len uploads */
 };
 
 /* First quantized token (see above) for one tensor of a layer. */

@@ -1,0 +1,289 @@
+/* Fused decode attention against plain-C double-precision attention over
+ * the cache's own read-back (dequantized K/V), so only kernel error shows:
+ * every scheme, format pairs, GQA 1..8, head_dim 64/96/128/256, windows and
+ * sinks, chunk boundaries, token counts 1, 7, 129, 1000. */
+#include "test_util.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KV_HEADS 2
+#define N_SEQS 2
+#define CAPACITY 1100
+#define TOLERANCE 1e-5
+
+typedef struct {
+    const char *name;
+    clkvq_scheme scheme;
+    clkvq_format fk, fv;
+    int group, qpk, head_dim, window, n_sink, residual, chunk, wgs;
+    clkvq_layout layout_k, layout_v;
+    clkvq_param_type param;
+    clkvq_zero_mode zero;
+    int permute;
+    float clip;
+} attn_case;
+
+static const attn_case g_cases[] = {
+    {"fp16 gqa4 d128", CLKVQ_SCHEME_FP16, 0, 0, 0, 4, 128, 0, 0, 0, 64, 32, 0, 0, 0, 0, 0, 1},
+    {"token k8v8 mha d64", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q8, CLKVQ_FMT_Q8, 32, 1, 64, 0, 0, 0,
+     128, 64, 0, 0, 0, 0, 0, 1},
+    {"token k4v4 gqa4 d128 planar-k", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 32, 4,
+     128, 0, 0, 0, 128, 64, 1, 0, 0, 0, 0, 1},
+    {"token k4v2 gqa7 d128 g64 planar", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q2, 64, 7,
+     128, 0, 0, 0, 64, 64, 1, 1, 0, 0, 0, 1},
+    {"token k3v1.5 gqa2 d96 fp8 int-zero", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q3, CLKVQ_FMT_T15, 32,
+     2, 96, 0, 0, 0, 64, 32, 0, 1, CLKVQ_PARAM_FP8_E4M3, CLKVQ_ZERO_INT, 0, 1},
+    {"kivi k2v2 gqa4 d128 R64", CLKVQ_SCHEME_KIVI, CLKVQ_FMT_Q2, CLKVQ_FMT_Q2, 32, 4, 128, 0,
+     0, 64, 128, 64, 0, 0, 0, 0, 0, 1},
+    {"kivi k4v2 gqa8 d64 R128", CLKVQ_SCHEME_KIVI, CLKVQ_FMT_Q4, CLKVQ_FMT_Q2, 32, 8, 64, 0,
+     0, 128, 64, 32, 0, 1, 0, 0, 0, 1},
+    {"skvq k2v1.5 gqa4 d128 g128 w32 s5", CLKVQ_SCHEME_SKVQ, CLKVQ_FMT_Q2, CLKVQ_FMT_T15, 128,
+     4, 128, 32, 5, 0, 128, 64, 1, 0, 0, 0, 1, 0.9f},
+    {"skvq k4v4 mha d256 g64 w16 s2", CLKVQ_SCHEME_SKVQ, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 64, 1, 256,
+     16, 2, 0, 64, 64, 0, 1, 0, 0, 1, 0.95f},
+    {"skvq k8v4 gqa5 d96 w8 s0", CLKVQ_SCHEME_SKVQ, CLKVQ_FMT_Q8, CLKVQ_FMT_Q4, 32, 5, 96, 8, 0,
+     0, 128, 64, 1, 1, 0, 0, 1, 1},
+    {"token k4v4 gqa6 d256 g128 fp8", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 128, 6,
+     256, 0, 0, 0, 32, 32, 0, 0, CLKVQ_PARAM_FP8_E4M3, 0, 0, 1},
+};
+
+static int32_t *random_perm(uint64_t seed, int heads, int dim)
+{
+    int32_t *perm = malloc(sizeof(int32_t) * (size_t)heads * dim);
+    uint64_t s = seed;
+    for (int h = 0; h < heads; h++) {
+        int32_t *p = perm + (size_t)h * dim;
+        for (int c = 0; c < dim; c++)
+            p[c] = c;
+        for (int c = dim - 1; c > 0; c--) {
+            int j = (int)(test_uniform(&s) * (c + 1));
+            int32_t t = p[c];
+            p[c] = p[j];
+            p[j] = t;
+        }
+    }
+    return perm;
+}
+
+/* softmax(scale q.K^T) V in double for one sequence; k, v [kv][n][d]. */
+static void reference_attention(const float *q, const float *k, const float *v, int n,
+                                int n_q, int qpk, int d, float scale, double *out)
+{
+    double *p = malloc(sizeof(double) * (size_t)(n > 0 ? n : 1));
+    for (int qh = 0; qh < n_q; qh++) {
+        int kh = qh / qpk;
+        const float *qv = q + (size_t)qh * d;
+        double m = -INFINITY, l = 0.0;
+        for (int t = 0; t < n; t++) {
+            const float *kt = k + ((size_t)kh * n + t) * d;
+            double s = 0.0;
+            for (int c = 0; c < d; c++)
+                s += (double)qv[c] * kt[c];
+            p[t] = s * scale;
+            m = p[t] > m ? p[t] : m;
+        }
+        for (int t = 0; t < n; t++)
+            l += p[t] = exp(p[t] - m);
+        for (int c = 0; c < d; c++) {
+            double acc = 0.0;
+            for (int t = 0; t < n; t++)
+                acc += p[t] * v[((size_t)kh * n + t) * d + c];
+            out[(size_t)qh * d + c] = n > 0 ? acc / l : 0.0;
+        }
+    }
+    free(p);
+}
+
+static clkvq_cache *cache_for(const attn_case *c, int32_t **perm_k, int32_t **perm_v)
+{
+    clkvq_layer_config lc = clkvq_layer_config_default(c->scheme);
+    lc.format_k = c->fk;
+    lc.format_v = c->fv;
+    if (c->scheme != CLKVQ_SCHEME_FP16)
+        lc.group_size = c->group;
+    lc.window = c->window;
+    lc.n_sink = c->n_sink;
+    lc.residual = c->residual;
+    lc.param_type = c->param;
+    lc.zero_mode = c->zero;
+    lc.clip_k = lc.clip_v = c->clip;
+    *perm_k = *perm_v = NULL;
+    if (c->permute) {
+        *perm_k = random_perm(11, KV_HEADS, c->head_dim);
+        *perm_v = random_perm(12, KV_HEADS, c->head_dim);
+        lc.perm_k = *perm_k;
+        lc.perm_v = *perm_v;
+    }
+    clkvq_cache_config cfg = {1, N_SEQS, CAPACITY, KV_HEADS, KV_HEADS * c->qpk, c->head_dim,
+                              c->layout_k, c->layout_v, &lc};
+    clkvq_cache *cache = NULL;
+    clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
+    ck_assert_msg(st == CLKVQ_OK, "%s: create: %s", c->name, clkvq_last_error(test_ctx()));
+    clkvq_attn_tuning tuning = {c->wgs, c->chunk};
+    st = clkvq_cache_set_tuning(cache, &tuning);
+    ck_assert_msg(st == CLKVQ_OK, "%s: tuning: %s", c->name, clkvq_last_error(test_ctx()));
+    return cache;
+}
+
+/* Appends n tokens to seq: a prefill chunk, then single decode tokens. */
+static void fill_sequence(clkvq_cache *cache, int seq, int n, int d, uint64_t seed)
+{
+    float *k = malloc(sizeof(float) * KV_HEADS * (size_t)(n + 1) * d);
+    float *v = malloc(sizeof(float) * KV_HEADS * (size_t)(n + 1) * d);
+    int done = 0;
+    while (done < n) {
+        int step = n - done > 3 ? n - done - 3 : 1;
+        size_t count = (size_t)KV_HEADS * step * d;
+        test_fill_normal(seed + (uint64_t)done, k, count, 1.0f);
+        test_fill_normal(seed + 7919 + (uint64_t)done, v, count, 1.0f);
+        for (int h = 0; h < KV_HEADS; h++)
+            for (int t = 0; t < step; t++)
+                k[((size_t)h * step + t) * d + 3] *= 6.0f; /* an outlier channel */
+        clkvq_status st = clkvq_cache_append(cache, 0, seq, step, k, v);
+        ck_assert_msg(st == CLKVQ_OK, "append: %s", clkvq_last_error(test_ctx()));
+        done += step;
+    }
+    free(k);
+    free(v);
+}
+
+/* Worst relative error over (sequence, query head) of decode vs reference. */
+static double decode_error(clkvq_cache *cache, int qpk, int d, const int *lengths)
+{
+    int n_q = KV_HEADS * qpk;
+    size_t q_count = (size_t)N_SEQS * n_q * d;
+    float *q = malloc(sizeof(float) * q_count), *out = malloc(sizeof(float) * q_count);
+    test_fill_normal(99, q, q_count, 1.0f);
+    float scale = 1.0f / sqrtf((float)d);
+    clkvq_status st = clkvq_cache_decode_host(cache, 0, q, out, scale);
+    ck_assert_msg(st == CLKVQ_OK, "decode: %s", clkvq_last_error(test_ctx()));
+    double worst = 0.0;
+    double *ref = malloc(sizeof(double) * (size_t)n_q * d);
+    for (int s = 0; s < N_SEQS; s++) {
+        int n = lengths[s];
+        size_t kv_count = (size_t)KV_HEADS * (n > 0 ? n : 1) * d;
+        float *k = malloc(sizeof(float) * kv_count), *v = malloc(sizeof(float) * kv_count);
+        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
+        reference_attention(q + (size_t)s * n_q * d, k, v, n, n_q, qpk, d, scale, ref);
+        for (int h = 0; h < n_q; h++) {
+            double num = 0.0, den = 0.0;
+            for (int c = 0; c < d; c++) {
+                double r = ref[(size_t)h * d + c], o = out[((size_t)s * n_q + h) * d + c];
+                num += (o - r) * (o - r);
+                den += r * r;
+            }
+            double err = n > 0 ? sqrt(num / den) : sqrt(num);
+            worst = err > worst ? err : worst;
+        }
+        free(k);
+        free(v);
+    }
+    free(ref);
+    free(q);
+    free(out);
+    return worst;
+}
+
+START_TEST(decode_matches_reference)
+{
+    const attn_case *c = &g_cases[_i];
+    const int token_counts[] = {1, 7, 129, 1000};
+    for (int ti = 0; ti < 4; ti++) {
+        int32_t *perm_k, *perm_v;
+        clkvq_cache *cache = cache_for(c, &perm_k, &perm_v);
+        int lengths[N_SEQS] = {token_counts[ti], token_counts[ti] / 2 + 1};
+        for (int s = 0; s < N_SEQS; s++)
+            fill_sequence(cache, s, lengths[s], c->head_dim, 1000 * (uint64_t)s + ti);
+        double err = decode_error(cache, c->qpk, c->head_dim, lengths);
+        ck_assert_msg(err <= TOLERANCE, "%s, %d tokens: relative error %.3g", c->name,
+                      token_counts[ti], err);
+        clkvq_cache_release(cache);
+        free(perm_k);
+        free(perm_v);
+    }
+}
+END_TEST
+
+/* Chunk edges: lengths just around multiples of the chunk, default tunables. */
+START_TEST(decode_chunk_boundaries)
+{
+    attn_case c = g_cases[2];
+    c.chunk = 64;
+    c.wgs = 64;
+    const int lengths_to_try[][2] = {{63, 64}, {65, 128}, {127, 129}, {0, 5}};
+    for (int i = 0; i < 4; i++) {
+        int32_t *pk, *pv;
+        clkvq_cache *cache = cache_for(&c, &pk, &pv);
+        int lengths[N_SEQS] = {lengths_to_try[i][0], lengths_to_try[i][1]};
+        for (int s = 0; s < N_SEQS; s++)
+            if (lengths[s] > 0)
+                fill_sequence(cache, s, lengths[s], c.head_dim, 5 + (uint64_t)s);
+        double err = decode_error(cache, c.qpk, c.head_dim, lengths);
+        ck_assert_msg(err <= TOLERANCE, "lengths %d/%d: %.3g", lengths[0], lengths[1], err);
+        clkvq_cache_release(cache);
+        free(pk);
+        free(pv);
+    }
+}
+END_TEST
+
+/* Truncation then decode: the window refilled from packed tokens is read. */
+START_TEST(decode_after_truncate)
+{
+    const attn_case *c = &g_cases[7];
+    int32_t *pk, *pv;
+    clkvq_cache *cache = cache_for(c, &pk, &pv);
+    fill_sequence(cache, 0, 300, c->head_dim, 1);
+    fill_sequence(cache, 1, 90, c->head_dim, 2);
+    ck_assert_int_eq(clkvq_cache_truncate(cache, 0, 200), CLKVQ_OK);
+    int lengths[N_SEQS] = {200, 90};
+    double err = decode_error(cache, c->qpk, c->head_dim, lengths);
+    ck_assert_msg(err <= TOLERANCE, "after truncate: %.3g", err);
+    clkvq_cache_release(cache);
+    free(pk);
+    free(pv);
+}
+END_TEST
+
+START_TEST(decode_bad_arguments)
+{
+    const attn_case *c = &g_cases[1];
+    int32_t *pk, *pv;
+    clkvq_cache *cache = cache_for(c, &pk, &pv);
+    clkvq_context *ctx = test_ctx();
+    float q[N_SEQS * KV_HEADS * 64], out[N_SEQS * KV_HEADS * 64];
+    ck_assert_int_eq(clkvq_cache_decode_host(NULL, 0, q, out, 1.0f), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_decode_host(cache, 3, q, out, 1.0f), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "layer 3"));
+    ck_assert_int_eq(clkvq_cache_decode_host(cache, 0, NULL, out, 1.0f), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_decode_host(cache, 0, q, out, NAN), CLKVQ_ERR_INVALID_ARG);
+    cl_int err;
+    cl_mem small = clCreateBuffer(clkvq_context_cl_context(ctx), 0, 16, NULL, &err);
+    ck_assert_int_eq(clkvq_cache_decode(cache, 0, small, small, 1.0f), CLKVQ_ERR_BUFFER_TOO_SMALL);
+    clReleaseMemObject(small);
+    clkvq_attn_tuning bad = {48, 96};
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
+    bad.wgs = 64;
+    bad.chunk = 100;
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
+    bad.chunk = 1 << 24; /* more local memory than any device has */
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_DEVICE_LIMIT);
+    clkvq_cache_release(cache);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("attention");
+    TCase *tc = tcase_create("attention");
+    tcase_set_timeout(tc, 900);
+    tcase_add_test(tc, decode_bad_arguments);
+    tcase_add_loop_test(tc, decode_matches_reference, 0,
+                        (int)(sizeof g_cases / sizeof g_cases[0]));
+    tcase_add_test(tc, decode_chunk_boundaries);
+    tcase_add_test(tc, decode_after_truncate);
+    suite_add_tcase(s, tc);
+    return test_run_suite(s);
+}
