@@ -333,10 +333,21 @@ clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, const float 
 
 /* Tunables of the fused decode kernels (compile-time defines). 0 in a
  * field means "the default for this device" (the tuning database, else
- * built-in defaults). chunk must be a multiple of wgs; wgs a power of 2. */
+ * built-in defaults). wgs is a power of 2; chunk a multiple of wgs
+ * (cooperative) or of vw (serial). */
+typedef enum {
+    CLKVQ_ATTN_DEFAULT = 0,   /* serial on CPUs, cooperative on GPUs */
+    CLKVQ_ATTN_COOPERATIVE,   /* a work-group shares a chunk: work-items over tokens, then
+                                 over channels, local-memory softmax (any layout) */
+    CLKVQ_ATTN_SERIAL         /* one work-item per chunk, explicit vectors with VW tokens
+                                 per lane group (needs GROUP_PLANAR packed layouts) */
+} clkvq_attn_variant;
+
 typedef struct {
-    int wgs;   /* work-items per work-group of the chunk kernels */
-    int chunk; /* tokens per work-group (split-K chunk) */
+    clkvq_attn_variant variant;
+    int wgs;   /* work-items per work-group (cooperative) */
+    int chunk; /* tokens per split-K chunk */
+    int vw;    /* vector width of the serial variant: 4, 8 or 16 */
 } clkvq_attn_tuning;
 
 /* Overrides the decode tunables of this cache (NULL: back to defaults), as

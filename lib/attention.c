@@ -10,23 +10,66 @@
 
 #define MERGE_LOCAL_SIZE 64
 
-static const char *const g_attn_sources[] = {"attention.cl"};
+static const char *const g_attn_sources[] = {"attention.cl", "attention_serial.cl"};
 
-/* Built-in defaults: CPUs want few, long work-groups (PoCL vectorizes
- * across work-items and runs one group per core at a time); GPUs want
- * many groups of a few warps. */
-static clkvq_attn_tuning default_tuning(const clkvq_context *ctx)
+static int planar_layouts(const clkvq_cache *cache)
 {
+    return cache->cfg.layout_v == CLKVQ_LAYOUT_GROUP_PLANAR &&
+           cache->cfg.layout_k == CLKVQ_LAYOUT_GROUP_PLANAR;
+}
+
+/* Built-in defaults. CPUs (PoCL) run one long chunk per work-item with
+ * explicit vectors (the serial variant, which needs group-planar packed
+ * layouts); GPUs share a chunk among a work-group. */
+static clkvq_attn_tuning default_tuning(const clkvq_cache *cache)
+{
+    const clkvq_context *ctx = cache->ctx;
     clkvq_attn_tuning t;
+    int serial = !ctx->info.is_gpu && planar_layouts(cache);
+    t.variant = serial ? CLKVQ_ATTN_SERIAL : CLKVQ_ATTN_COOPERATIVE;
     t.wgs = ctx->info.is_gpu ? 128 : 64;
-    t.chunk = ctx->info.is_gpu ? 256 : 512;
+    t.chunk = serial ? 256 : ctx->info.is_gpu ? 256 : 512;
+    t.vw = 16;
     return t;
+}
+
+/* Fills 0 fields of *t from the defaults. */
+static void resolve_tuning(const clkvq_cache *cache, const clkvq_attn_tuning *in,
+                           clkvq_attn_tuning *t)
+{
+    *t = default_tuning(cache);
+    if (in->variant)
+        t->variant = in->variant;
+    if (in->wgs)
+        t->wgs = in->wgs;
+    if (in->vw)
+        t->vw = in->vw;
+    if (in->chunk)
+        t->chunk = in->chunk;
+    else if (t->variant == CLKVQ_ATTN_SERIAL)
+        t->chunk = 256;
 }
 
 static clkvq_status check_tuning(clkvq_context *ctx, const clkvq_cache *cache,
                                  const clkvq_attn_tuning *t)
 {
     int qpk = cache->cfg.n_q_heads / cache->cfg.n_kv_heads;
+    if (t->variant != CLKVQ_ATTN_COOPERATIVE && t->variant != CLKVQ_ATTN_SERIAL)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "attention variant %d is unknown",
+                          (int)t->variant);
+    if (t->variant == CLKVQ_ATTN_SERIAL) {
+        if (t->vw != 4 && t->vw != 8 && t->vw != 16)
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "vw %d must be 4, 8 or 16", t->vw);
+        if (t->chunk <= 0 || t->chunk % t->vw != 0)
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                              "chunk %d must be a positive multiple of vw %d", t->chunk, t->vw);
+        for (int l = 0; l < cache->cfg.n_layers; l++)
+            if (cache->layers[l].cfg.scheme != CLKVQ_SCHEME_FP16 && !planar_layouts(cache))
+                return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
+                                  "the serial variant reads group-planar packed layouts; this "
+                                  "cache is token-major");
+        return CLKVQ_OK;
+    }
     if (t->wgs <= 0 || (t->wgs & (t->wgs - 1)) != 0)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "wgs %d must be a power of two", t->wgs);
     if (t->chunk <= 0 || t->chunk % t->wgs != 0)
@@ -53,11 +96,8 @@ clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning 
         memset(&cache->tuning, 0, sizeof cache->tuning);
         return CLKVQ_OK;
     }
-    clkvq_attn_tuning t = default_tuning(cache->ctx);
-    if (tuning->wgs)
-        t.wgs = tuning->wgs;
-    if (tuning->chunk)
-        t.chunk = tuning->chunk;
+    clkvq_attn_tuning t;
+    resolve_tuning(cache, tuning, &t);
     clkvq_status st = check_tuning(cache->ctx, cache, &t);
     if (st == CLKVQ_OK)
         cache->tuning = *tuning;
@@ -68,11 +108,7 @@ clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning 
 {
     if (!cache || !out)
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_get_tuning: NULL argument");
-    *out = default_tuning(cache->ctx);
-    if (cache->tuning.wgs)
-        out->wgs = cache->tuning.wgs;
-    if (cache->tuning.chunk)
-        out->chunk = cache->tuning.chunk;
+    resolve_tuning(cache, &cache->tuning, out);
     return CLKVQ_OK;
 }
 
@@ -84,13 +120,13 @@ static void attn_options(const clkvq_cache *cache, const clkvq_cache_layer *laye
     snprintf(buf, size,
              "-D HEAD_DIM=%d -D GROUP_SIZE=%d -D QPK=%d -D CHUNK=%d -D WGS=%d -D SCHEME=%d "
              "-D K_FMT=%d -D V_FMT=%d -D K_GW=%d -D V_GW=%d -D PARAM_FP8=%d -D ZERO_INT=%d "
-             "-D LAYOUT_K=%d -D LAYOUT_V=%d",
+             "-D LAYOUT_K=%d -D LAYOUT_V=%d -D VW=%d",
              cache->cfg.head_dim, fp16 ? 32 : lc->group_size,
              cache->cfg.n_q_heads / cache->cfg.n_kv_heads, t->chunk, t->wgs, (int)lc->scheme,
              fp16 ? 0 : (int)lc->format_k, fp16 ? 0 : (int)lc->format_v,
              fp16 ? 1 : layer->k.group_words, fp16 ? 1 : layer->v.group_words,
              lc->param_type == CLKVQ_PARAM_FP8_E4M3, lc->zero_mode == CLKVQ_ZERO_INT,
-             (int)layer->k.layout, (int)layer->v.layout);
+             (int)layer->k.layout, (int)layer->v.layout, t->vw);
 }
 
 static clkvq_status ensure_buffer(clkvq_context *ctx, cl_mem *mem, size_t *have, size_t need,
@@ -201,16 +237,20 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
     attn_options(cache, layer, &t, options, sizeof options);
     cl_kernel prep = NULL, packed = NULL, fpk = NULL, merge = NULL;
     if (st == CLKVQ_OK)
-        st = clkvq_kernel_get(ctx, g_attn_sources, 1, options, "clkvq_attn_prepare_q", &prep);
+        st = clkvq_kernel_get(ctx, g_attn_sources, 2, options, "clkvq_attn_prepare_q", &prep);
+    int serial = t.variant == CLKVQ_ATTN_SERIAL;
     if (st == CLKVQ_OK && !fp16)
-        st = clkvq_kernel_get(ctx, g_attn_sources, 1, options, "clkvq_attn_packed_chunk", &packed);
+        st = clkvq_kernel_get(ctx, g_attn_sources, 2, options,
+                              serial ? "clkvq_attn_packed_serial" : "clkvq_attn_packed_chunk",
+                              &packed);
     if (st == CLKVQ_OK)
-        st = clkvq_kernel_get(ctx, g_attn_sources, 1, options, "clkvq_attn_fp16_chunk", &fpk);
+        st = clkvq_kernel_get(ctx, g_attn_sources, 2, options,
+                              serial ? "clkvq_attn_fp16_serial" : "clkvq_attn_fp16_chunk", &fpk);
     if (st == CLKVQ_OK)
-        st = clkvq_kernel_get(ctx, g_attn_sources, 1, options, "clkvq_attn_merge", &merge);
+        st = clkvq_kernel_get(ctx, g_attn_sources, 2, options, "clkvq_attn_merge", &merge);
 
     cl_int n_seqs = cfg->n_seqs, n_qh = cfg->n_q_heads, n_kv = cfg->n_kv_heads;
-    cl_int cap = cfg->capacity, fp_slots = layer->fp_slots, ring = layer->ring;
+    cl_int cap = clkvq_cache_stride(cfg->capacity), fp_slots = layer->fp_slots, ring = layer->ring;
     cl_int n_sink = layer->cfg.n_sink, window = layer->cfg.window, residual = layer->cfg.residual;
     cl_int slots = n_slots, slot0 = n_packed;
     if (st == CLKVQ_OK) {
@@ -223,7 +263,8 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         else
             st = enqueue(ctx, prep, 1, &global, &local, events, "prepare_q");
     }
-    size_t local3[3] = {(size_t)t.wgs, 1, 1};
+    size_t wg = serial ? 1 : (size_t)t.wgs;
+    size_t local3[3] = {wg, 1, 1};
     if (st == CLKVQ_OK && !fp16 && n_packed > 0) {
         const void *v[] = {&qs, &qsum, &layer->k.codes, &layer->k.params, &layer->v.codes,
                            &layer->v.params, &layer->v.fp, &cache->seq_len, &cache->partials,
@@ -232,7 +273,7 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         size_t z[18];
         for (int i = 0; i < 18; i++)
             z[i] = i < 9 ? sizeof(cl_mem) : sizeof(cl_int);
-        size_t global[3] = {(size_t)n_packed * t.wgs, (size_t)n_kv, (size_t)n_seqs};
+        size_t global[3] = {(size_t)n_packed * wg, (size_t)n_kv, (size_t)n_seqs};
         if ((err = set_args(packed, 18, v, z)) != CL_SUCCESS)
             st = clkvq_cl_fail(ctx, err, "setting packed chunk arguments");
         else
@@ -245,7 +286,7 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         size_t z[14];
         for (int i = 0; i < 14; i++)
             z[i] = i < 5 ? sizeof(cl_mem) : sizeof(cl_int);
-        size_t global[3] = {(size_t)n_fp * t.wgs, (size_t)n_kv, (size_t)n_seqs};
+        size_t global[3] = {(size_t)n_fp * wg, (size_t)n_kv, (size_t)n_seqs};
         if ((err = set_args(fpk, 14, v, z)) != CL_SUCCESS)
             st = clkvq_cl_fail(ctx, err, "setting fp16 chunk arguments");
         else

@@ -215,9 +215,9 @@ static store_bytes store_size(const clkvq_cache_config *cfg, const clkvq_layer_c
     size_t pb = clkvq_param_bytes(lc->param_type);
     size_t groups;
     if (st->axis == CLKVQ_AXIS_TOKEN)
-        groups = sh * (size_t)cfg->capacity * st->n_groups;
+        groups = sh * (size_t)clkvq_cache_stride(cfg->capacity) * st->n_groups;
     else
-        groups = sh * (size_t)(cfg->capacity / lc->group_size) * cfg->head_dim;
+        groups = sh * (size_t)(clkvq_cache_stride(cfg->capacity) / lc->group_size) * cfg->head_dim;
     b.codes = groups * st->group_words * 4;
     b.params = groups * pb;
     return b;
@@ -411,7 +411,8 @@ static cl_int set_geometry(cl_kernel k, cl_uint first, const clkvq_cache *cache,
                            const clkvq_cache_layer *layer, const clkvq_tensor_store *store, int seq)
 {
     const clkvq_cache_config *cfg = &cache->cfg;
-    cl_int vals[10] = {cfg->n_kv_heads, cfg->head_dim, cfg->capacity, layer->cfg.group_size,
+    cl_int vals[10] = {cfg->n_kv_heads, cfg->head_dim, clkvq_cache_stride(cfg->capacity),
+                       layer->cfg.group_size,
                        store->group_words, store->n_groups, layer->fp_slots, layer->ring,
                        layer->cfg.n_sink, seq};
     cl_int err = CL_SUCCESS;

@@ -20,6 +20,10 @@
  *   TOKEN_MAJOR   word(t, g, w) = (sh * capacity + t) * row_words + g * group_words + w
  *   GROUP_PLANAR  word(t, g, w) = (sh * row_words + g * group_words + w) * capacity + t
  * with sh = seq * n_kv_heads + head and row_words = n_groups * group_words.
+ * `capacity` in these formulas (and in every kernel argument so named) is
+ * the token stride clkvq_cache_stride(): the capacity rounded up to 256, so
+ * vector loads of up to 16 tokens past the last one stay inside the buffer
+ * and KIVI blocks of any group size divide it.
  * Params (one entry per group: 2 halves or 2 fp8 bytes, scale first):
  *   TOKEN_MAJOR   (sh * capacity + t) * n_groups + g
  *   GROUP_PLANAR  (sh * n_groups + g) * capacity + t
@@ -69,6 +73,8 @@ struct clkvq_cache {
     clkvq_attn_tuning tuning; /* 0 fields: defaults */
     int *host_len;          /* staging for seq_len uploads */
 };
+
+static inline int clkvq_cache_stride(int capacity) { return (capacity + 255) / 256 * 256; }
 
 /* First quantized token (see above) for one tensor of a layer. */
 int clkvq_cache_q_end(const clkvq_cache_layer *layer, int is_v, int n_tokens);

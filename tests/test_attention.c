@@ -96,7 +96,9 @@ static void reference_attention(const float *q, const float *k, const float *v, 
     free(p);
 }
 
-static clkvq_cache *cache_for(const attn_case *c, int32_t **perm_k, int32_t **perm_v)
+/* variant CLKVQ_ATTN_SERIAL forces group-planar layouts (which it needs). */
+static clkvq_cache *cache_for(const attn_case *c, clkvq_attn_variant variant, int vw,
+                              int32_t **perm_k, int32_t **perm_v)
 {
     clkvq_layer_config lc = clkvq_layer_config_default(c->scheme);
     lc.format_k = c->fk;
@@ -116,12 +118,14 @@ static clkvq_cache *cache_for(const attn_case *c, int32_t **perm_k, int32_t **pe
         lc.perm_k = *perm_k;
         lc.perm_v = *perm_v;
     }
+    int serial = variant == CLKVQ_ATTN_SERIAL;
     clkvq_cache_config cfg = {1, N_SEQS, CAPACITY, KV_HEADS, KV_HEADS * c->qpk, c->head_dim,
-                              c->layout_k, c->layout_v, &lc};
+                              serial ? CLKVQ_LAYOUT_GROUP_PLANAR : c->layout_k,
+                              serial ? CLKVQ_LAYOUT_GROUP_PLANAR : c->layout_v, &lc};
     clkvq_cache *cache = NULL;
     clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
     ck_assert_msg(st == CLKVQ_OK, "%s: create: %s", c->name, clkvq_last_error(test_ctx()));
-    clkvq_attn_tuning tuning = {c->wgs, c->chunk};
+    clkvq_attn_tuning tuning = {variant, c->wgs, c->chunk, vw};
     st = clkvq_cache_set_tuning(cache, &tuning);
     ck_assert_msg(st == CLKVQ_OK, "%s: tuning: %s", c->name, clkvq_last_error(test_ctx()));
     return cache;
@@ -186,18 +190,23 @@ static double decode_error(clkvq_cache *cache, int qpk, int d, const int *length
     return worst;
 }
 
+/* Both variants: cooperative on the case's layouts, serial on planar ones
+ * with a vector width that cycles through 16, 8, 4. */
 START_TEST(decode_matches_reference)
 {
-    const attn_case *c = &g_cases[_i];
+    const attn_case *c = &g_cases[_i / 2];
+    clkvq_attn_variant variant = _i % 2 ? CLKVQ_ATTN_SERIAL : CLKVQ_ATTN_COOPERATIVE;
+    int vw = 16 >> (_i / 2 % 3);
     const int token_counts[] = {1, 7, 129, 1000};
     for (int ti = 0; ti < 4; ti++) {
         int32_t *perm_k, *perm_v;
-        clkvq_cache *cache = cache_for(c, &perm_k, &perm_v);
+        clkvq_cache *cache = cache_for(c, variant, vw, &perm_k, &perm_v);
         int lengths[N_SEQS] = {token_counts[ti], token_counts[ti] / 2 + 1};
         for (int s = 0; s < N_SEQS; s++)
             fill_sequence(cache, s, lengths[s], c->head_dim, 1000 * (uint64_t)s + ti);
         double err = decode_error(cache, c->qpk, c->head_dim, lengths);
-        ck_assert_msg(err <= TOLERANCE, "%s, %d tokens: relative error %.3g", c->name,
+        ck_assert_msg(err <= TOLERANCE, "%s (%s vw %d), %d tokens: relative error %.3g", c->name,
+                      variant == CLKVQ_ATTN_SERIAL ? "serial" : "cooperative", vw,
                       token_counts[ti], err);
         clkvq_cache_release(cache);
         free(perm_k);
@@ -213,19 +222,21 @@ START_TEST(decode_chunk_boundaries)
     c.chunk = 64;
     c.wgs = 64;
     const int lengths_to_try[][2] = {{63, 64}, {65, 128}, {127, 129}, {0, 5}};
-    for (int i = 0; i < 4; i++) {
-        int32_t *pk, *pv;
-        clkvq_cache *cache = cache_for(&c, &pk, &pv);
-        int lengths[N_SEQS] = {lengths_to_try[i][0], lengths_to_try[i][1]};
-        for (int s = 0; s < N_SEQS; s++)
-            if (lengths[s] > 0)
-                fill_sequence(cache, s, lengths[s], c.head_dim, 5 + (uint64_t)s);
-        double err = decode_error(cache, c.qpk, c.head_dim, lengths);
-        ck_assert_msg(err <= TOLERANCE, "lengths %d/%d: %.3g", lengths[0], lengths[1], err);
-        clkvq_cache_release(cache);
-        free(pk);
-        free(pv);
-    }
+    for (int variant = CLKVQ_ATTN_COOPERATIVE; variant <= CLKVQ_ATTN_SERIAL; variant++)
+        for (int i = 0; i < 4; i++) {
+            int32_t *pk, *pv;
+            clkvq_cache *cache = cache_for(&c, (clkvq_attn_variant)variant, 16, &pk, &pv);
+            int lengths[N_SEQS] = {lengths_to_try[i][0], lengths_to_try[i][1]};
+            for (int s = 0; s < N_SEQS; s++)
+                if (lengths[s] > 0)
+                    fill_sequence(cache, s, lengths[s], c.head_dim, 5 + (uint64_t)s);
+            double err = decode_error(cache, c.qpk, c.head_dim, lengths);
+            ck_assert_msg(err <= TOLERANCE, "variant %d lengths %d/%d: %.3g", variant,
+                          lengths[0], lengths[1], err);
+            clkvq_cache_release(cache);
+            free(pk);
+            free(pv);
+        }
 }
 END_TEST
 
@@ -234,7 +245,7 @@ START_TEST(decode_after_truncate)
 {
     const attn_case *c = &g_cases[7];
     int32_t *pk, *pv;
-    clkvq_cache *cache = cache_for(c, &pk, &pv);
+    clkvq_cache *cache = cache_for(c, CLKVQ_ATTN_SERIAL, 8, &pk, &pv);
     fill_sequence(cache, 0, 300, c->head_dim, 1);
     fill_sequence(cache, 1, 90, c->head_dim, 2);
     ck_assert_int_eq(clkvq_cache_truncate(cache, 0, 200), CLKVQ_OK);
@@ -251,7 +262,7 @@ START_TEST(decode_bad_arguments)
 {
     const attn_case *c = &g_cases[1];
     int32_t *pk, *pv;
-    clkvq_cache *cache = cache_for(c, &pk, &pv);
+    clkvq_cache *cache = cache_for(c, CLKVQ_ATTN_COOPERATIVE, 0, &pk, &pv);
     clkvq_context *ctx = test_ctx();
     float q[N_SEQS * KV_HEADS * 64], out[N_SEQS * KV_HEADS * 64];
     ck_assert_int_eq(clkvq_cache_decode_host(NULL, 0, q, out, 1.0f), CLKVQ_ERR_INVALID_ARG);
@@ -263,13 +274,21 @@ START_TEST(decode_bad_arguments)
     cl_mem small = clCreateBuffer(clkvq_context_cl_context(ctx), 0, 16, NULL, &err);
     ck_assert_int_eq(clkvq_cache_decode(cache, 0, small, small, 1.0f), CLKVQ_ERR_BUFFER_TOO_SMALL);
     clReleaseMemObject(small);
-    clkvq_attn_tuning bad = {48, 96};
+    clkvq_attn_tuning bad = {CLKVQ_ATTN_COOPERATIVE, 48, 96, 0};
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
     bad.wgs = 64;
     bad.chunk = 100;
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
     bad.chunk = 1 << 24; /* more local memory than any device has */
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_DEVICE_LIMIT);
+    clkvq_attn_tuning serial = {CLKVQ_ATTN_SERIAL, 0, 64, 16};
+    /* this cache is token-major: the serial variant cannot read it */
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &serial), CLKVQ_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "group-planar"));
+    serial.vw = 5;
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &serial), CLKVQ_ERR_INVALID_ARG);
+    serial.variant = (clkvq_attn_variant)7;
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &serial), CLKVQ_ERR_INVALID_ARG);
     clkvq_cache_release(cache);
 }
 END_TEST
@@ -281,7 +300,7 @@ int main(void)
     tcase_set_timeout(tc, 900);
     tcase_add_test(tc, decode_bad_arguments);
     tcase_add_loop_test(tc, decode_matches_reference, 0,
-                        (int)(sizeof g_cases / sizeof g_cases[0]));
+                        2 * (int)(sizeof g_cases / sizeof g_cases[0]));
     tcase_add_test(tc, decode_chunk_boundaries);
     tcase_add_test(tc, decode_after_truncate);
     suite_add_tcase(s, tc);

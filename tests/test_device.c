@@ -100,7 +100,9 @@ static int count_files(const char *dir_path, const char *part, char *path, size_
     while ((e = readdir(dir))) {
         if (e->d_name[0] == '.' || !strstr(e->d_name, part)) continue;
         n++;
-        if (path) snprintf(path, size, "%s/%s", dir_path, e->d_name);
+        /* a cut path would name the wrong file: leave it empty instead */
+        if (path && snprintf(path, size, "%s/%s", dir_path, e->d_name) >= (int)size)
+            path[0] = '\0';
     }
     closedir(dir);
     return n;

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set-up (scripts/setup.sh), then the whole test suite (ctest).
+# Extra arguments go to ctest (e.g. -R test_format).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$repo/scripts/setup.sh"
+ctest --test-dir "${BUILD_DIR:-$repo/build}" --output-on-failure "$@"
