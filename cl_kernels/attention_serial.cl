@@ -383,3 +383,42 @@ clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
             VSTORE(out[h * (HEAD_DIM / VW) + dv], dv, p + 2);
     }
 }
+
+/* One work-item per (sequence, q head), channels in vector lanes: the
+ * log-sum-exp merge reads each partial once (the per-channel merge makes
+ * every work-item rescan the chunk maxima). */
+__kernel __attribute__((reqd_work_group_size(1, 1, 1))) void
+clkvq_attn_merge_serial(__global const float *partials, __global const int *perm_v,
+                        __global const int *seq_len, __global float *out, int n_seqs,
+                        int n_q_heads, int n_slots)
+{
+    int sq = (int)get_global_id(0);
+    if (sq >= n_seqs * n_q_heads)
+        return;
+    int s = sq / n_q_heads, kh = (sq % n_q_heads) / QPK;
+    __global const float *p = partials + (size_t)sq * n_slots * PARTIAL_STRIDE;
+    float m = -INFINITY, l = 0.0f;
+    for (int c = 0; c < n_slots; c++)
+        m = fmax(m, p[(size_t)c * PARTIAL_STRIDE]);
+    floatv acc[HEAD_DIM / VW];
+    for (int dv = 0; dv < HEAD_DIM / VW; dv++)
+        acc[dv] = (floatv)0.0f;
+    if (seq_len[s] > 0)
+        for (int c = 0; c < n_slots; c++) {
+            __global const float *pc = p + (size_t)c * PARTIAL_STRIDE;
+            if (pc[0] == -INFINITY)
+                continue;
+            float w = exp(pc[0] - m);
+            l += pc[1] * w;
+            for (int dv = 0; dv < HEAD_DIM / VW; dv++)
+                acc[dv] += VLOAD(dv, pc + 2) * w;
+        }
+    for (int dv = 0; dv < HEAD_DIM / VW; dv++) {
+        float lanes[VW];
+        VSTORE(l > 0.0f ? acc[dv] / l : (floatv)0.0f, 0, lanes);
+        for (int i = 0; i < VW; i++) {
+            int d = dv * VW + i;
+            out[(size_t)sq * HEAD_DIM + (perm_v ? perm_v[kh * HEAD_DIM + d] : d)] = lanes[i];
+        }
+    }
+}

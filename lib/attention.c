@@ -247,7 +247,8 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         st = clkvq_kernel_get(ctx, g_attn_sources, 2, options,
                               serial ? "clkvq_attn_fp16_serial" : "clkvq_attn_fp16_chunk", &fpk);
     if (st == CLKVQ_OK)
-        st = clkvq_kernel_get(ctx, g_attn_sources, 2, options, "clkvq_attn_merge", &merge);
+        st = clkvq_kernel_get(ctx, g_attn_sources, 2, options,
+                              serial ? "clkvq_attn_merge_serial" : "clkvq_attn_merge", &merge);
 
     cl_int n_seqs = cfg->n_seqs, n_qh = cfg->n_q_heads, n_kv = cfg->n_kv_heads;
     cl_int cap = clkvq_cache_stride(cfg->capacity), fp_slots = layer->fp_slots, ring = layer->ring;
@@ -297,8 +298,8 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
                            &n_seqs, &n_qh, &slots};
         const size_t z[] = {sizeof(cl_mem), sizeof(cl_mem), sizeof(cl_mem), sizeof(cl_mem),
                             sizeof(cl_int), sizeof(cl_int), sizeof(cl_int)};
-        size_t local = MERGE_LOCAL_SIZE;
-        size_t global = clkvq_round_up(n_q * cfg->head_dim, local);
+        size_t local = serial ? 1 : MERGE_LOCAL_SIZE;
+        size_t global = serial ? n_q : clkvq_round_up(n_q * cfg->head_dim, local);
         if ((err = set_args(merge, 7, v, z)) != CL_SUCCESS)
             st = clkvq_cl_fail(ctx, err, "setting merge arguments");
         else
