@@ -244,7 +244,8 @@ typedef enum {
     CLKVQ_LAYOUT_TOKEN_MAJOR = 0, /* [token][group]: a token's row is contiguous */
     CLKVQ_LAYOUT_GROUP_PLANAR,    /* [group][token]: one group of consecutive tokens is
                                      contiguous (vector/coalesced loads across tokens) */
-    CLKVQ_LAYOUT_COUNT
+    CLKVQ_LAYOUT_COUNT,
+    CLKVQ_LAYOUT_AUTO = 100       /* at create: what tuning found fastest for layer 0 */
 } clkvq_layout;
 
 typedef struct {
@@ -375,6 +376,175 @@ clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq, in
 clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads, int head_dim,
                                int n_tokens, cl_mem k, cl_mem v, cl_mem q, cl_mem out,
                                float scale);
+
+/* ------------------------------------------------------------ autotuning */
+
+/* The shape a tuning result is for. */
+typedef struct {
+    clkvq_scheme scheme;
+    clkvq_format format_k, format_v;
+    int group_size;
+    int head_dim, n_q_heads, n_kv_heads;
+    int tokens; /* context length the timing used */
+    int batch;  /* sequences decoded per step */
+} clkvq_tune_shape;
+
+/* What a tuned decode uses: the kernel tunables and the cache layouts. */
+typedef struct {
+    clkvq_attn_tuning attn;
+    clkvq_layout layout_k, layout_v;
+} clkvq_tune_params;
+
+typedef struct {
+    char kernel[32];         /* "decode" */
+    clkvq_tune_shape shape;
+    clkvq_tune_params params;
+    double default_ms;       /* built-in defaults, same run */
+    double tuned_ms;
+    int n_candidates;        /* timed */
+    int n_rejected;          /* wrong output, discarded */
+    int n_skipped;           /* beyond device limits or the budget */
+} clkvq_tune_result;
+
+typedef struct {
+    double budget_s;         /* 0: full search; else random sampling + local search */
+    int quick;               /* a small space (CI, demo) */
+    int reps;                /* timed runs per candidate (median), 0: 5 */
+    uint64_t seed;           /* for sampling */
+    /* called after each candidate (may be NULL) */
+    void (*progress)(void *user, int done, int total, const char *what);
+    void *user;
+} clkvq_tune_options;
+
+/*
+ * Tunes fused decode attention for one shape on ctx's device: builds every
+ * candidate (variant, work-group size, chunk, vector width, layouts) that
+ * the device limits allow, checks its output against double-precision
+ * attention over the cache's read-back (a wrong candidate is counted in
+ * n_rejected, never kept), times it with profiling events (median after a
+ * warm-up) and keeps the fastest. Nothing is written to disk.
+ */
+clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape,
+                               const clkvq_tune_options *options, clkvq_tune_result *out);
+
+/* Merges results into <cache dir>/tuning/<device key>.json (locked, atomic).
+ * path_out (may be NULL) gets the file's path. */
+clkvq_status clkvq_tuning_store(clkvq_context *ctx, const clkvq_tune_result *results, int n,
+                                char *path_out, size_t path_size);
+
+typedef enum {
+    CLKVQ_TUNED_EXACT = 0, /* this device, this shape */
+    CLKVQ_TUNED_NEAREST,   /* this device, the nearest tuned shape */
+    CLKVQ_TUNED_VENDOR,    /* shipped results for this vendor and device type */
+    CLKVQ_TUNED_BUILTIN    /* nothing tuned: built-in defaults */
+} clkvq_tuning_source;
+
+/* The lookup chain the library uses: never fails for lack of tuning. */
+clkvq_status clkvq_tuning_lookup(clkvq_context *ctx, const clkvq_tune_shape *shape,
+                                 clkvq_tune_params *out, clkvq_tuning_source *source);
+
+/* Prints what is cached for ctx's device (and any problem with the file). */
+clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out);
+
+/* ------------------------------------------------------ precision configs */
+
+/*
+ * A layer precision config (KVTuner): per layer (and optionally per kv
+ * head) the key and value formats, plus the scheme parameters of
+ * clkvq_layer_config. Stored as YAML: a mapping whose integer keys are
+ * layers, each a mapping with `nbits_key` and `nbits_value` (8, 4, 3, 2 or
+ * 1.5) - exactly KVTuner's published files, which load as they are - and
+ * our optional fields: scheme, group_size, clip_k, clip_v, window, n_sink,
+ * residual, param_type (fp16|fp8), zero_mode (float|int), perm_k and perm_v
+ * (one sequence of head_dim ints per kv head). A per-head file nests
+ * head -> {nbits_key, nbits_value} under each layer. Optional top-level
+ * string keys: `model`, and any layer field as a default for all layers.
+ */
+typedef struct clkvq_precision_config clkvq_precision_config;
+
+/*
+ * Loads a YAML config (through libyaml). defaults (may be NULL: the token
+ * scheme defaults) give every field the file leaves out, e.g. the scheme a
+ * KVTuner preset was searched for. Errors name the file, line and field:
+ * CLKVQ_ERR_IO (unreadable), CLKVQ_ERR_CORRUPT (not YAML, duplicate layer
+ * key, missing layers, bits not in the format table, ...).
+ */
+clkvq_status clkvq_config_load(clkvq_context *ctx, const char *path,
+                               const clkvq_layer_config *defaults,
+                               clkvq_precision_config **out);
+/* Parses YAML text already in memory (what fuzzers and tests feed). */
+clkvq_status clkvq_config_parse(clkvq_context *ctx, const char *text, size_t size,
+                                const clkvq_layer_config *defaults,
+                                clkvq_precision_config **out);
+/* Writes it back (atomic: temp file + rename); load(save(c)) == c. */
+clkvq_status clkvq_config_save(clkvq_context *ctx, const clkvq_precision_config *cfg,
+                               const char *path);
+/* Builds one from layer configs (perms copied). model may be NULL. */
+clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_layers,
+                                 const clkvq_layer_config *layers, int head_dim,
+                                 clkvq_precision_config **out);
+void clkvq_config_free(clkvq_precision_config *cfg);
+
+int clkvq_config_n_layers(const clkvq_precision_config *cfg);
+const char *clkvq_config_model(const clkvq_precision_config *cfg); /* "" if none */
+/* Layer l's settings; perm pointers stay owned by cfg. For a per-head
+ * file, format_k/format_v are the widest of the layer's heads. */
+clkvq_status clkvq_config_layer(const clkvq_precision_config *cfg, int layer,
+                                clkvq_layer_config *out);
+/* Heads with their own bits in layer l (0 when the layer has one pair). */
+int clkvq_config_n_heads(const clkvq_precision_config *cfg, int layer);
+clkvq_status clkvq_config_head(const clkvq_precision_config *cfg, int layer, int head,
+                               clkvq_format *format_k, clkvq_format *format_v);
+/* KVTuner's average: sum over layers of (bits_k + bits_v) / (2 n_layers),
+ * with 1.5 for ternary and scales/zeros not counted (per-head files
+ * average over heads too). */
+double clkvq_config_average_bits(const clkvq_precision_config *cfg);
+/* CLKVQ_ERR_INVALID_ARG unless the config has exactly n_layers layers. */
+clkvq_status clkvq_config_check_model(clkvq_context *ctx, const clkvq_precision_config *cfg,
+                                      int n_layers);
+
+/* A cache whose layers follow cfg (n_layers from cfg). Per-head bits are
+ * not supported by the kernels: CLKVQ_ERR_UNSUPPORTED. */
+clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
+                                            const clkvq_precision_config *cfg, int n_seqs,
+                                            int capacity, int n_kv_heads, int n_q_heads,
+                                            int head_dim, clkvq_layout layout_k,
+                                            clkvq_layout layout_v, clkvq_cache **out);
+
+/* ------------------------------------------------------ calibration dumps */
+
+/*
+ * A calibration dump: safetensors with `layers.<i>.q` [n_q_heads][n_tokens]
+ * [head_dim] and `layers.<i>.k`, `layers.<i>.v` [n_kv_heads][n_tokens]
+ * [head_dim], dtype F32, F16 or BF16, keys post-RoPE as the runtime caches
+ * them; optional __metadata__ (model, notes). Read over mmap with every
+ * header length, offset, dtype size and shape checked: a malformed file is
+ * CLKVQ_ERR_CORRUPT, never a crash.
+ */
+typedef struct clkvq_kv_dump clkvq_kv_dump;
+
+clkvq_status clkvq_dump_open(clkvq_context *ctx, const char *path, clkvq_kv_dump **out);
+/* The same over bytes in memory (not copied: keep them alive). */
+clkvq_status clkvq_dump_open_memory(clkvq_context *ctx, const void *data, size_t size,
+                                    clkvq_kv_dump **out);
+void clkvq_dump_close(clkvq_kv_dump *dump);
+
+typedef struct {
+    int n_layers;
+    int n_q_heads, n_kv_heads, n_tokens, head_dim;
+    char model[128]; /* from __metadata__, "" if none */
+} clkvq_dump_info;
+
+clkvq_status clkvq_dump_info_get(const clkvq_kv_dump *dump, clkvq_dump_info *out);
+/* One tensor of a layer as fp32 (converted from F16/BF16): which = 'q',
+ * 'k' or 'v'; out holds heads * n_tokens * head_dim floats. */
+clkvq_status clkvq_dump_read(const clkvq_kv_dump *dump, int layer, char which, float *out);
+
+/* Writes a dump (F32, or F16 when as_f16) atomically. q, k, v point to
+ * n_layers arrays each; model may be NULL. */
+clkvq_status clkvq_dump_write(clkvq_context *ctx, const char *path, const clkvq_dump_info *info,
+                              const float *const *q, const float *const *k,
+                              const float *const *v, int as_f16);
 
 /* ------------------------------------------------------------ calibration */
 

@@ -1,0 +1,39 @@
+/*
+ * The tuning database: tuned decode parameters per device and shape.
+ *
+ * File: <cache dir>/tuning/<device key>.json, one JSON object:
+ *   {"clkvq_tuning": 1,
+ *    "device": {"vendor": .., "name": .., "driver": .., "compute_units": n, "type": "cpu"|"gpu"},
+ *    "entries": [{"kernel": "decode",
+ *                 "shape": {"scheme": "token", "format_k": "q4", "format_v": "q4",
+ *                           "group_size": 32, "head_dim": 128, "n_q_heads": 32,
+ *                           "n_kv_heads": 8, "tokens": 4096, "batch": 1},
+ *                 "params": {"variant": "serial"|"cooperative", "wgs": 64, "chunk": 256,
+ *                            "vw": 16, "layout_k": "planar"|"token", "layout_v": ..},
+ *                 "default_ms": 2.5, "tuned_ms": 1.9}, ...]}
+ * Shipped results (results/tuning/*.json, the same format) are embedded in
+ * the library and serve as vendor + device-type defaults.
+ * A file that does not parse, has another "clkvq_tuning" version, or names
+ * another device is reported (clkvq_tuning_show, ctx message) and ignored.
+ * Writers hold an flock on <file>.lock while they read, merge and rename,
+ * so two tuners never lose each other's entries or leave a broken file.
+ */
+#ifndef CLKVQ_TUNING_DB_H
+#define CLKVQ_TUNING_DB_H
+
+#include "internal.h"
+
+/* Parses a tuning file's text; entries for kernel "decode" only are kept.
+ * CLKVQ_ERR_CORRUPT (with the reason) on anything malformed. The caller
+ * frees *entries with free(). device_out may be NULL. */
+clkvq_status clkvq_tuning_parse(clkvq_context *ctx, const char *text, clkvq_tune_result **entries,
+                                int *n_entries, clkvq_device_info *device_out);
+
+/* Serializes entries for ctx's device (malloc'd text; free() it). */
+char *clkvq_tuning_serialize(const clkvq_context *ctx, const clkvq_tune_result *entries, int n);
+
+/* Distance between shapes for "nearest": 0 = equal; big penalties for
+ * head_dim / GQA group / scheme / format mismatches, small for tokens. */
+double clkvq_tuning_shape_distance(const clkvq_tune_shape *a, const clkvq_tune_shape *b);
+
+#endif
