@@ -102,6 +102,9 @@ inline void params_lanes(__global const uchar *params, size_t entry0, floatv *sc
                        : (uintv)0)) &                                                        \
                  (uintv)((1u << (BITS_)) - 1u)))
 
+/* codes per register block in P.V: QPK x JB accumulators stay in registers */
+#define JB (QPK <= 2 ? 8 : QPK <= 4 ? 4 : 2)
+
 #ifdef K_TERNARY
 #define K_IS_T 1
 #define K_B 2
@@ -245,41 +248,65 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
     int qv = q_end_v(n, n_sink, window, residual);
     int n_packed_v = clamp(qv - t_begin, 0, n_valid);
     int n_vblocks = (n_packed_v + VW - 1) / VW;
+    /* Per group: p * scale for every token block once, then the codes in
+     * blocks of JB so that QPK x JB accumulators stay in registers. */
+    floatv ps[QPK * (CHUNK / VW)];
     for (int g = 0; g < NG; g++) {
-        floatv accd[QPK * GROUP_SIZE];
-        floatv zacc[QPK];
-        for (int i = 0; i < QPK * GROUP_SIZE; i++)
-            accd[i] = (floatv)0.0f;
-        for (int h = 0; h < QPK; h++)
-            zacc[h] = (floatv)0.0f;
-        for (int b = 0; b < n_vblocks; b++) {
-            int t0 = t_begin + b * VW;
-            intv valid = (t0 + LANE_IDS) < (intv)(t_begin + n_packed_v);
-            uintv wv[V_GW];
-            for (int w = 0; w < V_GW; w++)
-                wv[w] = VLOAD(0, vc + (sh * V_RW + (size_t)g * V_GW + w) * capacity + t0);
-            floatv scale, zero;
-            params_lanes(vp, (sh * NG + g) * capacity + t0, &scale, &zero);
-            floatv ps[QPK];
-            for (int h = 0; h < QPK; h++) {
+        float zsum[QPK];
+        for (int h = 0; h < QPK; h++) {
+            floatv zacc = (floatv)0.0f;
+            for (int b = 0; b < n_vblocks; b++) {
+                int t0 = t_begin + b * VW;
+                intv valid = (t0 + LANE_IDS) < (intv)(t_begin + n_packed_v);
+                floatv scale, zero;
+                params_lanes(vp, (sh * NG + g) * capacity + t0, &scale, &zero);
                 floatv p = select((floatv)0.0f, VLOAD(0, sc + h * CHUNK + b * VW), valid);
-                ps[h] = p * scale;
+                ps[h * (CHUNK / VW) + b] = p * scale;
 #if ZERO_INT
-                zacc[h] -= ps[h] * zero;
+                zacc -= p * scale * zero;
 #else
-                zacc[h] += p * zero;
+                zacc += p * zero;
 #endif
             }
-            for (int j = 0; j < GROUP_SIZE; j++) {
-                floatv code = CONVERT_FLOATV(LANE_CODE(wv, j, V_B, V_IS_T));
-                for (int h = 0; h < QPK; h++)
-                    accd[h * GROUP_SIZE + j] += ps[h] * code;
-            }
+            zsum[h] = hsum(zacc);
         }
-        for (int h = 0; h < QPK; h++) {
-            float z = hsum(zacc[h]);
-            for (int j = 0; j < GROUP_SIZE; j++)
-                out[h * HEAD_DIM + g * GROUP_SIZE + j] += hsum(accd[h * GROUP_SIZE + j]) + z;
+        __global const uint *gw = vc + (sh * V_RW + (size_t)g * V_GW) * capacity;
+        for (int jb = 0; jb < GROUP_SIZE; jb += JB) {
+            /* the (at most two) words holding codes jb .. jb + JB - 1 */
+#ifdef V_TERNARY
+            const int w0 = jb / 20;
+#else
+            const int w0 = (jb * V_BITS) >> 5;
+#endif
+            floatv acc[QPK * JB];
+            for (int i = 0; i < QPK * JB; i++)
+                acc[i] = (floatv)0.0f;
+            for (int b = 0; b < n_vblocks; b++) {
+                size_t t0 = (size_t)(t_begin + b * VW);
+                uintv wv[2];
+                wv[0] = VLOAD(0, gw + (size_t)w0 * capacity + t0);
+                wv[1] = w0 + 1 < V_GW ? VLOAD(0, gw + (size_t)(w0 + 1) * capacity + t0)
+                                      : (uintv)0;
+                for (int jj = 0; jj < JB; jj++) {
+                    int j = jb + jj;
+#ifdef V_TERNARY
+                    uintv raw = (((wv[j / 20 - w0] >> (uint)(8 * ((j / 5) % 4))) & 0xffu) /
+                                 pow3[j % 5]) % 3u;
+#else
+                    int bit = j * V_BITS - w0 * 32, wi = bit >> 5, shft = bit & 31;
+                    uintv raw = wv[wi] >> (uint)shft;
+                    if (shft + V_BITS > 32)
+                        raw |= wv[wi + 1] << (uint)(32 - shft);
+                    raw &= (uintv)((1u << V_BITS) - 1u);
+#endif
+                    floatv code = CONVERT_FLOATV(raw);
+                    for (int h = 0; h < QPK; h++)
+                        acc[h * JB + jj] += ps[h * (CHUNK / VW) + b] * code;
+                }
+            }
+            for (int h = 0; h < QPK; h++)
+                for (int jj = 0; jj < JB; jj++)
+                    out[h * HEAD_DIM + g * GROUP_SIZE + jb + jj] += hsum(acc[h * JB + jj]) + zsum[h];
         }
     }
 #if SCHEME == 2
@@ -415,6 +442,9 @@ clkvq_attn_merge_serial(__global const float *partials, __global const int *perm
         }
     for (int dv = 0; dv < HEAD_DIM / VW; dv++) {
         float lanes[VW];
+#ifdef CLKVQ_PLANTED_BUG /* the autotuner's own test: this variant must be rejected */
+        acc[dv] *= 1.01f;
+#endif
         VSTORE(l > 0.0f ? acc[dv] / l : (floatv)0.0f, 0, lanes);
         for (int i = 0; i < VW; i++) {
             int d = dv * VW + i;
