@@ -16,6 +16,8 @@ typedef struct {
 static const bench_command commands[] = {
     {"quant", "quantize a synthetic Llama-3-8B layer KV per format: error, throughput",
      bench_quant_main},
+    {"attention", "decode attention over a synthetic KV cache per shape, length, batch, format",
+     bench_attention_main},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 

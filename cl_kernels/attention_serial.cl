@@ -260,12 +260,14 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                 intv valid = (t0 + LANE_IDS) < (intv)(t_begin + n_packed_v);
                 floatv scale, zero;
                 params_lanes(vp, (sh * NG + g) * capacity + t0, &scale, &zero);
-                floatv p = select((floatv)0.0f, VLOAD(0, sc + h * CHUNK + b * VW), valid);
-                ps[h * (CHUNK / VW) + b] = p * scale;
+                /* lanes past the last token hold unwritten memory: mask after
+                 * multiplying (0 * NaN would be NaN) */
+                floatv p = VLOAD(0, sc + h * CHUNK + b * VW);
+                ps[h * (CHUNK / VW) + b] = select((floatv)0.0f, p * scale, valid);
 #if ZERO_INT
-                zacc -= p * scale * zero;
+                zacc -= select((floatv)0.0f, p * scale * zero, valid);
 #else
-                zacc += p * zero;
+                zacc += select((floatv)0.0f, p * zero, valid);
 #endif
             }
             zsum[h] = hsum(zacc);

@@ -87,35 +87,6 @@ uint group_code(__global const uint *codes, group_ref ref, int j)
 #endif
 }
 
-/* Packs codes into whole words at strided addresses (ternary: 5 trits per
- * byte, 4 bytes per word; the last word of a group may be partial). */
-typedef struct {
-    ulong acc;
-    int n_bits;
-    int w;
-} word_packer;
-
-void wpack_put(word_packer *pk, __global uint *codes, group_ref ref, uint code, int j,
-               int group_size)
-{
-#ifdef TERNARY
-    const uint pow3[5] = {1, 3, 9, 27, 81};
-    pk->acc += (ulong)(code * pow3[j % 5]) << (8 * ((j / 5) % 4));
-    if (j % 20 == 19 || j == group_size - 1) {
-        codes[ref.base + (size_t)pk->w++ * ref.stride] = (uint)pk->acc;
-        pk->acc = 0;
-    }
-#else
-    pk->acc |= (ulong)code << pk->n_bits;
-    pk->n_bits += BITS;
-    if (pk->n_bits >= 32) {
-        codes[ref.base + (size_t)pk->w++ * ref.stride] = (uint)pk->acc;
-        pk->acc >>= 32;
-        pk->n_bits -= 32;
-    }
-#endif
-}
-
 float packed_value(__global const uint *codes, __global const uchar *params, int h, int t,
                    int c, int head_dim, int capacity, int group_size, int group_words,
                    int n_groups, int seq, int n_heads)
@@ -130,81 +101,265 @@ float packed_value(__global const uint *codes, __global const uchar *params, int
     return value_of(group_code(codes, ref, j), sz);
 }
 
-/* staging[h][r][c] (packed channel order) for tokens t_first + r: from the
- * fp16 store for t < n_old, else from the new input (model order). */
-__kernel void clkvq_cache_stage(__global const half *fp, __global const float *in,
-                                __global const int *perm, __global float *staging, GEOM_ARGS,
-                                int t_first, int n_stage, int n_old, int n_in)
+/* ------------------------------------------------------------ append: quantize
+ * Tokens t_first + r (r < n_stage) are quantized straight from where they
+ * are: the fp16 store for t < n_old (old rows leaving the window), else the
+ * new input row t - n_old (model channel order, gathered through perm into
+ * packed order). The in-order queue runs this before the fp16 store of the
+ * new tokens, which may overwrite those old rows. */
+
+typedef struct {
+    __global const half *fp; /* fp16 row, or 0 */
+    __global const float *x; /* input row when fp is 0 */
+    __global const int *pr;  /* its permutation row, or 0 */
+} row_src;
+
+inline row_src stage_row(__global const half *fp, __global const float *in,
+                         __global const int *perm, int h, int t, int n_old, int n_in,
+                         int head_dim, int fp_slots, int ring, int n_sink, int seq, int n_heads)
 {
-    int gid = (int)get_global_id(0);
-    if (gid >= n_heads * n_stage * head_dim)
-        return;
-    int c = gid % head_dim, r = (gid / head_dim) % n_stage, h = gid / (head_dim * n_stage);
-    int t = t_first + r;
-    float value;
+    row_src r;
     if (t < n_old) {
-        value = vload_half(fp_row(h, t, fp_slots, ring, n_sink, seq, n_heads, head_dim) + c, fp);
+        r.fp = fp + fp_row(h, t, fp_slots, ring, n_sink, seq, n_heads, head_dim);
+        r.x = (__global const float *)0;
+        r.pr = (__global const int *)0;
     } else {
-        int src = perm ? perm[h * head_dim + c] : c;
-        value = in[((size_t)h * n_in + (t - n_old)) * head_dim + src];
+        r.fp = (__global const half *)0;
+        r.x = in + ((size_t)h * n_in + (t - n_old)) * head_dim;
+        r.pr = perm ? perm + (size_t)h * head_dim : (__global const int *)0;
     }
-    staging[gid] = value;
+    return r;
 }
 
-/* One work-item per (head, staged token, channel group). */
-__kernel void clkvq_cache_quantize_token(__global const float *staging, __global uint *codes,
-                                         __global uchar *params, GEOM_ARGS, float alpha,
-                                         int t_first, int n_stage)
+/* Packed channels c..c+15 of a staged row. */
+inline float16 row_load16(row_src r, int c)
 {
-    int gid = (int)get_global_id(0);
-    if (gid >= n_heads * n_stage * n_groups)
-        return;
-    int g = gid % n_groups, r = (gid / n_groups) % n_stage, h = gid / (n_groups * n_stage);
-    int t = t_first + r, c0 = g * group_size;
-    __global const float *x = staging + ((size_t)h * n_stage + r) * head_dim + c0;
-    float lo = INFINITY, hi = -INFINITY;
-    for (int j = 0; j < group_size; j++) {
-        lo = fmin(lo, x[j]);
-        hi = fmax(hi, x[j]);
-    }
-    size_t pidx = locate_param(h, t, c0, head_dim, capacity, group_size, n_groups, seq, n_heads);
-    float2 sz = group_params(lo, hi, alpha, params + pidx * PARAM_BYTES);
-    int j0;
-    group_ref ref = locate_group(h, t, c0, head_dim, capacity, group_size, group_words,
-                                 n_groups, seq, n_heads, &j0);
-    word_packer pk = {0, 0, 0};
-    for (int j = 0; j < group_size; j++)
-        wpack_put(&pk, codes, ref, code_of(x[j], sz), j, group_size);
+    if (r.fp)
+        return f16_bits_to_f32_16(convert_uint16(vload16(0, (__global const ushort *)r.fp + c)));
+    if (!r.pr)
+        return vload16(0, r.x + c);
+    int16 i = vload16(0, r.pr + c);
+    return (float16)(r.x[i.s0], r.x[i.s1], r.x[i.s2], r.x[i.s3], r.x[i.s4], r.x[i.s5], r.x[i.s6], r.x[i.s7], r.x[i.s8], r.x[i.s9], r.x[i.sa], r.x[i.sb], r.x[i.sc], r.x[i.sd], r.x[i.se], r.x[i.sf]);
 }
 
-/* One work-item per (head, staged block, channel); t_first and n_stage are
- * whole blocks (KIVI quantizes keys only in blocks of R tokens). */
-__kernel void clkvq_cache_quantize_channel(__global const float *staging, __global uint *codes,
+inline float row_load1(row_src r, int c)
+{
+    if (r.fp)
+        return vload_half(c, r.fp);
+    return r.x[r.pr ? r.pr[c] : c];
+}
+
+/* min/max of channels [c0, c0 + n) of a row (n a multiple of 16); a zero
+ * extreme is the first zero of the group, as the reference's scan keeps it. */
+__attribute__((always_inline)) float2 row_range(row_src r, int c0, int n)
+{
+    float16 lo16 = (float16)INFINITY, hi16 = (float16)(-INFINITY);
+    for (int k = 0; k < n; k += 16) {
+        float16 v = row_load16(r, c0 + k);
+        lo16 = VMIN(lo16, v);
+        hi16 = VMAX(hi16, v);
+    }
+    float lo = hmin16(lo16), hi = hmax16(hi16);
+    if (lo == 0.0f || hi == 0.0f) {
+        int lo_done = lo != 0.0f, hi_done = hi != 0.0f;
+        for (int j = 0; j < n && !(lo_done && hi_done); j++) {
+            float e = row_load1(r, c0 + j);
+            if (!lo_done && e == lo) {
+                lo = e;
+                lo_done = 1;
+            }
+            if (!hi_done && e == hi) {
+                hi = e;
+                hi_done = 1;
+            }
+        }
+    }
+    return (float2)(lo, hi);
+}
+
+/* Codes of group [c0, c0 + group_size) of a row into the words of ref. */
+__attribute__((always_inline)) void row_pack(row_src r, int c0, int group_size,
+                                             int group_words, float2 sz,
+                                             __global uint *codes, group_ref ref)
+{
+#ifndef TERNARY
+    for (int k = 0; k < group_size; k += 32) {
+        uint16 a = codes_of16(row_load16(r, c0 + k), sz);
+        uint16 b = codes_of16(row_load16(r, c0 + k + 16), sz);
+        store_words32(codes + ref.base + (size_t)(k / 32) * BITS * ref.stride, ref.stride, a, b);
+    }
+#else
+    /* 80 codes = 16 trit bytes = 4 words; the last word may be partial */
+    for (int k = 0; k < group_size; k += 80) {
+        uint16 c[5];
+        for (int q = 0; q < 5; q++)
+            c[q] = k + 16 * q < group_size ? codes_of16(row_load16(r, c0 + k + 16 * q), sz)
+                                           : (uint16)0;
+        uint4 w = as_uint4(convert_uchar16(trit_bytes80(c[0], c[1], c[2], c[3], c[4])));
+        uint wa[4];
+        vstore4(w, 0, wa);
+        int w0 = k / 20, nw = min(4, group_words - w0);
+        for (int i = 0; i < nw; i++)
+            codes[ref.base + (size_t)(w0 + i) * ref.stride] = wa[i];
+    }
+#endif
+}
+
+/* One work-item per 16 consecutive (head, staged token, channel group)
+ * groups: their min/max, parameters as 16 lanes, then codes 16 at a time. */
+__kernel void clkvq_cache_quantize_token(__global const half *fp, __global const float *in,
+                                         __global const int *perm, __global uint *codes,
+                                         __global uchar *params, GEOM_ARGS, float alpha,
+                                         int t_first, int n_stage, int n_old, int n_in)
+{
+    int n_all = n_heads * n_stage * n_groups;
+    int g0 = (int)get_global_id(0) * 16;
+    if (g0 >= n_all)
+        return;
+    int count = min(16, n_all - g0);
+    int row0 = g0 / n_groups, gr0 = g0 % n_groups;
+    int h0 = row0 / n_stage, r0 = row0 % n_stage;
+
+    float lo[16], hi[16];
+    int h = h0, r = r0, gr = gr0;
+    for (int i = 0; i < count; i++) {
+        row_src src = stage_row(fp, in, perm, h, t_first + r, n_old, n_in, head_dim, fp_slots,
+                                ring, n_sink, seq, n_heads);
+        float2 lh = row_range(src, gr * group_size, group_size);
+        lo[i] = lh.x;
+        hi[i] = lh.y;
+        if (++gr == n_groups) {
+            gr = 0;
+            if (++r == n_stage) {
+                r = 0;
+                h++;
+            }
+        }
+    }
+    for (int i = count; i < 16; i++)
+        lo[i] = hi[i] = 0.0f;
+    float16 s16, z16;
+    uint16 entry16;
+    group_params16(vload16(0, lo), vload16(0, hi), alpha, &entry16, &s16, &z16);
+    float s[16], z[16];
+    uint entry[16];
+    vstore16(s16, 0, s);
+    vstore16(z16, 0, z);
+    vstore16(entry16, 0, entry);
+
+    h = h0;
+    r = r0;
+    gr = gr0;
+    for (int i = 0; i < count; i++) {
+        int t = t_first + r, c0 = gr * group_size;
+        size_t pidx = locate_param(h, t, c0, head_dim, capacity, group_size, n_groups, seq,
+                                   n_heads);
+#if PARAM_FP8
+        ((__global ushort *)params)[pidx] = (ushort)entry[i];
+#else
+        ((__global uint *)params)[pidx] = entry[i];
+#endif
+        int j0;
+        group_ref ref = locate_group(h, t, c0, head_dim, capacity, group_size, group_words,
+                                     n_groups, seq, n_heads, &j0);
+        row_src src = stage_row(fp, in, perm, h, t, n_old, n_in, head_dim, fp_slots, ring,
+                                n_sink, seq, n_heads);
+        row_pack(src, c0, group_size, group_words, (float2)(s[i], z[i]), codes, ref);
+        if (++gr == n_groups) {
+            gr = 0;
+            if (++r == n_stage) {
+                r = 0;
+                h++;
+            }
+        }
+    }
+}
+
+/* One work-item per (head, staged block of group_size tokens): rows are
+ * read in order, 16 channels per vector, each lane the reference's
+ * sequential scan of its channel's group (head_dim <= 256, a multiple of
+ * 32). t_first and n_stage are whole blocks (KIVI quantizes keys only in
+ * blocks of R tokens). */
+__kernel void clkvq_cache_quantize_channel(__global const half *fp, __global const float *in,
+                                           __global const int *perm, __global uint *codes,
                                            __global uchar *params, GEOM_ARGS, float alpha,
-                                           int t_first, int n_stage)
+                                           int t_first, int n_stage, int n_old, int n_in)
 {
     int gid = (int)get_global_id(0);
     int n_stage_blocks = n_stage / group_size;
-    if (gid >= n_heads * n_stage_blocks * head_dim)
+    if (gid >= n_heads * n_stage_blocks)
         return;
-    int c = gid % head_dim, bb = (gid / head_dim) % n_stage_blocks;
-    int h = gid / (head_dim * n_stage_blocks);
+    int bb = gid % n_stage_blocks, h = gid / n_stage_blocks;
     int t0 = t_first + bb * group_size;
-    __global const float *x = staging + ((size_t)h * n_stage + bb * group_size) * head_dim + c;
-    float lo = INFINITY, hi = -INFINITY;
-    for (int j = 0; j < group_size; j++) {
-        float v = x[(size_t)j * head_dim];
-        lo = fmin(lo, v);
-        hi = fmax(hi, v);
+    int n_chunks = head_dim / 16;
+
+    float16 lo[16], hi[16], s[16], z[16];
+    for (int cc = 0; cc < n_chunks; cc++) {
+        lo[cc] = (float16)INFINITY;
+        hi[cc] = (float16)(-INFINITY);
     }
-    size_t pidx = locate_param(h, t0, c, head_dim, capacity, group_size, n_groups, seq, n_heads);
-    float2 sz = group_params(lo, hi, alpha, params + pidx * PARAM_BYTES);
+    for (int j = 0; j < group_size; j++) {
+        row_src src = stage_row(fp, in, perm, h, t0 + j, n_old, n_in, head_dim, fp_slots, ring,
+                                n_sink, seq, n_heads);
+        for (int cc = 0; cc < n_chunks; cc++) {
+            float16 v = row_load16(src, cc * 16);
+            lo[cc] = VMIN(lo[cc], v);
+            hi[cc] = VMAX(hi[cc], v);
+        }
+    }
+    size_t p0 = locate_param(h, t0, 0, head_dim, capacity, group_size, n_groups, seq, n_heads);
+    for (int cc = 0; cc < n_chunks; cc++) {
+        uint16 entry;
+        group_params16(lo[cc], hi[cc], alpha, &entry, &s[cc], &z[cc]);
+        store_params16(params + (p0 + cc * 16) * PARAM_BYTES, entry, 16);
+    }
     int j0;
-    group_ref ref = locate_group(h, t0, c, head_dim, capacity, group_size, group_words, n_groups,
-                                 seq, n_heads, &j0);
-    word_packer pk = {0, 0, 0};
-    for (int j = 0; j < group_size; j++)
-        wpack_put(&pk, codes, ref, code_of(x[(size_t)j * head_dim], sz), j, group_size);
+    group_ref ref0 = locate_group(h, t0, 0, head_dim, capacity, group_size, group_words,
+                                  n_groups, seq, n_heads, &j0);
+    __global uint *words0 = codes + ref0.base; /* channel c's words at c * group_words */
+
+    uint16 acc[16];
+    for (int cc = 0; cc < n_chunks; cc++)
+        acc[cc] = (uint16)0;
+#ifndef TERNARY
+    int n_bits = 0, w = 0;
+#else
+    const uint pow3[5] = {1, 3, 9, 27, 81};
+#endif
+    for (int j = 0; j < group_size; j++) {
+        row_src src = stage_row(fp, in, perm, h, t0 + j, n_old, n_in, head_dim, fp_slots, ring,
+                                n_sink, seq, n_heads);
+#ifndef TERNARY
+        int full = n_bits + BITS >= 32;
+#else
+        int full = j % 20 == 19 || j == group_size - 1;
+        uint weight = pow3[j % 5] << (8 * ((j / 5) % 4));
+#endif
+        for (int cc = 0; cc < n_chunks; cc++) {
+            uint16 code = codes_of16v(row_load16(src, cc * 16), s[cc], z[cc]);
+#ifndef TERNARY
+            uint16 a = acc[cc] | (code << (uint)n_bits);
+            if (full) {
+                store_lanes(words0 + (size_t)cc * 16 * group_words, group_words, w, a);
+                a = code >> (uint)(32 - n_bits);
+            }
+#else
+            uint16 a = acc[cc] + code * weight;
+            if (full) {
+                store_lanes(words0 + (size_t)cc * 16 * group_words, group_words, j / 20, a);
+                a = (uint16)0;
+            }
+#endif
+            acc[cc] = a;
+        }
+#ifndef TERNARY
+        n_bits += BITS;
+        if (full) {
+            n_bits -= 32;
+            w++;
+        }
+#endif
+    }
 }
 
 /* New tokens that stay in fp16 (sinks and the recent window). */

@@ -479,9 +479,10 @@ clkvq_status clkvq_config_parse(clkvq_context *ctx, const char *text, size_t siz
 /* Writes it back (atomic: temp file + rename); load(save(c)) == c. */
 clkvq_status clkvq_config_save(clkvq_context *ctx, const clkvq_precision_config *cfg,
                                const char *path);
-/* Builds one from layer configs (perms copied). model may be NULL. */
+/* Builds one from layer configs (perms, [n_kv_heads][head_dim], copied).
+ * model may be NULL; n_kv_heads/head_dim matter only when perms are given. */
 clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_layers,
-                                 const clkvq_layer_config *layers, int head_dim,
+                                 const clkvq_layer_config *layers, int n_kv_heads, int head_dim,
                                  clkvq_precision_config **out);
 void clkvq_config_free(clkvq_precision_config *cfg);
 
@@ -545,6 +546,30 @@ clkvq_status clkvq_dump_read(const clkvq_kv_dump *dump, int layer, char which, f
 clkvq_status clkvq_dump_write(clkvq_context *ctx, const char *path, const clkvq_dump_info *info,
                               const float *const *q, const float *const *k,
                               const float *const *v, int as_f16);
+
+/* ------------------------------------------------------ accuracy evaluation */
+
+typedef struct {
+    double bits_per_element; /* K and V averaged: packed codes + params + fp16 tokens */
+    double rel_err;          /* ||o - o_ref|| / ||o_ref|| over heads and queries */
+    double cosine;           /* mean cosine(o, o_ref) over heads and queries */
+    double k_rel_err;        /* ||K - K_cache|| / ||K|| (read-back) */
+    double v_rel_err;
+    int n_queries;
+} clkvq_eval_result;
+
+/*
+ * Accuracy of one layer under one layer config, through the library's own
+ * kernels: K/V ([n_kv_heads][n_tokens][head_dim]) are appended to a cache
+ * up to the first evaluated position, then for each of the last n_queries
+ * positions p the token is appended and query p (q: [n_q_heads][n_tokens]
+ * [head_dim]) is decoded over the cache as it stands, against fp64
+ * attention over the original K/V[0..p] (scale 1/sqrt(head_dim)).
+ */
+clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg, int n_q_heads,
+                              int n_kv_heads, int n_tokens, int head_dim, const float *q,
+                              const float *k, const float *v, int n_queries,
+                              clkvq_eval_result *out);
 
 /* ------------------------------------------------------------ calibration */
 

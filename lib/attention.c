@@ -33,11 +33,24 @@ static clkvq_attn_tuning default_tuning(const clkvq_cache *cache)
     return t;
 }
 
-/* Fills 0 fields of *t from the defaults. */
-static void resolve_tuning(const clkvq_cache *cache, const clkvq_attn_tuning *in,
+/* The tunables for layer l: the tuning database's choice for the layer's
+ * shape when the cache's layouts allow it, else built-in defaults; then
+ * the caller's non-zero overrides. */
+static void resolve_tuning(const clkvq_cache *cache, int l, const clkvq_attn_tuning *in,
                            clkvq_attn_tuning *t)
 {
     *t = default_tuning(cache);
+    const clkvq_tune_params *tuned = cache->tuned ? &cache->tuned[l] : NULL;
+    if (tuned && tuned->attn.variant &&
+        (tuned->attn.variant != CLKVQ_ATTN_SERIAL || planar_layouts(cache))) {
+        t->variant = tuned->attn.variant;
+        if (tuned->attn.wgs)
+            t->wgs = tuned->attn.wgs;
+        if (tuned->attn.chunk)
+            t->chunk = tuned->attn.chunk;
+        if (tuned->attn.vw)
+            t->vw = tuned->attn.vw;
+    }
     if (in->variant)
         t->variant = in->variant;
     if (in->wgs)
@@ -46,8 +59,6 @@ static void resolve_tuning(const clkvq_cache *cache, const clkvq_attn_tuning *in
         t->vw = in->vw;
     if (in->chunk)
         t->chunk = in->chunk;
-    else if (t->variant == CLKVQ_ATTN_SERIAL)
-        t->chunk = 256;
 }
 
 static clkvq_status check_tuning(clkvq_context *ctx, const clkvq_cache *cache,
@@ -97,7 +108,7 @@ clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning 
         return CLKVQ_OK;
     }
     clkvq_attn_tuning t;
-    resolve_tuning(cache, tuning, &t);
+    resolve_tuning(cache, 0, tuning, &t);
     clkvq_status st = check_tuning(cache->ctx, cache, &t);
     if (st == CLKVQ_OK)
         cache->tuning = *tuning;
@@ -108,7 +119,7 @@ clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning 
 {
     if (!cache || !out)
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_get_tuning: NULL argument");
-    resolve_tuning(cache, &cache->tuning, out);
+    resolve_tuning(cache, 0, &cache->tuning, out);
     return CLKVQ_OK;
 }
 
@@ -127,6 +138,10 @@ static void attn_options(const clkvq_cache *cache, const clkvq_cache_layer *laye
              fp16 ? 1 : layer->k.group_words, fp16 ? 1 : layer->v.group_words,
              lc->param_type == CLKVQ_PARAM_FP8_E4M3, lc->zero_mode == CLKVQ_ZERO_INT,
              (int)layer->k.layout, (int)layer->v.layout, t->vw);
+    if (cache->planted_bug) {
+        size_t used = strlen(buf);
+        snprintf(buf + used, size - used, " -D CLKVQ_PLANTED_BUG=1");
+    }
 }
 
 static clkvq_status ensure_buffer(clkvq_context *ctx, cl_mem *mem, size_t *have, size_t need,
@@ -203,7 +218,7 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
     const clkvq_cache_config *cfg = &cache->cfg;
     clkvq_cache_layer *layer = &cache->layers[l];
     clkvq_attn_tuning t;
-    clkvq_cache_get_tuning(cache, &t);
+    resolve_tuning(cache, l, &cache->tuning, &t);
     clkvq_status st = check_tuning(ctx, cache, &t);
     if (st != CLKVQ_OK)
         return st;

@@ -158,7 +158,7 @@ static clkvq_status validate_config(clkvq_context *ctx, const clkvq_cache_config
                           MAX_HEAD_DIM);
     for (int i = 0; i < 2; i++) {
         clkvq_layout layout = i ? cfg->layout_v : cfg->layout_k;
-        if ((int)layout < 0 || layout >= CLKVQ_LAYOUT_COUNT)
+        if (((int)layout < 0 || layout >= CLKVQ_LAYOUT_COUNT) && layout != CLKVQ_LAYOUT_AUTO)
             return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layout_%c %d is unknown", i ? 'v' : 'k',
                               (int)layout);
     }
@@ -330,6 +330,7 @@ void clkvq_cache_release(clkvq_cache *cache)
     release_mem(&cache->q_scratch);
     release_mem(&cache->qsum_scratch);
     free(cache->host_len);
+    free(cache->tuned);
     free(cache);
 }
 
@@ -353,6 +354,27 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
     cache->ctx = ctx;
     cache->cfg = *cfg;
     cache->cfg.layers = NULL;
+    cache->tuned = calloc((size_t)cfg->n_layers, sizeof *cache->tuned);
+    if (!cache->tuned) {
+        clkvq_cache_release(cache);
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating tuning slots");
+    }
+    /* what tuning found for each layer's shape (never fails: it falls back
+     * to vendor, then built-in defaults); AUTO layouts follow layer 0 */
+    for (int l = 0; l < cfg->n_layers; l++) {
+        const clkvq_layer_config *lc = &cfg->layers[l];
+        clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
+                                  cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
+                                  cfg->capacity, cfg->n_seqs};
+        clkvq_tuning_source source;
+        if (clkvq_tuning_lookup(ctx, &shape, &cache->tuned[l], &source) != CLKVQ_OK)
+            memset(&cache->tuned[l], 0, sizeof cache->tuned[l]);
+    }
+    if (cache->cfg.layout_k == CLKVQ_LAYOUT_AUTO)
+        cache->cfg.layout_k = cache->tuned[0].layout_k;
+    if (cache->cfg.layout_v == CLKVQ_LAYOUT_AUTO)
+        cache->cfg.layout_v = cache->tuned[0].layout_v;
+    clkvq_clear_error(ctx);
     cache->layers = calloc((size_t)cfg->n_layers, sizeof *cache->layers);
     if (!cache->layers) {
         clkvq_cache_release(cache);
@@ -453,41 +475,34 @@ static clkvq_status check_seq(clkvq_cache *cache, int layer, int seq)
     return CLKVQ_OK;
 }
 
-/* Quantizes tokens [q0, q1) of one tensor: stage them (old fp16 rows or new
- * input, gathered into packed channel order), then pack. */
+/* Quantizes tokens [q0, q1) of one tensor straight from where they are
+ * (old fp16 rows or new input, gathered into packed channel order) into
+ * the packed store: one kernel, no staging copy. */
 static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
                                    clkvq_tensor_store *store, int seq, cl_mem in, int n_old,
-                                   int n_in, int q0, int q1, cl_mem staging)
+                                   int n_in, int q0, int q1)
 {
     const clkvq_cache_config *cfg = &cache->cfg;
     int n_stage = q1 - q0;
-    cl_kernel stage, quant;
-    clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_stage", &stage);
-    if (st == CLKVQ_OK)
-        st = store_kernel(cache, layer, store,
-                          store->axis == CLKVQ_AXIS_TOKEN ? "clkvq_cache_quantize_token"
-                                                          : "clkvq_cache_quantize_channel",
-                          &quant);
+    int token_axis = store->axis == CLKVQ_AXIS_TOKEN;
+    cl_kernel quant;
+    clkvq_status st = store_kernel(cache, layer, store,
+                                   token_axis ? "clkvq_cache_quantize_token"
+                                              : "clkvq_cache_quantize_channel",
+                                   &quant);
     if (st != CLKVQ_OK)
         return st;
-    cl_int err = set_mem(stage, 0, store->fp) | set_mem(stage, 1, in) |
-                 set_mem(stage, 2, store->perm) | set_mem(stage, 3, staging) |
-                 set_geometry(stage, 4, cache, layer, store, seq) | set_int(stage, 14, q0) |
-                 set_int(stage, 15, n_stage) | set_int(stage, 16, n_old) | set_int(stage, 17, n_in);
-    if (err != CL_SUCCESS)
-        return clkvq_cl_fail(cache->ctx, err, "setting stage arguments");
-    st = run_1d(cache->ctx, stage, (size_t)cfg->n_kv_heads * n_stage * cfg->head_dim, "stage");
-    if (st != CLKVQ_OK)
-        return st;
-    err = set_mem(quant, 0, staging) | set_mem(quant, 1, store->codes) |
-          set_mem(quant, 2, store->params) | set_geometry(quant, 3, cache, layer, store, seq) |
-          clSetKernelArg(quant, 13, sizeof(float), &store->clip) | set_int(quant, 14, q0) |
-          set_int(quant, 15, n_stage);
+    cl_int err = set_mem(quant, 0, store->fp) | set_mem(quant, 1, in) |
+                 set_mem(quant, 2, store->perm) | set_mem(quant, 3, store->codes) |
+                 set_mem(quant, 4, store->params) | set_geometry(quant, 5, cache, layer, store, seq) |
+                 clSetKernelArg(quant, 15, sizeof(float), &store->clip) | set_int(quant, 16, q0) |
+                 set_int(quant, 17, n_stage) | set_int(quant, 18, n_old) | set_int(quant, 19, n_in);
     if (err != CL_SUCCESS)
         return clkvq_cl_fail(cache->ctx, err, "setting cache quantize arguments");
-    size_t items = store->axis == CLKVQ_AXIS_TOKEN
-                       ? (size_t)cfg->n_kv_heads * n_stage * store->n_groups
-                       : (size_t)cfg->n_kv_heads * (n_stage / layer->cfg.group_size) * cfg->head_dim;
+    /* token axis: one work-item per 16 groups; channel axis: one per block */
+    size_t items = token_axis
+                       ? ((size_t)cfg->n_kv_heads * n_stage * store->n_groups + 15) / 16
+                       : (size_t)cfg->n_kv_heads * (n_stage / layer->cfg.group_size);
     return run_1d(cache->ctx, quant, items, "cache quantize");
 }
 
@@ -561,26 +576,21 @@ clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_to
         }
     }
 
-    /* All allocations happen before the first write, so running out of
-     * memory leaves the cache as it was. */
+    /* The token range each tensor packs (quantized straight from its fp16
+     * rows or the input: no staging buffer). */
     int n_new = n_old + n_tokens;
     int q0[2], q1[2];
-    cl_mem staging[2] = {NULL, NULL};
     for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
         q0[i] = clkvq_cache_pack_from(layer, i, n_old, n_new);
         q1[i] = clkvq_cache_q_end(layer, i, n_new);
-        if (q1[i] > q0[i])
-            st = create_buffer(ctx, (size_t)cfg->n_kv_heads * (q1[i] - q0[i]) * cfg->head_dim *
-                                        sizeof(float),
-                               NULL, &staging[i], "append staging");
     }
     for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
         clkvq_tensor_store *store = i ? &layer->v : &layer->k;
-        /* staging reads old fp16 rows that the new tokens may overwrite:
+        /* quantizing reads old fp16 rows that the new tokens may overwrite:
          * the in-order queue runs it first */
         if (q1[i] > q0[i])
             st = quantize_range(cache, layer, store, seq, inputs[i], n_old, n_tokens, q0[i],
-                                q1[i], staging[i]);
+                                q1[i]);
         if (st == CLKVQ_OK)
             st = store_fp16(cache, layer, store, seq, inputs[i], n_old, n_tokens, q1[i]);
     }
@@ -589,8 +599,6 @@ clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_to
         if (err != CL_SUCCESS)
             st = clkvq_cl_fail(ctx, err, "finishing the append");
     }
-    for (int i = 0; i < 2; i++)
-        release_mem(&staging[i]);
     if (st == CLKVQ_OK)
         layer->length[seq] = n_new;
     return st;

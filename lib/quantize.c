@@ -11,8 +11,8 @@
 
 /* Work-items per work-group for the group kernels; the autotuner will own it. */
 #define QUANT_LOCAL_SIZE 64
-/* Elements each work-item of the input check scans. */
-#define CHECK_PER_ITEM 256
+/* Elements each work-item of the input check scans (16 at a time). */
+#define CHECK_PER_ITEM 4096
 
 static const char *const g_quant_sources[] = {"quant_common.cl", "quantize.cl"};
 
@@ -175,9 +175,19 @@ clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
             clReleaseEvent(events[0]);
         return st;
     }
+    /* token axis: one work-item per 16 consecutive groups; channel axis: one
+     * per block of tokens (all channels, 16 per vector) when head_dim allows,
+     * else one per group */
     int token_axis = qp->axis == CLKVQ_AXIS_TOKEN;
+    int lanes16 = !token_axis && shape->head_dim % 16 == 0 && shape->head_dim <= 256;
+    size_t items = token_axis ? (layout.n_groups + 15) / 16
+                   : lanes16  ? layout.n_groups / (size_t)shape->head_dim
+                              : layout.n_groups;
     cl_kernel kernel;
-    st = get_kernel(ctx, qp, token_axis ? "clkvq_quantize_token" : "clkvq_quantize_channel",
+    st = get_kernel(ctx, qp,
+                    token_axis ? "clkvq_quantize_token"
+                    : lanes16  ? "clkvq_quantize_channel16"
+                               : "clkvq_quantize_channel",
                     &kernel);
     if (st == CLKVQ_OK) {
         cl_int err = clSetKernelArg(kernel, 0, sizeof x, &x);
@@ -191,7 +201,7 @@ clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
     if (st == CLKVQ_OK)
         st = set_group_args(ctx, kernel, 4, shape, qp->group_size);
     if (st == CLKVQ_OK)
-        st = launch(ctx, kernel, layout.n_groups, "quantize", &events[1]);
+        st = launch(ctx, kernel, items, "quantize", &events[1]);
     if (st == CLKVQ_OK) {
         cl_int err = clWaitForEvents(1, &events[1]);
         if (err != CL_SUCCESS)

@@ -11,7 +11,7 @@
  *                 "params": {"variant": "serial"|"cooperative", "wgs": 64, "chunk": 256,
  *                            "vw": 16, "layout_k": "planar"|"token", "layout_v": ..},
  *                 "default_ms": 2.5, "tuned_ms": 1.9}, ...]}
- * Shipped results (results/tuning/*.json, the same format) are embedded in
+ * Shipped results (results/tuning/<name>.json, the same format) are embedded in
  * the library and serve as vendor + device-type defaults.
  * A file that does not parse, has another "clkvq_tuning" version, or names
  * another device is reported (clkvq_tuning_show, ctx message) and ignored.
@@ -35,5 +35,9 @@ char *clkvq_tuning_serialize(const clkvq_context *ctx, const clkvq_tune_result *
 /* Distance between shapes for "nearest": 0 = equal; big penalties for
  * head_dim / GQA group / scheme / format mismatches, small for tokens. */
 double clkvq_tuning_shape_distance(const clkvq_tune_shape *a, const clkvq_tune_shape *b);
+
+/* Tests only, not thread-safe: replaces the embedded shipped results with n
+ * (name, text) pairs; n < 0 restores the embedded table. */
+void clkvq_tuning_set_shipped(const char *const *names, const char *const *texts, int n);
 
 #endif

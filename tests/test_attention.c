@@ -2,6 +2,7 @@
  * the cache's own read-back (dequantized K/V), so only kernel error shows:
  * every scheme, format pairs, GQA 1..8, head_dim 64/96/128/256, windows and
  * sinks, chunk boundaries, token counts 1, 7, 129, 1000. */
+#include "kv_cache.h"
 #include "test_util.h"
 
 #include <math.h>
@@ -258,6 +259,48 @@ START_TEST(decode_after_truncate)
 }
 END_TEST
 
+/* Poisons every store with 0xff bytes (NaN as fp16, fp32 and params), so
+ * memory past the written tokens can never reach a result unnoticed. */
+static void poison(clkvq_cache *cache)
+{
+    cl_command_queue q = clkvq_context_cl_queue(test_ctx());
+    const cl_uchar ff = 0xff;
+    for (int l = 0; l < cache->cfg.n_layers; l++) {
+        clkvq_tensor_store *stores[2] = {&cache->layers[l].k, &cache->layers[l].v};
+        for (int i = 0; i < 2; i++) {
+            cl_mem bufs[3] = {stores[i]->codes, stores[i]->params, stores[i]->fp};
+            for (int b = 0; b < 3; b++) {
+                size_t size = 0;
+                if (!bufs[b])
+                    continue;
+                clGetMemObjectInfo(bufs[b], CL_MEM_SIZE, sizeof size, &size, NULL);
+                ck_assert_int_eq(clEnqueueFillBuffer(q, bufs[b], &ff, 1, 0, size, 0, NULL, NULL),
+                                 CL_SUCCESS);
+            }
+        }
+    }
+    clFinish(q);
+}
+
+START_TEST(decode_ignores_unwritten_memory)
+{
+    for (int variant = CLKVQ_ATTN_COOPERATIVE; variant <= CLKVQ_ATTN_SERIAL; variant++)
+        for (int ci = 0; ci < (int)(sizeof g_cases / sizeof g_cases[0]); ci += 3) {
+            int32_t *pk, *pv;
+            clkvq_cache *cache = cache_for(&g_cases[ci], (clkvq_attn_variant)variant, 16, &pk, &pv);
+            poison(cache);
+            int lengths[N_SEQS] = {333, 70};
+            for (int s = 0; s < N_SEQS; s++)
+                fill_sequence(cache, s, lengths[s], g_cases[ci].head_dim, 9 + (uint64_t)s);
+            double err = decode_error(cache, g_cases[ci].qpk, g_cases[ci].head_dim, lengths);
+            ck_assert_msg(err <= TOLERANCE, "%s variant %d: %.3g", g_cases[ci].name, variant, err);
+            clkvq_cache_release(cache);
+            free(pk);
+            free(pv);
+        }
+}
+END_TEST
+
 START_TEST(decode_bad_arguments)
 {
     const attn_case *c = &g_cases[1];
@@ -303,6 +346,7 @@ int main(void)
                         2 * (int)(sizeof g_cases / sizeof g_cases[0]));
     tcase_add_test(tc, decode_chunk_boundaries);
     tcase_add_test(tc, decode_after_truncate);
+    tcase_add_test(tc, decode_ignores_unwritten_memory);
     suite_add_tcase(s, tc);
     return test_run_suite(s);
 }

@@ -1,0 +1,404 @@
+/*
+ * clkvq-tune: fits the decode kernels to this machine's OpenCL device and
+ * caches the result where the library looks it up. A thin user of the
+ * public API (include/clkvq.h), like any runtime.
+ *
+ * Exit codes: 0 success, 1 runtime failure (device, tuning, file), 2 usage.
+ */
+#include "clkvq.h"
+
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXIT_RUNTIME 1
+#define EXIT_USAGE 2
+#define MAX_SHAPES 64
+
+typedef struct {
+    const char *name;
+    int n_q_heads, n_kv_heads, head_dim;
+} model_shape;
+
+static const model_shape g_models[] = {
+    {"llama3-8b", 32, 8, 128},
+    {"qwen2.5-7b", 28, 4, 128},
+    {"phi3-mini", 32, 32, 96},
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: clkvq-tune [options]\n"
+            "Tunes fused decode attention (variant, work-group size, chunk, vector width,\n"
+            "packed layouts) for this machine's device, checks every candidate against a\n"
+            "double-precision reference, and caches the fastest per shape in\n"
+            "<cache dir>/tuning/<device key>.json, which the library reads at run time.\n"
+            "With no options: the default device, Llama-3-8B shape at 4k and 32k tokens,\n"
+            "formats k4v4 and k2v2 (per-token groups of 32), batch 1.\n\n"
+            "options:\n"
+            "  --device SPEC     device index or name substring (default: $CLKVQ_DEVICE,\n"
+            "                    else the first GPU, else the first device)\n"
+            "  --shape NAME      llama3-8b | qwen2.5-7b | phi3-mini (repeatable)\n"
+            "  --tokens N[,N..]  context lengths (default 4096,32768)\n"
+            "  --formats LIST    e.g. fp16,k8v8,k4v4,k4v2,k2v2,k2v1.5 (default k4v4,k2v2)\n"
+            "  --group G         group size of the packed formats (default 32)\n"
+            "  --batch N         sequences per decode step (default 1)\n"
+            "  --budget SECONDS  per shape: random sampling + local search within it\n"
+            "                    (default 0 = the whole space)\n"
+            "  --quick           a small space (a few candidates: CI, demos)\n"
+            "  --reps N          timed runs per candidate, median (default 5)\n"
+            "  --no-store        do not write the tuning file\n"
+            "  --json            print one JSON object instead of the table\n"
+            "  --show            print what is cached for this device and exit\n"
+            "  --list-devices    list OpenCL devices and exit\n"
+            "  --help            this text\n"
+            "exit codes: 0 ok, 1 runtime failure, 2 usage error\n"
+            "environment: CLKVQ_DEVICE, CLKVQ_CACHE_DIR (else $XDG_CACHE_HOME/clkvq, else\n"
+            "~/.cache/clkvq)\n");
+}
+
+/* ------------------------------------------------------------ progress */
+
+typedef struct {
+    int tty;
+    double start;
+    int shape_index, n_shapes;
+    char label[96];
+} progress_state;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* A bar with an ETA on a terminal; a plain line per candidate otherwise
+ * (logs and CI read those). */
+static void on_progress(void *user, int done, int total, const char *what)
+{
+    progress_state *ps = user;
+    double elapsed = now_s() - ps->start;
+    double eta = done > 0 ? elapsed / done * (total - done) : 0.0;
+    if (ps->tty) {
+        int width = 24, filled = total > 0 ? width * done / total : width;
+        fprintf(stderr, "\r[%d/%d] %-28.28s [", ps->shape_index + 1, ps->n_shapes, ps->label);
+        for (int i = 0; i < width; i++)
+            fputc(i < filled ? '#' : ' ', stderr);
+        fprintf(stderr, "] %3d/%-3d ETA %4.0fs", done, total, eta);
+        if (done == total)
+            fputc('\n', stderr);
+    } else {
+        fprintf(stderr, "[%d/%d] %s: %d/%d %s (%.1fs)\n", ps->shape_index + 1, ps->n_shapes,
+                ps->label, done, total, what, elapsed);
+    }
+    fflush(stderr);
+}
+
+/* ------------------------------------------------------------ parsing */
+
+static int parse_format_pair(const char *text, clkvq_tune_shape *sh)
+{
+    if (!strcmp(text, "fp16")) {
+        sh->scheme = CLKVQ_SCHEME_FP16;
+        sh->format_k = sh->format_v = CLKVQ_FMT_Q8;
+        return 0;
+    }
+    char k[16], v[16];
+    if (sscanf(text, "k%15[0-9.]v%15[0-9.]", k, v) != 2)
+        return -1;
+    sh->scheme = CLKVQ_SCHEME_TOKEN;
+    return clkvq_format_parse(k, &sh->format_k) == CLKVQ_OK &&
+                   clkvq_format_parse(v, &sh->format_v) == CLKVQ_OK
+               ? 0
+               : -1;
+}
+
+static int parse_int_list(const char *text, int *out, int max)
+{
+    int n = 0;
+    const char *p = text;
+    while (*p && n < max) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v <= 0 || v > (1 << 24))
+            return -1;
+        out[n++] = (int)v;
+        if (*end == ',')
+            end++;
+        else if (*end)
+            return -1;
+        p = end;
+    }
+    return n;
+}
+
+static const char *format_label(const clkvq_tune_shape *sh, char *buf, size_t size)
+{
+    if (sh->scheme == CLKVQ_SCHEME_FP16)
+        snprintf(buf, size, "fp16");
+    else
+        snprintf(buf, size, "k%sv%s g%d", clkvq_format_get(sh->format_k)->bits_name,
+                 clkvq_format_get(sh->format_v)->bits_name, sh->group_size);
+    return buf;
+}
+
+static const char *params_label(const clkvq_tune_params *p, char *buf, size_t size)
+{
+    const clkvq_attn_tuning *a = &p->attn;
+    if (a->variant == CLKVQ_ATTN_SERIAL)
+        snprintf(buf, size, "serial vw=%d chunk=%d", a->vw, a->chunk);
+    else
+        snprintf(buf, size, "cooperative wgs=%d chunk=%d", a->wgs, a->chunk);
+    size_t used = strlen(buf);
+    snprintf(buf + used, size - used, " K:%s V:%s",
+             p->layout_k == CLKVQ_LAYOUT_GROUP_PLANAR ? "planar" : "token",
+             p->layout_v == CLKVQ_LAYOUT_GROUP_PLANAR ? "planar" : "token");
+    return buf;
+}
+
+/* ------------------------------------------------------------ output */
+
+static void print_table(const clkvq_device_info *info, const clkvq_tune_result *res, int n,
+                        const char *const *models, const char *cache_file)
+{
+    printf("clkvq-tune: %s / %s (driver %s, %d CUs)\n", info->platform, info->name,
+           info->driver_version, info->compute_units);
+    printf("device key: %s\n\n", info->device_key);
+    printf("| kernel | shape | tokens | format | default ms | tuned ms | speedup | params | "
+           "candidates (rejected) |\n");
+    printf("|:--|:--|--:|:--|--:|--:|--:|:--|--:|\n");
+    for (int i = 0; i < n; i++) {
+        char f[32], p[96];
+        printf("| %s | %s | %d | %s | %.3f | %.3f | %.2fx | %s | %d (%d) |\n", res[i].kernel,
+               models[i], res[i].shape.tokens, format_label(&res[i].shape, f, sizeof f),
+               res[i].default_ms, res[i].tuned_ms, res[i].default_ms / res[i].tuned_ms,
+               params_label(&res[i].params, p, sizeof p), res[i].n_candidates,
+               res[i].n_rejected);
+    }
+    if (cache_file)
+        printf("\ncached in %s\n", cache_file);
+}
+
+static void print_json(const clkvq_device_info *info, const clkvq_tune_result *res, int n,
+                       const char *const *models, const char *cache_file)
+{
+    cJSON *root = cJSON_CreateObject();
+    char device[512];
+    snprintf(device, sizeof device, "%s / %s", info->platform, info->name);
+    cJSON_AddStringToObject(root, "device", device);
+    cJSON_AddStringToObject(root, "device_key", info->device_key);
+    cJSON_AddStringToObject(root, "cache_file", cache_file ? cache_file : "");
+    cJSON *list = cJSON_AddArrayToObject(root, "results");
+    for (int i = 0; i < n; i++) {
+        cJSON *r = cJSON_CreateObject();
+        char f[32], p[96];
+        char shape[160];
+        snprintf(shape, sizeof shape, "%s %s tokens=%d batch=%d", models[i],
+                 format_label(&res[i].shape, f, sizeof f), res[i].shape.tokens,
+                 res[i].shape.batch);
+        cJSON_AddStringToObject(r, "kernel", res[i].kernel);
+        cJSON_AddStringToObject(r, "shape", shape);
+        cJSON_AddNumberToObject(r, "default_ms", res[i].default_ms);
+        cJSON_AddNumberToObject(r, "tuned_ms", res[i].tuned_ms);
+        cJSON *params = cJSON_AddObjectToObject(r, "params");
+        const clkvq_attn_tuning *a = &res[i].params.attn;
+        cJSON_AddStringToObject(params, "variant",
+                                a->variant == CLKVQ_ATTN_SERIAL ? "serial" : "cooperative");
+        cJSON_AddNumberToObject(params, "wgs", a->wgs);
+        cJSON_AddNumberToObject(params, "chunk", a->chunk);
+        cJSON_AddNumberToObject(params, "vw", a->vw);
+        cJSON_AddStringToObject(params, "layout_k",
+                                res[i].params.layout_k == CLKVQ_LAYOUT_GROUP_PLANAR ? "planar"
+                                                                                    : "token");
+        cJSON_AddStringToObject(params, "layout_v",
+                                res[i].params.layout_v == CLKVQ_LAYOUT_GROUP_PLANAR ? "planar"
+                                                                                    : "token");
+        cJSON_AddStringToObject(params, "summary", params_label(&res[i].params, p, sizeof p));
+        cJSON_AddNumberToObject(r, "candidates", res[i].n_candidates);
+        cJSON_AddNumberToObject(r, "rejected", res[i].n_rejected);
+        cJSON_AddItemToArray(list, r);
+    }
+    char *text = cJSON_Print(root);
+    printf("%s\n", text);
+    free(text);
+    cJSON_Delete(root);
+}
+
+/* ------------------------------------------------------------ main */
+
+typedef struct {
+    const char *device;
+    const model_shape *models[8];
+    int n_models;
+    int tokens[16], n_tokens;
+    char formats[256];
+    int group, batch, quick, reps, store, json;
+    double budget;
+} cli_options;
+
+static int parse_args(int argc, char **argv, cli_options *o, int *show, int *list)
+{
+    static const struct option longopts[] = {
+        {"device", required_argument, 0, 'd'}, {"shape", required_argument, 0, 's'},
+        {"tokens", required_argument, 0, 't'}, {"formats", required_argument, 0, 'f'},
+        {"group", required_argument, 0, 'g'},  {"batch", required_argument, 0, 'b'},
+        {"budget", required_argument, 0, 'B'}, {"quick", no_argument, 0, 'q'},
+        {"reps", required_argument, 0, 'r'},   {"no-store", no_argument, 0, 'n'},
+        {"json", no_argument, 0, 'j'},         {"show", no_argument, 0, 'S'},
+        {"list-devices", no_argument, 0, 'L'}, {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'd': o->device = optarg; break;
+        case 's': {
+            int found = 0;
+            for (size_t i = 0; i < sizeof g_models / sizeof g_models[0]; i++)
+                if (!strcmp(optarg, g_models[i].name) && o->n_models < 8) {
+                    o->models[o->n_models++] = &g_models[i];
+                    found = 1;
+                }
+            if (!found) {
+                fprintf(stderr, "clkvq-tune: unknown shape '%s'\n", optarg);
+                return EXIT_USAGE;
+            }
+            break;
+        }
+        case 't':
+            o->n_tokens = parse_int_list(optarg, o->tokens, 16);
+            if (o->n_tokens <= 0) {
+                fprintf(stderr, "clkvq-tune: bad --tokens '%s'\n", optarg);
+                return EXIT_USAGE;
+            }
+            break;
+        case 'f': snprintf(o->formats, sizeof o->formats, "%s", optarg); break;
+        case 'g': o->group = atoi(optarg); break;
+        case 'b': o->batch = atoi(optarg); break;
+        case 'B': o->budget = atof(optarg); break;
+        case 'q': o->quick = 1; break;
+        case 'r': o->reps = atoi(optarg); break;
+        case 'n': o->store = 0; break;
+        case 'j': o->json = 1; break;
+        case 'S': *show = 1; break;
+        case 'L': *list = 1; break;
+        case 'h': usage(stdout); exit(0);
+        default: usage(stderr); return EXIT_USAGE;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "clkvq-tune: unexpected argument '%s'\n", argv[optind]);
+        return EXIT_USAGE;
+    }
+    if (o->group <= 0 || o->group % 32 != 0 || o->batch <= 0 || o->budget < 0 || o->reps < 0) {
+        fprintf(stderr, "clkvq-tune: --group must be a multiple of 32, --batch positive, "
+                        "--budget and --reps not negative\n");
+        return EXIT_USAGE;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    cli_options o;
+    memset(&o, 0, sizeof o);
+    o.group = 32;
+    o.batch = 1;
+    o.store = 1;
+    snprintf(o.formats, sizeof o.formats, "k4v4,k2v2");
+    int show = 0, list = 0;
+    int rc = parse_args(argc, argv, &o, &show, &list);
+    if (rc)
+        return rc;
+    if (list)
+        return clkvq_list_devices(stdout) == CLKVQ_OK ? 0 : EXIT_RUNTIME;
+    if (o.n_models == 0)
+        o.models[o.n_models++] = &g_models[0];
+    if (o.n_tokens == 0) {
+        o.tokens[0] = 4096;
+        o.tokens[1] = 32768;
+        o.n_tokens = 2;
+    }
+
+    /* shapes: model x format x tokens */
+    clkvq_tune_shape pairs[16];
+    int n_pairs = 0;
+    char formats[256];
+    snprintf(formats, sizeof formats, "%s", o.formats);
+    for (char *save = NULL, *f = strtok_r(formats, ",", &save); f && n_pairs < 16;
+         f = strtok_r(NULL, ",", &save)) {
+        memset(&pairs[n_pairs], 0, sizeof pairs[n_pairs]);
+        if (parse_format_pair(f, &pairs[n_pairs]) != 0) {
+            fprintf(stderr, "clkvq-tune: bad format '%s' (e.g. fp16, k4v4, k2v1.5)\n", f);
+            return EXIT_USAGE;
+        }
+        n_pairs++;
+    }
+    static clkvq_tune_shape shapes[MAX_SHAPES];
+    static const char *shape_models[MAX_SHAPES];
+    int n_shapes = 0;
+    for (int m = 0; m < o.n_models; m++)
+        for (int f = 0; f < n_pairs; f++)
+            for (int t = 0; t < o.n_tokens && n_shapes < MAX_SHAPES; t++) {
+                clkvq_tune_shape *sh = &shapes[n_shapes];
+                *sh = pairs[f];
+                sh->group_size = o.group;
+                sh->head_dim = o.models[m]->head_dim;
+                sh->n_q_heads = o.models[m]->n_q_heads;
+                sh->n_kv_heads = o.models[m]->n_kv_heads;
+                sh->tokens = o.tokens[t];
+                sh->batch = o.batch;
+                shape_models[n_shapes++] = o.models[m]->name;
+            }
+
+    clkvq_context *ctx = NULL;
+    clkvq_status st = clkvq_context_create(&ctx, o.device);
+    if (st != CLKVQ_OK) {
+        fprintf(stderr, "clkvq-tune: %s: %s\n", clkvq_status_string(st), clkvq_last_error(NULL));
+        return EXIT_RUNTIME;
+    }
+    if (show) {
+        st = clkvq_tuning_show(ctx, stdout);
+        clkvq_context_release(ctx);
+        return st == CLKVQ_OK ? 0 : EXIT_RUNTIME;
+    }
+    clkvq_device_info info;
+    clkvq_context_device_info(ctx, &info);
+
+    clkvq_tune_result *results = calloc((size_t)n_shapes, sizeof *results);
+    progress_state ps = {isatty(fileno(stderr)), 0.0, 0, n_shapes, ""};
+    for (int i = 0; i < n_shapes && st == CLKVQ_OK; i++) {
+        char f[32];
+        ps.shape_index = i;
+        ps.start = now_s();
+        snprintf(ps.label, sizeof ps.label, "%s %dk %s", shape_models[i],
+                 shapes[i].tokens / 1024, format_label(&shapes[i], f, sizeof f));
+        clkvq_tune_options opt = {o.budget, o.quick, o.reps, 1, on_progress, &ps};
+        st = clkvq_tune_decode(ctx, &shapes[i], &opt, &results[i]);
+        if (st != CLKVQ_OK)
+            fprintf(stderr, "clkvq-tune: %s: %s: %s\n", ps.label, clkvq_status_string(st),
+                    clkvq_last_error(ctx));
+    }
+    char path[1024] = "";
+    if (st == CLKVQ_OK && o.store) {
+        st = clkvq_tuning_store(ctx, results, n_shapes, path, sizeof path);
+        if (st != CLKVQ_OK)
+            fprintf(stderr, "clkvq-tune: storing results: %s: %s\n", clkvq_status_string(st),
+                    clkvq_last_error(ctx));
+    }
+    if (st == CLKVQ_OK) {
+        if (o.json)
+            print_json(&info, results, n_shapes, shape_models, o.store ? path : NULL);
+        else
+            print_table(&info, results, n_shapes, shape_models, o.store ? path : NULL);
+    }
+    free(results);
+    clkvq_context_release(ctx);
+    return st == CLKVQ_OK ? 0 : EXIT_RUNTIME;
+}

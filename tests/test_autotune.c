@@ -1,0 +1,182 @@
+/* The autotuner: verification rejects wrong candidates, results round-trip
+ * through the tuning file, and the library then uses what was tuned. */
+#include "autotune.h"
+#include "test_util.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static clkvq_tune_shape small_shape(void)
+{
+    clkvq_tune_shape sh;
+    memset(&sh, 0, sizeof sh);
+    sh.scheme = CLKVQ_SCHEME_TOKEN;
+    sh.format_k = CLKVQ_FMT_Q4;
+    sh.format_v = CLKVQ_FMT_Q2;
+    sh.group_size = 32;
+    sh.head_dim = 64;
+    sh.n_q_heads = 8;
+    sh.n_kv_heads = 2;
+    sh.tokens = 700;
+    sh.batch = 2;
+    return sh;
+}
+
+static void fresh_cache_dir(void)
+{
+    static char dir[64];
+    snprintf(dir, sizeof dir, "/tmp/clkvq-tune-test-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    setenv("CLKVQ_CACHE_DIR", dir, 1);
+}
+
+static clkvq_cache *cache_for_shape(const clkvq_tune_shape *sh, clkvq_layout layout)
+{
+    clkvq_layer_config lc = clkvq_layer_config_default(sh->scheme);
+    lc.format_k = sh->format_k;
+    lc.format_v = sh->format_v;
+    lc.group_size = sh->group_size;
+    clkvq_cache_config cfg = {1, sh->batch, sh->tokens, sh->n_kv_heads, sh->n_q_heads,
+                              sh->head_dim, layout, layout, &lc};
+    clkvq_cache *cache = NULL;
+    clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(test_ctx()));
+    return cache;
+}
+
+START_TEST(planted_wrong_candidate_is_rejected)
+{
+    fresh_cache_dir();
+    clkvq_tune_shape sh = small_shape();
+    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL};
+    clkvq_tune_result res;
+    clkvq_tune_plant_bug_for_tests = 1;
+    clkvq_status st = clkvq_tune_decode(test_ctx(), &sh, &opt, &res);
+    clkvq_tune_plant_bug_for_tests = 0;
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(test_ctx()));
+    ck_assert_int_eq(res.n_rejected, 1);
+    ck_assert_int_ge(res.n_candidates, 2);
+    ck_assert(res.tuned_ms > 0 && res.tuned_ms <= res.default_ms);
+}
+END_TEST
+
+/* A real quick tune: stored, then looked up as this device's exact entry,
+ * and a cache with AUTO layouts takes the tuned layouts and tunables. */
+START_TEST(tuned_result_is_what_the_library_uses)
+{
+    fresh_cache_dir();
+    clkvq_context *ctx = test_ctx();
+    clkvq_tune_shape sh = small_shape();
+    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL};
+    clkvq_tune_result res;
+    ck_assert_int_eq(clkvq_tune_decode(ctx, &sh, &opt, &res), CLKVQ_OK);
+    ck_assert_int_eq(res.n_rejected, 0);
+    char path[1024];
+    ck_assert_int_eq(clkvq_tuning_store(ctx, &res, 1, path, sizeof path), CLKVQ_OK);
+    ck_assert_int_eq(access(path, R_OK), 0);
+
+    clkvq_tune_params found;
+    clkvq_tuning_source source;
+    ck_assert_int_eq(clkvq_tuning_lookup(ctx, &sh, &found, &source), CLKVQ_OK);
+    ck_assert_int_eq(source, CLKVQ_TUNED_EXACT);
+    ck_assert_int_eq(found.attn.variant, res.params.attn.variant);
+    ck_assert_int_eq(found.attn.chunk, res.params.attn.chunk);
+
+    clkvq_cache *cache = cache_for_shape(&sh, CLKVQ_LAYOUT_AUTO);
+    clkvq_attn_tuning used;
+    ck_assert_int_eq(clkvq_cache_get_tuning(cache, &used), CLKVQ_OK);
+    ck_assert_int_eq(used.variant, res.params.attn.variant);
+    ck_assert_int_eq(used.chunk, res.params.attn.chunk);
+    clkvq_cache_release(cache);
+}
+END_TEST
+
+/* An entry that says "cooperative" switches the variant the library uses
+ * for that shape (the CPU's built-in default is serial), and decoding
+ * through it still matches the serial result. */
+START_TEST(stored_entry_changes_the_variant)
+{
+    fresh_cache_dir();
+    clkvq_context *ctx = test_ctx();
+    clkvq_tune_shape sh = small_shape();
+    clkvq_cache *before = cache_for_shape(&sh, CLKVQ_LAYOUT_GROUP_PLANAR);
+    clkvq_attn_tuning t0;
+    clkvq_cache_get_tuning(before, &t0);
+
+    clkvq_tune_result res;
+    memset(&res, 0, sizeof res);
+    snprintf(res.kernel, sizeof res.kernel, "decode");
+    res.shape = sh;
+    clkvq_attn_variant other = t0.variant == CLKVQ_ATTN_SERIAL ? CLKVQ_ATTN_COOPERATIVE
+                                                                 : CLKVQ_ATTN_SERIAL;
+    res.params.attn.variant = other;
+    res.params.attn.wgs = 32;
+    res.params.attn.chunk = 128;
+    res.params.attn.vw = 8;
+    res.params.layout_k = res.params.layout_v = CLKVQ_LAYOUT_GROUP_PLANAR;
+    res.default_ms = 2.0;
+    res.tuned_ms = 1.0;
+    ck_assert_int_eq(clkvq_tuning_store(ctx, &res, 1, NULL, 0), CLKVQ_OK);
+
+    clkvq_cache *after = cache_for_shape(&sh, CLKVQ_LAYOUT_GROUP_PLANAR);
+    clkvq_attn_tuning t1;
+    clkvq_cache_get_tuning(after, &t1);
+    ck_assert_int_eq(t1.variant, other);
+    ck_assert_int_eq(t1.chunk, 128);
+
+    /* same data, both variants: the outputs agree */
+    size_t kv = (size_t)sh.n_kv_heads * 300 * sh.head_dim;
+    float *k = malloc(kv * sizeof(float)), *v = malloc(kv * sizeof(float));
+    clkvq_shape part = {sh.n_kv_heads, 300, sh.head_dim};
+    clkvq_synth_kv(3, &part, k, v);
+    for (int s = 0; s < sh.batch; s++) {
+        ck_assert_int_eq(clkvq_cache_append(before, 0, s, 300, k, v), CLKVQ_OK);
+        ck_assert_int_eq(clkvq_cache_append(after, 0, s, 300, k, v), CLKVQ_OK);
+    }
+    size_t nq = (size_t)sh.batch * sh.n_q_heads * sh.head_dim;
+    float *q = malloc(nq * sizeof(float)), *o0 = malloc(nq * sizeof(float)),
+          *o1 = malloc(nq * sizeof(float));
+    test_fill_normal(4, q, nq, 1.0f);
+    ck_assert_int_eq(clkvq_cache_decode_host(before, 0, q, o0, 0.125f), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_cache_decode_host(after, 0, q, o1, 0.125f), CLKVQ_OK);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < nq; i++) {
+        num += (double)(o0[i] - o1[i]) * (o0[i] - o1[i]);
+        den += (double)o0[i] * o0[i];
+    }
+    ck_assert_double_le(sqrt(num / den), 1e-5);
+    free(k);
+    free(v);
+    free(q);
+    free(o0);
+    free(o1);
+    clkvq_cache_release(before);
+    clkvq_cache_release(after);
+}
+END_TEST
+
+START_TEST(tune_bad_arguments)
+{
+    clkvq_tune_shape sh = small_shape();
+    clkvq_tune_result res;
+    ck_assert_int_eq(clkvq_tune_decode(NULL, &sh, NULL, &res), CLKVQ_ERR_INVALID_ARG);
+    sh.tokens = 0;
+    ck_assert_int_eq(clkvq_tune_decode(test_ctx(), &sh, NULL, &res), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_str_ne(clkvq_last_error(test_ctx()), "");
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("autotune");
+    TCase *tc = tcase_create("autotune");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, tune_bad_arguments);
+    tcase_add_test(tc, planted_wrong_candidate_is_rejected);
+    tcase_add_test(tc, tuned_result_is_what_the_library_uses);
+    tcase_add_test(tc, stored_entry_changes_the_variant);
+    suite_add_tcase(s, tc);
+    return test_run_suite(s);
+}
