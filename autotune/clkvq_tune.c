@@ -35,6 +35,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: clkvq-tune [options]\n"
+            "       clkvq-tune precision --calib FILE --budget BITS [...] (see --help there)\n"
             "Tunes fused decode attention (variant, work-group size, chunk, vector width,\n"
             "packed layouts) for this machine's device, checks every candidate against a\n"
             "double-precision reference, and caches the fastest per shape in\n"
@@ -231,6 +232,213 @@ static void print_json(const clkvq_device_info *info, const clkvq_tune_result *r
     cJSON_Delete(root);
 }
 
+/* ------------------------------------------------------------ precision */
+
+static void precision_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: clkvq-tune precision --calib FILE --budget BITS [options]\n"
+            "KVTuner's layer-wise precision search on a calibration dump (safetensors with\n"
+            "layers.<i>.q/k/v; tools/dump_kv.py or clkvq-synth-dump make one): per layer and\n"
+            "candidate pair the attention-output error with the dump's real queries, run\n"
+            "through the library's kernels; dominated pairs pruned per layer; optional\n"
+            "k-means clustering of layers; an exact multiple-choice knapsack for the Pareto\n"
+            "front of (average bits, total error). Prints the front and writes the lowest-\n"
+            "error config whose average bits (KVTuner's count: (k+v)/2, params excluded)\n"
+            "fit the budget. Assumes the layers' errors add up.\n\n"
+            "options:\n"
+            "  --calib FILE      calibration dump (required)\n"
+            "  --budget BITS     average bits per element, e.g. 3.25 (required)\n"
+            "  --pairs LIST      default K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5\n"
+            "  --scheme S        token | kivi | skvq (default token)\n"
+            "  --group G         group size (default 32; skvq 128)\n"
+            "  --window W --sinks S   skvq fp16 window and sinks (default 128, 5)\n"
+            "  --residual R      kivi fp16 residual (default 128)\n"
+            "  --no-calib        skvq: no per-layer permutation/clip calibration\n"
+            "  --queries M       last positions evaluated per layer (default 16)\n"
+            "  --clusters K      cluster layers into K groups sharing a pair (default: none)\n"
+            "  -o FILE           where to write the config (default clkvq-precision.yaml)\n"
+            "  --device SPEC     OpenCL device\n"
+            "  --json            print one JSON object (front + chosen config)\n"
+            "exit codes: 0 ok, 1 runtime failure, 2 usage error\n");
+}
+
+static void precision_progress(void *user, int done, int total, const char *what)
+{
+    (void)user;
+    if (isatty(fileno(stderr)))
+        fprintf(stderr, "\r%4d/%-4d %-60.60s", done, total, what);
+    else if (done == total || done % 16 == 0)
+        fprintf(stderr, "%d/%d %s\n", done, total, what);
+    if (done == total && isatty(fileno(stderr)))
+        fputc('\n', stderr);
+}
+
+static int parse_pairs(const char *text, clkvq_bit_pair *pairs, int max)
+{
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", text);
+    int n = 0;
+    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        char k[16], v[16];
+        if (n >= max || sscanf(t, "%*[Kk]%15[0-9.]%*[Vv]%15[0-9.]", k, v) != 2 ||
+            clkvq_format_parse(k, &pairs[n].format_k) != CLKVQ_OK ||
+            clkvq_format_parse(v, &pairs[n].format_v) != CLKVQ_OK)
+            return -1;
+        n++;
+    }
+    return n;
+}
+
+static int precision_main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"calib", required_argument, 0, 'c'},   {"budget", required_argument, 0, 'B'},
+        {"pairs", required_argument, 0, 'p'},   {"scheme", required_argument, 0, 's'},
+        {"group", required_argument, 0, 'g'},   {"window", required_argument, 0, 'w'},
+        {"sinks", required_argument, 0, 'k'},   {"residual", required_argument, 0, 'r'},
+        {"no-calib", no_argument, 0, 'N'},      {"queries", required_argument, 0, 'q'},
+        {"clusters", required_argument, 0, 'K'}, {"device", required_argument, 0, 'd'},
+        {"json", no_argument, 0, 'j'},          {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    const char *calib = NULL, *device = NULL, *output = "clkvq-precision.yaml";
+    const char *pairs_text = "K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5";
+    double budget = -1;
+    clkvq_scheme scheme = CLKVQ_SCHEME_TOKEN;
+    int group = 0, window = 128, sinks = 5, residual = 128, calibrate = 1, queries = 16;
+    int clusters = 0, json = 0, c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'c': calib = optarg; break;
+        case 'B': budget = atof(optarg); break;
+        case 'p': pairs_text = optarg; break;
+        case 's':
+            if (clkvq_scheme_parse(optarg, &scheme) != CLKVQ_OK || scheme == CLKVQ_SCHEME_FP16) {
+                fprintf(stderr, "clkvq-tune precision: --scheme is token, kivi or skvq\n");
+                return EXIT_USAGE;
+            }
+            break;
+        case 'g': group = atoi(optarg); break;
+        case 'w': window = atoi(optarg); break;
+        case 'k': sinks = atoi(optarg); break;
+        case 'r': residual = atoi(optarg); break;
+        case 'N': calibrate = 0; break;
+        case 'q': queries = atoi(optarg); break;
+        case 'K': clusters = atoi(optarg); break;
+        case 'd': device = optarg; break;
+        case 'j': json = 1; break;
+        case 'o': output = optarg; break;
+        case 'h': precision_usage(stdout); return 0;
+        default: precision_usage(stderr); return EXIT_USAGE;
+        }
+    }
+    clkvq_bit_pair pairs[32];
+    int n_pairs = parse_pairs(pairs_text, pairs, 32);
+    if (!calib || budget <= 0 || n_pairs <= 0 || queries <= 0 || clusters < 0) {
+        fprintf(stderr, "clkvq-tune precision: need --calib FILE, --budget BITS > 0 and valid "
+                        "--pairs (e.g. K4V4,K2V1.5)\n");
+        return EXIT_USAGE;
+    }
+    clkvq_layer_config defaults = clkvq_layer_config_default(scheme);
+    if (group > 0)
+        defaults.group_size = group;
+    if (scheme == CLKVQ_SCHEME_SKVQ) {
+        defaults.window = window;
+        defaults.n_sink = sinks;
+    } else if (scheme == CLKVQ_SCHEME_KIVI) {
+        defaults.residual = residual;
+    }
+
+    clkvq_context *ctx = NULL;
+    clkvq_status st = clkvq_context_create(&ctx, device);
+    if (st != CLKVQ_OK) {
+        fprintf(stderr, "clkvq-tune: %s: %s\n", clkvq_status_string(st), clkvq_last_error(NULL));
+        return EXIT_RUNTIME;
+    }
+    clkvq_kv_dump *dump = NULL;
+    clkvq_search_result *res = NULL;
+    clkvq_precision_config *cfg = NULL;
+    st = clkvq_dump_open(ctx, calib, &dump);
+    if (st == CLKVQ_OK) {
+        clkvq_search_options opt = {&defaults, pairs, n_pairs, queries, clusters, calibrate,
+                                    precision_progress, NULL};
+        st = clkvq_precision_search(ctx, dump, &opt, &res);
+    }
+    if (st == CLKVQ_OK)
+        st = clkvq_search_config(ctx, res, budget, &cfg);
+    if (st == CLKVQ_OK)
+        st = clkvq_config_save(ctx, cfg, output);
+    if (st != CLKVQ_OK) {
+        fprintf(stderr, "clkvq-tune precision: %s: %s\n", clkvq_status_string(st),
+                clkvq_last_error(ctx));
+    } else {
+        int n_front = clkvq_search_front_size(res), n_layers = clkvq_config_n_layers(cfg);
+        cJSON *root = json ? cJSON_CreateObject() : NULL;
+        cJSON *front = root ? cJSON_AddArrayToObject(root, "front") : NULL;
+        if (!json) {
+            printf("Pareto front (%s scheme, %d layers, %d pairs; budget %.3g bits)\n\n",
+                   clkvq_scheme_name(scheme), n_layers, n_pairs, budget);
+            printf("| avg bits (k+v)/2 | bits/elem (ours) | total error | decode us/token | "
+                   "pairs used |\n|--:|--:|--:|--:|:--|\n");
+        }
+        for (int f = 0; f < n_front; f++) {
+            clkvq_front_point pt;
+            clkvq_search_front_point(res, f, &pt);
+            int count[32] = {0};
+            for (int l = 0; l < n_layers; l++)
+                count[pt.choice[l]]++;
+            char used[512] = "";
+            for (int p = 0; p < n_pairs; p++)
+                if (count[p]) {
+                    size_t len = strlen(used);
+                    snprintf(used + len, sizeof used - len, "%sK%sV%s x%d", len ? ", " : "",
+                             clkvq_format_get(pairs[p].format_k)->bits_name,
+                             clkvq_format_get(pairs[p].format_v)->bits_name, count[p]);
+                }
+            if (json) {
+                cJSON *o = cJSON_CreateObject();
+                cJSON_AddNumberToObject(o, "avg_bits", pt.avg_bits);
+                cJSON_AddNumberToObject(o, "bits_per_element", pt.bits_per_element);
+                cJSON_AddNumberToObject(o, "total_error", pt.total_error);
+                cJSON_AddNumberToObject(o, "latency_us", pt.latency_us);
+                cJSON_AddStringToObject(o, "pairs", used);
+                cJSON_AddItemToArray(front, o);
+            } else {
+                char lat[32] = "-";
+                if (pt.latency_us >= 0)
+                    snprintf(lat, sizeof lat, "%.1f", pt.latency_us);
+                printf("| %.4f | %.3f | %.5f | %s | %s |\n", pt.avg_bits, pt.bits_per_element,
+                       pt.total_error, lat, used);
+            }
+        }
+        if (json) {
+            cJSON_AddStringToObject(root, "config", output);
+            cJSON_AddNumberToObject(root, "average_bits", clkvq_config_average_bits(cfg));
+            char *text = cJSON_Print(root);
+            printf("%s\n", text);
+            free(text);
+            cJSON_Delete(root);
+        } else {
+            printf("\nwrote %s: average %.4f bits (budget %.3g)\n", output,
+                   clkvq_config_average_bits(cfg), budget);
+            for (int l = 0; l < n_layers; l++) {
+                clkvq_layer_config lc;
+                clkvq_config_layer(cfg, l, &lc);
+                printf("%s%d:K%sV%s", l % 8 ? "  " : (l ? "\n  " : "  "), l,
+                       clkvq_format_get(lc.format_k)->bits_name,
+                       clkvq_format_get(lc.format_v)->bits_name);
+            }
+            printf("\n");
+        }
+    }
+    clkvq_config_free(cfg);
+    clkvq_search_free(res);
+    clkvq_dump_close(dump);
+    clkvq_context_release(ctx);
+    return st == CLKVQ_OK ? 0 : EXIT_RUNTIME;
+}
+
 /* ------------------------------------------------------------ main */
 
 typedef struct {
@@ -306,6 +514,8 @@ static int parse_args(int argc, char **argv, cli_options *o, int *show, int *lis
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && !strcmp(argv[1], "precision"))
+        return precision_main(argc - 1, argv + 1);
     cli_options o;
     memset(&o, 0, sizeof o);
     o.group = 32;

@@ -538,11 +538,13 @@ typedef struct {
 
 clkvq_status clkvq_dump_info_get(const clkvq_kv_dump *dump, clkvq_dump_info *out);
 /* One tensor of a layer as fp32 (converted from F16/BF16): which = 'q',
- * 'k' or 'v'; out holds heads * n_tokens * head_dim floats. */
+ * 'k' or 'v'; out holds heads * n_tokens * head_dim floats. A tensor with
+ * NaN/Inf is CLKVQ_ERR_NONFINITE naming the position (out is still filled). */
 clkvq_status clkvq_dump_read(const clkvq_kv_dump *dump, int layer, char which, float *out);
 
 /* Writes a dump (F32, or F16 when as_f16) atomically. q, k, v point to
- * n_layers arrays each; model may be NULL. */
+ * n_layers arrays each; info->model "" means none. NaN/Inf (and, for F16,
+ * |x| > 65504) are refused with CLKVQ_ERR_NONFINITE. */
 clkvq_status clkvq_dump_write(clkvq_context *ctx, const char *path, const clkvq_dump_info *info,
                               const float *const *q, const float *const *k,
                               const float *const *v, int as_f16);
@@ -570,6 +572,62 @@ clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg,
                               int n_kv_heads, int n_tokens, int head_dim, const float *q,
                               const float *k, const float *v, int n_queries,
                               clkvq_eval_result *out);
+
+/* ------------------------------------------------- layer precision search */
+
+typedef struct {
+    clkvq_format format_k, format_v;
+} clkvq_bit_pair;
+
+typedef struct {
+    /* every layer's scheme settings (scheme, group, window, ...; formats are
+     * the pairs'); NULL: the token scheme defaults */
+    const clkvq_layer_config *defaults;
+    const clkvq_bit_pair *pairs; /* candidates, e.g. K8V8 .. K2V1.5 */
+    int n_pairs;
+    int n_queries;   /* last positions of the dump evaluated per layer (0: 16) */
+    int n_clusters;  /* KVTuner's inter-layer clustering: layers in a cluster share a
+                        pair; 0 = one cluster per layer (exact) */
+    int calibrate;   /* skvq: per layer channel permutation + clip search on the dump */
+    void (*progress)(void *user, int done, int total, const char *what);
+    void *user;
+} clkvq_search_options;
+
+typedef struct {
+    double avg_bits;          /* KVTuner's: mean over layers of (bits_k + bits_v) / 2 */
+    double bits_per_element;  /* ours: codes + params + fp16 tokens, layer mean */
+    double total_error;       /* sum over layers of the attention-output relative error */
+    double latency_us;        /* predicted decode time per token, all layers, from this
+                                 device's tuning results; < 0 when none are tuned */
+    const int *choice;        /* pair index per layer (owned by the result) */
+} clkvq_front_point;
+
+typedef struct clkvq_search_result clkvq_search_result;
+
+/*
+ * KVTuner's offline search on a calibration dump: per layer and pair the
+ * attention-output error with the dump's real queries (clkvq_eval_layer,
+ * through the library's kernels); pairs dominated within a layer (more
+ * bits and more error) are dropped; layers are clustered by their error
+ * profiles (k-means on log errors) when n_clusters > 0; then an exact
+ * multiple-choice knapsack over the clusters' choices gives the Pareto
+ * front of (average bits, total error). The search assumes the layers'
+ * errors add up (each layer is measured with the others in full precision).
+ */
+clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dump,
+                                    const clkvq_search_options *options,
+                                    clkvq_search_result **out);
+void clkvq_search_free(clkvq_search_result *res);
+int clkvq_search_front_size(const clkvq_search_result *res);
+/* Front points ordered by increasing bits (and so decreasing error). */
+clkvq_status clkvq_search_front_point(const clkvq_search_result *res, int i,
+                                      clkvq_front_point *out);
+/* Layer l's measured error and bits/element for pair p (-1 if pruned). */
+double clkvq_search_layer_error(const clkvq_search_result *res, int layer, int pair);
+/* The lowest-error front point whose average bits stay within budget, as a
+ * config (with skvq permutations and clips when calibrated). */
+clkvq_status clkvq_search_config(clkvq_context *ctx, const clkvq_search_result *res,
+                                 double budget_bits, clkvq_precision_config **out);
 
 /* ------------------------------------------------------------ calibration */
 

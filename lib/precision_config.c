@@ -168,7 +168,7 @@ static int parse_float(const char *text, float *out)
  * compared as numbers so that "8.0" is 8 too. */
 static int bits_to_format(const char *text, clkvq_format *out)
 {
-    double v;
+    double v = 0.0;
     if (!parse_double(text, &v))
         return 0;
     for (int f = 0; f < CLKVQ_FMT_COUNT; f++)
@@ -355,13 +355,13 @@ static clkvq_status parse_perm_row(parser *p, const yaml_node_t *row, const char
 {
     yaml_node_item_t *items = row->data.sequence.items.start;
     for (int c = 0; c < dim; c++) {
-        yaml_node_t *item;
+        yaml_node_t *item = NULL;
         clkvq_status st = get_node(p, items[c], node_line(row), &item);
         if (st != CLKVQ_OK)
             return st;
         char what[160];
         snprintf(what, sizeof what, "%s head %d channel %d", where, head, c);
-        int v;
+        int v = 0;
         st = parse_int_value(p, item, what, 0, dim - 1, &v);
         if (st != CLKVQ_OK)
             return st;
@@ -507,8 +507,8 @@ static clkvq_status check_index_keys(parser *p, const char *what, yaml_node_pair
     clkvq_status st = CLKVQ_OK;
     long far = -1, far_line = 0; /* a key >= n: some index below n is missing */
     for (int j = 0; j < n && st == CLKVQ_OK; j++) {
-        yaml_node_t *key;
-        long k;
+        yaml_node_t *key = NULL;
+        long k = 0;
         st = get_node(p, keys[j]->key, 0, &key);
         if (st == CLKVQ_OK)
             st = parse_index_key(p, key, what, MAX_INDEX_KEY + 1, &k);
@@ -569,7 +569,7 @@ static clkvq_status collect_index_pairs(parser *p, const yaml_node_t *map, yaml_
 static clkvq_status parse_head(parser *p, const yaml_node_pair_t *pair, int layer, int head,
                                head_pair *out)
 {
-    yaml_node_t *map;
+    yaml_node_t *map = NULL;
     clkvq_status st = get_node(p, pair->value, 0, &map);
     if (st != CLKVQ_OK)
         return st;
@@ -581,7 +581,7 @@ static clkvq_status parse_head(parser *p, const yaml_node_pair_t *pair, int laye
     field_set fs = {0};
     for (yaml_node_pair_t *q = map->data.mapping.pairs.start;
          q < map->data.mapping.pairs.top && st == CLKVQ_OK; q++) {
-        yaml_node_t *key, *value;
+        yaml_node_t *key = NULL, *value = NULL;
         const char *name = NULL;
         st = get_node(p, q->key, node_line(map), &key);
         if (st == CLKVQ_OK)
@@ -635,7 +635,7 @@ static clkvq_status parse_fields(parser *p, const yaml_node_t *map, const char *
     clkvq_status st = CLKVQ_OK;
     for (yaml_node_pair_t *q = map->data.mapping.pairs.start;
          q < map->data.mapping.pairs.top && st == CLKVQ_OK; q++) {
-        yaml_node_t *key = yaml_document_get_node(&p->doc, q->key), *value;
+        yaml_node_t *key = yaml_document_get_node(&p->doc, q->key), *value = NULL;
         if (key && is_index_key(key))
             continue; /* a layer or head: walked by its own code */
         const char *name = NULL;
@@ -656,7 +656,7 @@ static clkvq_status parse_fields(parser *p, const yaml_node_t *map, const char *
             st = parse_field(p, fs, f, key, value, scope);
             continue;
         }
-        const char *model;
+        const char *model = NULL;
         if (p->cfg->model)
             return perr(p, node_line(key), "model: duplicate field");
         st = scalar_text(p, value, "model", "a string", &model);
@@ -763,7 +763,7 @@ static clkvq_status parse_layer(parser *p, const yaml_node_pair_t *pair, int l,
 {
     config_layer *out = &p->cfg->layers[l];
     out->line = (int)node_line(yaml_document_get_node(&p->doc, pair->key));
-    yaml_node_t *map;
+    yaml_node_t *map = NULL;
     clkvq_status st = get_node(p, pair->value, (size_t)out->line, &map);
     if (st != CLKVQ_OK)
         return st;

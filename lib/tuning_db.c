@@ -358,7 +358,7 @@ static int get_layout(const cJSON *obj, const char *where, const char *key, clkv
 
 static int parse_device(const cJSON *root, clkvq_device_info *dev, char *why, size_t why_size)
 {
-    const cJSON *d;
+    const cJSON *d = NULL;
     char type[8];
     memset(dev, 0, sizeof *dev);
     if (!get_object(root, "file", "device", &d, why, why_size) ||
@@ -378,7 +378,7 @@ static int parse_device(const cJSON *root, clkvq_device_info *dev, char *why, si
 static int parse_shape(const cJSON *e, const char *where, clkvq_tune_shape *s, char *why,
                        size_t why_size)
 {
-    const cJSON *o;
+    const cJSON *o = NULL;
     char w[64], text[16];
     snprintf(w, sizeof w, "%s.shape", where);
     if (!get_object(e, where, "shape", &o, why, why_size)) return 0;
@@ -403,7 +403,7 @@ static int parse_shape(const cJSON *e, const char *where, clkvq_tune_shape *s, c
 static int parse_params(const cJSON *e, const char *where, clkvq_tune_params *p, char *why,
                         size_t why_size)
 {
-    const cJSON *o;
+    const cJSON *o = NULL;
     char w[64], text[16];
     snprintf(w, sizeof w, "%s.params", where);
     if (!get_object(e, where, "params", &o, why, why_size) ||

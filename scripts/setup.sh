@@ -13,6 +13,7 @@ packages=(
   build-essential cmake pkg-config
   ocl-icd-opencl-dev opencl-headers pocl-opencl-icd clinfo
   libclblast-dev check libsubunit-dev libyaml-dev libcjson-dev gnuplot-nox
+  python3 python3-pip
 )
 
 missing=()
@@ -39,6 +40,14 @@ if ((${#missing[@]})); then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   echo "setup: all packages present"
+fi
+
+# The dump interop test checks our safetensors reader/writer against the
+# real Python packages (numpy + safetensors from PyPI).
+if command -v python3 >/dev/null 2>&1 && ! python3 -c "import numpy, safetensors" 2>/dev/null; then
+  echo "setup: installing numpy, safetensors (pip)"
+  python3 -m pip install --quiet numpy safetensors ml_dtypes 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages numpy safetensors ml_dtypes
 fi
 
 jobs="$(nproc 2>/dev/null || echo 2)"

@@ -1,0 +1,271 @@
+/* clkvq_eval_layer: the accuracy numbers the precision search and
+ * clkvq-eval report. fp16 must measure only fp16 rounding, more bits must
+ * mean less error, a window covering every token must look like fp16, the
+ * storage count must match a hand computation, and bad arguments must be
+ * refused with a message. */
+#include "test_util.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KV_HEADS 2
+#define Q_HEADS 4
+#define HEAD_DIM 128
+#define TOKENS 300
+#define QUERIES 12
+
+typedef struct {
+    float *q, *k, *v;
+} eval_data;
+
+/*
+ * Synthetic keys/values (outlier channels, a sink) and queries that attend
+ * somewhere: each query is the centered key of a nearby token, scaled so
+ * its own token's logit stands about 4 above an average one, plus noise. Plain
+ * Gaussian queries would spread attention evenly and hide key error.
+ */
+static eval_data make_data(uint64_t seed)
+{
+    eval_data d;
+    size_t kv = (size_t)KV_HEADS * TOKENS * HEAD_DIM, qn = (size_t)Q_HEADS * TOKENS * HEAD_DIM;
+    d.k = malloc(sizeof(float) * kv);
+    d.v = malloc(sizeof(float) * kv);
+    d.q = malloc(sizeof(float) * qn);
+    clkvq_shape shape = {KV_HEADS, TOKENS, HEAD_DIM};
+    ck_assert_int_eq(clkvq_synth_kv(seed, &shape, d.k, d.v), CLKVQ_OK);
+    uint64_t s = seed * 31 + 7;
+    double mean[HEAD_DIM];
+    for (int h = 0; h < Q_HEADS; h++) {
+        int kh = h / (Q_HEADS / KV_HEADS);
+        const float *kb = d.k + (size_t)kh * TOKENS * HEAD_DIM;
+        for (int c = 0; c < HEAD_DIM; c++) {
+            mean[c] = 0.0;
+            for (int t = 1; t < TOKENS; t++)
+                mean[c] += kb[(size_t)t * HEAD_DIM + c] / (TOKENS - 1);
+        }
+        for (int t = 0; t < TOKENS; t++) {
+            int j = t - (int)(test_uniform(&s) * 8.0);
+            j = j < 0 ? 0 : j;
+            double norm = 0.0, u[HEAD_DIM];
+            for (int c = 0; c < HEAD_DIM; c++) {
+                u[c] = kb[(size_t)j * HEAD_DIM + c] - mean[c];
+                norm += u[c] * u[c];
+            }
+            /* q.u / sqrt(d) = 4: the chosen token's logit 4 above an
+             * average one; noise at a fifth of the signal's norm */
+            double gain = 4.0 * sqrt((double)HEAD_DIM) / (norm + 1e-9);
+            double noise = 0.2 * gain * norm / sqrt((double)HEAD_DIM);
+            float *qv = d.q + ((size_t)h * TOKENS + t) * HEAD_DIM;
+            for (int c = 0; c < HEAD_DIM; c++)
+                qv[c] = (float)(gain * u[c] + noise * test_normal(&s));
+        }
+    }
+    return d;
+}
+
+static void free_data(eval_data *d)
+{
+    free(d->q);
+    free(d->k);
+    free(d->v);
+}
+
+static clkvq_eval_result run(const clkvq_layer_config *cfg, const eval_data *d)
+{
+    clkvq_eval_result r;
+    clkvq_status st = clkvq_eval_layer(test_ctx(), cfg, Q_HEADS, KV_HEADS, TOKENS, HEAD_DIM, d->q,
+                                       d->k, d->v, QUERIES, &r);
+    ck_assert_msg(st == CLKVQ_OK, "eval %s: %s", clkvq_scheme_name(cfg->scheme),
+                  clkvq_last_error(test_ctx()));
+    return r;
+}
+
+static clkvq_layer_config token_config(clkvq_format f, int group)
+{
+    clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    lc.format_k = lc.format_v = f;
+    lc.group_size = group;
+    return lc;
+}
+
+/* fp16 storage: the only error is rounding K, V to half (2^-11 relative). */
+START_TEST(fp16_is_rounding_only)
+{
+    eval_data d = make_data(1);
+    clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_FP16);
+    clkvq_eval_result r = run(&lc, &d);
+    ck_assert_msg(r.rel_err < 1e-3 && r.k_rel_err < 1e-3 && r.v_rel_err < 1e-3 &&
+                      r.cosine > 0.99999 && r.bits_per_element == 16.0 &&
+                      r.n_queries == QUERIES,
+                  "fp16: rel %.3g k %.3g v %.3g cos %.9f bits %g queries %d", r.rel_err,
+                  r.k_rel_err, r.v_rel_err, r.cosine, r.bits_per_element, r.n_queries);
+    free_data(&d);
+}
+END_TEST
+
+/* Fewer bits, more error: q8 < q4 < q2 in output, K and V error. */
+START_TEST(error_grows_as_bits_shrink)
+{
+    eval_data d = make_data(2);
+    const clkvq_format fmts[3] = {CLKVQ_FMT_Q8, CLKVQ_FMT_Q4, CLKVQ_FMT_Q2};
+    clkvq_eval_result r[3];
+    for (int i = 0; i < 3; i++) {
+        clkvq_layer_config lc = token_config(fmts[i], 32);
+        r[i] = run(&lc, &d);
+    }
+    ck_assert_msg(r[0].rel_err < r[1].rel_err && r[1].rel_err < r[2].rel_err &&
+                      r[0].k_rel_err < r[1].k_rel_err && r[1].k_rel_err < r[2].k_rel_err &&
+                      r[0].v_rel_err < r[1].v_rel_err && r[1].v_rel_err < r[2].v_rel_err &&
+                      r[0].cosine > r[2].cosine && r[2].rel_err > 1e-3,
+                  "q8/q4/q2 rel %.3g %.3g %.3g, k %.3g %.3g %.3g, v %.3g %.3g %.3g", r[0].rel_err,
+                  r[1].rel_err, r[2].rel_err, r[0].k_rel_err, r[1].k_rel_err, r[2].k_rel_err,
+                  r[0].v_rel_err, r[1].v_rel_err, r[2].v_rel_err);
+    free_data(&d);
+}
+END_TEST
+
+/* A window over every token: nothing is packed, so skvq k2v1.5 measures
+ * exactly what fp16 does, and costs 16 bits. */
+START_TEST(skvq_full_window_is_fp16)
+{
+    eval_data d = make_data(3);
+    clkvq_layer_config fp = clkvq_layer_config_default(CLKVQ_SCHEME_FP16);
+    clkvq_eval_result ref = run(&fp, &d);
+    clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    lc.format_k = CLKVQ_FMT_Q2;
+    lc.format_v = CLKVQ_FMT_T15;
+    lc.window = TOKENS;
+    lc.clip_k = lc.clip_v = 0.92f;
+    clkvq_eval_result r = run(&lc, &d);
+    ck_assert_msg(r.rel_err < 1e-3 && fabs(r.rel_err - ref.rel_err) < 1e-5 &&
+                      r.k_rel_err == ref.k_rel_err && r.v_rel_err == ref.v_rel_err &&
+                      r.bits_per_element == 16.0,
+                  "skvq full window: rel %.6g (fp16 %.6g) k %.3g v %.3g bits %g", r.rel_err,
+                  ref.rel_err, r.k_rel_err, r.v_rel_err, r.bits_per_element);
+    free_data(&d);
+}
+END_TEST
+
+/* Storage counted by hand for the state after TOKENS = 300 tokens. */
+START_TEST(bits_match_hand_count)
+{
+    eval_data d = make_data(4);
+    const double elems = (double)TOKENS * HEAD_DIM;
+
+    /* token q4 g32, fp16 params: 4 + 32/32 = 5 exactly. */
+    clkvq_layer_config t4 = token_config(CLKVQ_FMT_Q4, 32);
+    clkvq_eval_result r_t4 = run(&t4, &d);
+
+    /* token q4 g128 fp8 params: 4 + 16/128 = 4.125. */
+    clkvq_layer_config t4f8 = token_config(CLKVQ_FMT_Q4, 128);
+    t4f8.param_type = CLKVQ_PARAM_FP8_E4M3;
+    clkvq_eval_result r_t4f8 = run(&t4f8, &d);
+
+    /* skvq q4/t1.5 g128 w64 s5: 5 sinks + 64 window tokens fp16, 231
+     * packed; q4 row 64 code bytes + 4 param bytes, t1.5 row 26 + 4. */
+    clkvq_layer_config sk = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    sk.format_k = CLKVQ_FMT_Q4;
+    sk.format_v = CLKVQ_FMT_T15;
+    sk.window = 64;
+    clkvq_eval_result r_sk = run(&sk, &d);
+    double fp_bits = 69.0 * 16 * HEAD_DIM;
+    double sk_k = (231.0 * 8 * (64 + 4) + fp_bits) / elems;
+    double sk_v = (231.0 * 8 * (26 + 4) + fp_bits) / elems;
+
+    /* kivi q2/q2 g32 R128: K packs whole blocks of 128 (256 tokens; per
+     * channel, 8 groups of 32 tokens x 128 channels, 8 code + 4 param
+     * bytes each), 44 fp16; V keeps the last 128 fp16, packs 172 rows of
+     * 4 groups x (8 + 4) bytes. */
+    clkvq_layer_config kv = clkvq_layer_config_default(CLKVQ_SCHEME_KIVI);
+    kv.format_k = kv.format_v = CLKVQ_FMT_Q2;
+    clkvq_eval_result r_kv = run(&kv, &d);
+    double kv_k = (8.0 * 128 * 8 * 12 + 44.0 * 16 * HEAD_DIM) / elems;
+    double kv_v = (172.0 * 4 * 8 * 12 + 128.0 * 16 * HEAD_DIM) / elems;
+
+    ck_assert_msg(r_t4.bits_per_element == 5.0 && r_t4f8.bits_per_element == 4.125 &&
+                      fabs(r_sk.bits_per_element - 0.5 * (sk_k + sk_v)) < 1e-12 &&
+                      fabs(r_kv.bits_per_element - 0.5 * (kv_k + kv_v)) < 1e-12,
+                  "bits: token q4 %.6g (5), token q4 g128 fp8 %.6g (4.125), skvq %.6g (%.6g), "
+                  "kivi %.6g (%.6g)",
+                  r_t4.bits_per_element, r_t4f8.bits_per_element, r_sk.bits_per_element,
+                  0.5 * (sk_k + sk_v), r_kv.bits_per_element, 0.5 * (kv_k + kv_v));
+    free_data(&d);
+}
+END_TEST
+
+/* Every query evaluated (n_queries == n_tokens: no prefill at all) works. */
+START_TEST(all_positions_as_queries)
+{
+    enum { N = 40 };
+    float *q = malloc(sizeof(float) * Q_HEADS * N * HEAD_DIM);
+    float *k = malloc(sizeof(float) * KV_HEADS * N * HEAD_DIM);
+    float *v = malloc(sizeof(float) * KV_HEADS * N * HEAD_DIM);
+    test_fill_normal(5, q, (size_t)Q_HEADS * N * HEAD_DIM, 1.0f);
+    test_fill_normal(6, k, (size_t)KV_HEADS * N * HEAD_DIM, 1.0f);
+    test_fill_normal(7, v, (size_t)KV_HEADS * N * HEAD_DIM, 1.0f);
+    clkvq_layer_config lc = token_config(CLKVQ_FMT_Q8, 32);
+    clkvq_eval_result r;
+    clkvq_status st =
+        clkvq_eval_layer(test_ctx(), &lc, Q_HEADS, KV_HEADS, N, HEAD_DIM, q, k, v, N, &r);
+    ck_assert_msg(st == CLKVQ_OK && r.n_queries == N && r.rel_err < 0.02 && r.cosine > 0.999,
+                  "st %d (%s) rel %.3g cos %.6f", (int)st, clkvq_last_error(test_ctx()),
+                  r.rel_err, r.cosine);
+    free(q);
+    free(k);
+    free(v);
+}
+END_TEST
+
+START_TEST(bad_arguments)
+{
+    eval_data d = make_data(8);
+    clkvq_context *ctx = test_ctx();
+    clkvq_layer_config lc = token_config(CLKVQ_FMT_Q4, 32);
+    clkvq_eval_result r;
+    const int H = HEAD_DIM;
+    clkvq_status st[10];
+    st[0] = clkvq_eval_layer(NULL, &lc, Q_HEADS, KV_HEADS, TOKENS, H, d.q, d.k, d.v, 4, &r);
+    st[1] = clkvq_eval_layer(ctx, NULL, Q_HEADS, KV_HEADS, TOKENS, H, d.q, d.k, d.v, 4, &r);
+    st[2] = clkvq_eval_layer(ctx, &lc, Q_HEADS, KV_HEADS, TOKENS, H, d.q, d.k, d.v, 0, &r);
+    st[3] = clkvq_eval_layer(ctx, &lc, Q_HEADS, KV_HEADS, TOKENS, H, d.q, d.k, d.v, TOKENS + 1,
+                             &r);
+    st[4] = clkvq_eval_layer(ctx, &lc, 3, KV_HEADS, TOKENS, H, d.q, d.k, d.v, 4, &r);
+    st[5] = clkvq_eval_layer(ctx, &lc, Q_HEADS, KV_HEADS, TOKENS, H, d.q, d.k, NULL, 4, &r);
+    st[6] = clkvq_eval_layer(ctx, &lc, Q_HEADS, KV_HEADS, 0, H, d.q, d.k, d.v, 1, &r);
+    /* group 48 is not a multiple of 32: the cache refuses the config */
+    clkvq_layer_config bad = lc;
+    bad.group_size = 48;
+    st[7] = clkvq_eval_layer(ctx, &bad, Q_HEADS, KV_HEADS, TOKENS, H, d.q, d.k, d.v, 4, &r);
+    d.q[5] = NAN;
+    st[8] = clkvq_eval_layer(ctx, &lc, Q_HEADS, KV_HEADS, TOKENS, H, d.q, d.k, d.v, 4, &r);
+    d.q[5] = 0.0f;
+    d.k[(size_t)(TOKENS - 2) * H] = INFINITY; /* a decode-step token */
+    st[9] = clkvq_eval_layer(ctx, &lc, Q_HEADS, KV_HEADS, TOKENS, H, d.q, d.k, d.v, 4, &r);
+    const char *msg = clkvq_last_error(ctx);
+    ck_assert_msg(st[0] == CLKVQ_ERR_INVALID_ARG && st[1] == CLKVQ_ERR_INVALID_ARG &&
+                      st[2] == CLKVQ_ERR_INVALID_ARG && st[3] == CLKVQ_ERR_INVALID_ARG &&
+                      st[4] == CLKVQ_ERR_INVALID_ARG && st[5] == CLKVQ_ERR_INVALID_ARG &&
+                      st[6] == CLKVQ_ERR_INVALID_ARG && st[7] != CLKVQ_OK &&
+                      st[8] == CLKVQ_ERR_NONFINITE && st[9] == CLKVQ_ERR_NONFINITE &&
+                      msg[0] != '\0',
+                  "statuses %d %d %d %d %d %d %d %d %d %d, last message '%s'", st[0], st[1],
+                  st[2], st[3], st[4], st[5], st[6], st[7], st[8], st[9], msg);
+    free_data(&d);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("eval");
+    TCase *tc = tcase_create("eval");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, fp16_is_rounding_only);
+    tcase_add_test(tc, error_grows_as_bits_shrink);
+    tcase_add_test(tc, skvq_full_window_is_fp16);
+    tcase_add_test(tc, bits_match_hand_count);
+    tcase_add_test(tc, all_positions_as_queries);
+    tcase_add_test(tc, bad_arguments);
+    suite_add_tcase(s, tc);
+    return test_run_suite(s);
+}

@@ -1,0 +1,178 @@
+/* The layer precision search: planted sensitive layers get more bits, the
+ * front is monotone, and the config it writes loads and runs. */
+#include "test_util.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define LAYERS 6
+#define KV_HEADS 2
+#define Q_HEADS 4
+#define DIM 64
+#define TOKENS 256
+
+static const int g_sensitive[LAYERS] = {0, 1, 0, 0, 1, 0};
+
+/* Sensitive layers: key outlier channels 40x, and each query copies the key
+ * of one earlier token (scaled), so attention is peaked and a few score
+ * errors move the output. Other layers: diffuse, small queries. */
+static void make_layer(int l, float *q, float *k, float *v)
+{
+    clkvq_shape shape = {KV_HEADS, TOKENS, DIM};
+    clkvq_synth_kv(100 + (uint64_t)l, &shape, k, v);
+    uint64_t rng = 7 + (uint64_t)l;
+    if (g_sensitive[l])
+        for (int h = 0; h < KV_HEADS; h++)
+            for (int t = 0; t < TOKENS; t++)
+                for (int c = 0; c < 4; c++)
+                    k[((size_t)h * TOKENS + t) * DIM + 9 * c + 2] *= 40.0f;
+    for (int qh = 0; qh < Q_HEADS; qh++)
+        for (int t = 0; t < TOKENS; t++) {
+            float *row = q + ((size_t)qh * TOKENS + t) * DIM;
+            int src = (int)(test_uniform(&rng) * (t + 1));
+            const float *key = k + ((size_t)(qh / (Q_HEADS / KV_HEADS)) * TOKENS + src) * DIM;
+            for (int c = 0; c < DIM; c++)
+                row[c] = g_sensitive[l] ? 0.2f * key[c] + (float)test_normal(&rng) * 0.1f
+                                        : (float)test_normal(&rng) * 0.05f;
+        }
+}
+
+static char *write_dump(void)
+{
+    static char path[64];
+    snprintf(path, sizeof path, "/tmp/clkvq-search-XXXXXX");
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    size_t qn = (size_t)Q_HEADS * TOKENS * DIM, kvn = (size_t)KV_HEADS * TOKENS * DIM;
+    float *q[LAYERS], *k[LAYERS], *v[LAYERS];
+    for (int l = 0; l < LAYERS; l++) {
+        q[l] = malloc(qn * sizeof(float));
+        k[l] = malloc(kvn * sizeof(float));
+        v[l] = malloc(kvn * sizeof(float));
+        make_layer(l, q[l], k[l], v[l]);
+    }
+    clkvq_dump_info info;
+    memset(&info, 0, sizeof info);
+    info.n_layers = LAYERS;
+    info.n_q_heads = Q_HEADS;
+    info.n_kv_heads = KV_HEADS;
+    info.n_tokens = TOKENS;
+    info.head_dim = DIM;
+    snprintf(info.model, sizeof info.model, "planted-sensitive");
+    clkvq_status st = clkvq_dump_write(test_ctx(), path, &info, (const float *const *)q,
+                                       (const float *const *)k, (const float *const *)v, 0);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(test_ctx()));
+    for (int l = 0; l < LAYERS; l++) {
+        free(q[l]);
+        free(k[l]);
+        free(v[l]);
+    }
+    return path;
+}
+
+static const clkvq_bit_pair g_pairs[] = {
+    {CLKVQ_FMT_Q8, CLKVQ_FMT_Q8}, {CLKVQ_FMT_Q4, CLKVQ_FMT_Q4}, {CLKVQ_FMT_Q4, CLKVQ_FMT_Q2},
+    {CLKVQ_FMT_Q2, CLKVQ_FMT_Q4}, {CLKVQ_FMT_Q2, CLKVQ_FMT_Q2}, {CLKVQ_FMT_Q2, CLKVQ_FMT_T15},
+};
+
+static double bits_of(clkvq_format f) { return atof(clkvq_format_get(f)->bits_name); }
+
+START_TEST(sensitive_layers_get_more_bits)
+{
+    clkvq_context *ctx = test_ctx();
+    char *path = write_dump();
+    clkvq_kv_dump *dump = NULL;
+    ck_assert_int_eq(clkvq_dump_open(ctx, path, &dump), CLKVQ_OK);
+    clkvq_layer_config defaults = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    clkvq_search_options opt = {&defaults, g_pairs, (int)(sizeof g_pairs / sizeof g_pairs[0]),
+                                8, 0, 0, NULL, NULL};
+    clkvq_search_result *res = NULL;
+    clkvq_status st = clkvq_precision_search(ctx, dump, &opt, &res);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
+
+    /* the front: bits up, error down, strictly */
+    int n = clkvq_search_front_size(res);
+    ck_assert_int_ge(n, 3);
+    clkvq_front_point prev, pt;
+    clkvq_search_front_point(res, 0, &prev);
+    int monotone = 1;
+    for (int i = 1; i < n; i++) {
+        clkvq_search_front_point(res, i, &pt);
+        monotone &= pt.avg_bits > prev.avg_bits && pt.total_error < prev.total_error;
+        prev = pt;
+    }
+    ck_assert(monotone);
+
+    clkvq_precision_config *cfg = NULL;
+    ck_assert_int_eq(clkvq_search_config(ctx, res, 3.25, &cfg), CLKVQ_OK);
+    ck_assert_double_le(clkvq_config_average_bits(cfg), 3.25 + 1e-9);
+    double sens = 0, rest = 0;
+    for (int l = 0; l < LAYERS; l++) {
+        clkvq_layer_config lc;
+        clkvq_config_layer(cfg, l, &lc);
+        double b = (bits_of(lc.format_k) + bits_of(lc.format_v)) / 2;
+        if (g_sensitive[l])
+            sens += b / 2;
+        else
+            rest += b / (LAYERS - 2);
+    }
+    ck_assert_msg(sens > rest, "sensitive layers %.3f bits, others %.3f", sens, rest);
+
+    /* what it writes loads and runs in the cache */
+    char yaml[80];
+    snprintf(yaml, sizeof yaml, "%s.yaml", path);
+    ck_assert_int_eq(clkvq_config_save(ctx, cfg, yaml), CLKVQ_OK);
+    clkvq_precision_config *back = NULL;
+    ck_assert_int_eq(clkvq_config_load(ctx, yaml, NULL, &back), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_config_n_layers(back), LAYERS);
+    clkvq_cache *cache = NULL;
+    st = clkvq_cache_create_from_config(ctx, back, 1, 64, KV_HEADS, Q_HEADS, DIM,
+                                        CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
+    float k[KV_HEADS * 40 * DIM], v[KV_HEADS * 40 * DIM], q[Q_HEADS * DIM], o[Q_HEADS * DIM];
+    clkvq_shape shape = {KV_HEADS, 40, DIM};
+    clkvq_synth_kv(5, &shape, k, v);
+    test_fill_normal(6, q, Q_HEADS * DIM, 1.0f);
+    for (int l = 0; l < LAYERS; l++) {
+        ck_assert_int_eq(clkvq_cache_append(cache, l, 0, 40, k, v), CLKVQ_OK);
+        ck_assert_int_eq(clkvq_cache_decode_host(cache, l, q, o, 0.125f), CLKVQ_OK);
+    }
+    int finite = 1;
+    for (int i = 0; i < Q_HEADS * DIM; i++)
+        finite &= isfinite(o[i]) != 0;
+    ck_assert(finite);
+    clkvq_cache_release(cache);
+    clkvq_config_free(back);
+    clkvq_config_free(cfg);
+    clkvq_search_free(res);
+    clkvq_dump_close(dump);
+    unlink(yaml);
+    unlink(path);
+}
+END_TEST
+
+START_TEST(search_bad_arguments)
+{
+    clkvq_context *ctx = test_ctx();
+    clkvq_search_result *res = NULL;
+    clkvq_search_options opt = {NULL, g_pairs, 0, 8, 0, 0, NULL, NULL};
+    ck_assert_int_eq(clkvq_precision_search(ctx, NULL, &opt, &res), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_ptr_null(res);
+    ck_assert_int_eq(clkvq_search_front_size(NULL), 0);
+    ck_assert_double_eq(clkvq_search_layer_error(NULL, 0, 0), -1.0);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("search");
+    TCase *tc = tcase_create("search");
+    tcase_set_timeout(tc, 900);
+    tcase_add_test(tc, search_bad_arguments);
+    tcase_add_test(tc, sensitive_layers_get_more_bits);
+    suite_add_tcase(s, tc);
+    return test_run_suite(s);
+}
