@@ -114,7 +114,7 @@ typedef struct {
     __global const int *pr;  /* its permutation row, or 0 */
 } row_src;
 
-inline row_src stage_row(__global const half *fp, __global const float *in,
+__attribute__((always_inline)) row_src stage_row(__global const half *fp, __global const float *in,
                          __global const int *perm, int h, int t, int n_old, int n_in,
                          int head_dim, int fp_slots, int ring, int n_sink, int seq, int n_heads)
 {
@@ -132,7 +132,7 @@ inline row_src stage_row(__global const half *fp, __global const float *in,
 }
 
 /* Packed channels c..c+15 of a staged row. */
-inline float16 row_load16(row_src r, int c)
+__attribute__((always_inline)) float16 row_load16(row_src r, int c)
 {
     if (r.fp)
         return f16_bits_to_f32_16(convert_uint16(vload16(0, (__global const ushort *)r.fp + c)));
@@ -367,16 +367,32 @@ __kernel void clkvq_cache_store_fp16(__global const float *in, __global const in
                                      __global half *fp, GEOM_ARGS, int n_old, int n_in,
                                      int q_end_new)
 {
+    /* one work-item per (head, new token) row, 16 channels at a time with the
+     * exact integer fp16 conversion (PoCL's vstore_half is scalar and slow,
+     * and an item per element paid its overhead head_dim times) */
     int gid = (int)get_global_id(0);
-    if (gid >= n_heads * n_in * head_dim)
+    if (gid >= n_heads * n_in)
         return;
-    int c = gid % head_dim, i = (gid / head_dim) % n_in, h = gid / (head_dim * n_in);
+    int i = gid % n_in, h = gid / n_in;
     int t = n_old + i;
     if (t >= n_sink && t < q_end_new)
         return;
-    int src = perm ? perm[h * head_dim + c] : c;
-    vstore_half_rte(in[((size_t)h * n_in + i) * head_dim + src],
-                    fp_row(h, t, fp_slots, ring, n_sink, seq, n_heads, head_dim) + c, fp);
+    __global const float *src = in + ((size_t)h * n_in + i) * head_dim;
+    __global ushort *dst =
+        (__global ushort *)fp + fp_row(h, t, fp_slots, ring, n_sink, seq, n_heads, head_dim);
+    __global const int *hperm = perm ? perm + h * head_dim : 0;
+    for (int c0 = 0; c0 < head_dim; c0 += 16) {
+        float16 x;
+        if (hperm) {
+            float lanes[16];
+            for (int l = 0; l < 16; l++)
+                lanes[l] = src[hperm[c0 + l]];
+            x = vload16(0, lanes);
+        } else {
+            x = vload16(0, src + c0);
+        }
+        vstore16(convert_ushort16(f32_to_f16_bits16(x)), 0, dst + c0);
+    }
 }
 
 /* out[h][r][c'] for tokens t_from + r, c' the model channel (unpermuted). */

@@ -519,8 +519,7 @@ static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
                  set_int(k, 14, n_in) | set_int(k, 15, q_end_new);
     if (err != CL_SUCCESS)
         return clkvq_cl_fail(cache->ctx, err, "setting fp16 store arguments");
-    return run_1d(cache->ctx, k,
-                  (size_t)cache->cfg.n_kv_heads * n_in * cache->cfg.head_dim, "fp16 store");
+    return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n_in, "fp16 store");
 }
 
 static clkvq_status check_input_buffer(clkvq_cache *cache, cl_mem m, const char *what,
