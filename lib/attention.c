@@ -3,6 +3,7 @@
 #include "kv_cache.h"
 #include "program_cache.h"
 #include "quant_format.h"
+#include "tuning_db.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,18 +19,14 @@ static int planar_layouts(const clkvq_cache *cache)
            cache->cfg.layout_k == CLKVQ_LAYOUT_GROUP_PLANAR;
 }
 
-/* Built-in defaults. CPUs (PoCL) run one long chunk per work-item with
- * explicit vectors (the serial variant, which needs group-planar packed
- * layouts); GPUs share a chunk among a work-group. */
+/* Built-in defaults (tuning_db.c), except that the serial variant needs
+ * group-planar packed layouts: a token-major cache falls back to the
+ * cooperative one. */
 static clkvq_attn_tuning default_tuning(const clkvq_cache *cache)
 {
-    const clkvq_context *ctx = cache->ctx;
-    clkvq_attn_tuning t;
-    int serial = !ctx->info.is_gpu && planar_layouts(cache);
-    t.variant = serial ? CLKVQ_ATTN_SERIAL : CLKVQ_ATTN_COOPERATIVE;
-    t.wgs = ctx->info.is_gpu ? 128 : 64;
-    t.chunk = serial ? 256 : ctx->info.is_gpu ? 256 : 512;
-    t.vw = 16;
+    clkvq_attn_tuning t = clkvq_tuning_builtin(cache->ctx).attn;
+    if (t.variant == CLKVQ_ATTN_SERIAL && !planar_layouts(cache))
+        t.variant = CLKVQ_ATTN_COOPERATIVE;
     return t;
 }
 

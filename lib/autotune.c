@@ -17,6 +17,7 @@
 #include "autotune.h"
 
 #include "kv_cache.h"
+#include "tuning_db.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -91,20 +92,6 @@ static void build_space(const clkvq_context *ctx, int quick, int fp16, candidate
     for (int v = 0; v < 3; v++)
         for (int c = 0; c < 5; c++)
             add(set, CLKVQ_ATTN_SERIAL, 64, serial_chunks[c], vw_list[v], P, P);
-}
-
-/* The library's own choice when nothing is tuned (attention.c's defaults). */
-static clkvq_tune_params builtin_params(const clkvq_context *ctx)
-{
-    clkvq_tune_params p;
-    memset(&p, 0, sizeof p);
-    int gpu = ctx->info.is_gpu;
-    p.attn.variant = gpu ? CLKVQ_ATTN_COOPERATIVE : CLKVQ_ATTN_SERIAL;
-    p.attn.wgs = gpu ? 128 : 64;
-    p.attn.chunk = 256;
-    p.attn.vw = 16;
-    p.layout_k = p.layout_v = gpu ? CLKVQ_LAYOUT_TOKEN_MAJOR : CLKVQ_LAYOUT_GROUP_PLANAR;
-    return p;
 }
 
 static int same_params(const clkvq_tune_params *a, const clkvq_tune_params *b)
@@ -401,7 +388,7 @@ clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape
     if (!set)
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "tuning candidates");
     /* the built-in default first: its time is the baseline */
-    set->c[0].p = builtin_params(ctx);
+    set->c[0].p = clkvq_tuning_builtin(ctx);
     set->n = 1;
     build_space(ctx, opt.quick, shape->scheme == CLKVQ_SCHEME_FP16, set);
     for (int i = 1; i < set->n; i++) /* drop the copy of the default */

@@ -36,6 +36,10 @@ char *clkvq_tuning_serialize(const clkvq_context *ctx, const clkvq_tune_result *
  * head_dim / GQA group / scheme / format mismatches, small for tokens. */
 double clkvq_tuning_shape_distance(const clkvq_tune_shape *a, const clkvq_tune_shape *b);
 
+/* The built-in defaults (the last link of the lookup chain): the one
+ * place attention.c, the tuner and the lookup take them from. */
+clkvq_tune_params clkvq_tuning_builtin(const clkvq_context *ctx);
+
 /* Tests only, not thread-safe: replaces the embedded shipped results with n
  * (name, text) pairs; n < 0 restores the embedded table. */
 void clkvq_tuning_set_shipped(const char *const *names, const char *const *texts, int n);

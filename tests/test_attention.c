@@ -50,24 +50,6 @@ static const attn_case g_cases[] = {
      256, 0, 0, 0, 32, 32, 0, 0, CLKVQ_PARAM_FP8_E4M3, 0, 0, 1},
 };
 
-static int32_t *random_perm(uint64_t seed, int heads, int dim)
-{
-    int32_t *perm = malloc(sizeof(int32_t) * (size_t)heads * dim);
-    uint64_t s = seed;
-    for (int h = 0; h < heads; h++) {
-        int32_t *p = perm + (size_t)h * dim;
-        for (int c = 0; c < dim; c++)
-            p[c] = c;
-        for (int c = dim - 1; c > 0; c--) {
-            int j = (int)(test_uniform(&s) * (c + 1));
-            int32_t t = p[c];
-            p[c] = p[j];
-            p[j] = t;
-        }
-    }
-    return perm;
-}
-
 /* softmax(scale q.K^T) V in double for one sequence; k, v [kv][n][d]. */
 static void reference_attention(const float *q, const float *k, const float *v, int n,
                                 int n_q, int qpk, int d, float scale, double *out)
@@ -114,8 +96,8 @@ static clkvq_cache *cache_for(const attn_case *c, clkvq_attn_variant variant, in
     lc.clip_k = lc.clip_v = c->clip;
     *perm_k = *perm_v = NULL;
     if (c->permute) {
-        *perm_k = random_perm(11, KV_HEADS, c->head_dim);
-        *perm_v = random_perm(12, KV_HEADS, c->head_dim);
+        *perm_k = test_random_perm(11, KV_HEADS, c->head_dim);
+        *perm_v = test_random_perm(12, KV_HEADS, c->head_dim);
         lc.perm_k = *perm_k;
         lc.perm_v = *perm_v;
     }

@@ -9,24 +9,6 @@
 
 #define HEADS 2
 
-static int32_t *random_perm(uint64_t seed, int heads, int dim)
-{
-    int32_t *perm = malloc(sizeof(int32_t) * (size_t)heads * dim);
-    uint64_t s = seed;
-    for (int h = 0; h < heads; h++) {
-        int32_t *p = perm + (size_t)h * dim;
-        for (int c = 0; c < dim; c++)
-            p[c] = c;
-        for (int c = dim - 1; c > 0; c--) {
-            int j = (int)(test_uniform(&s) * (c + 1));
-            int32_t t = p[c];
-            p[c] = p[j];
-            p[j] = t;
-        }
-    }
-    return perm;
-}
-
 typedef struct {
     const char *name;
     clkvq_layer_config cfg;
@@ -121,7 +103,7 @@ static void expect_equal(clkvq_cache *cache, clkvq_ref_cache **model, int n_seqs
 static void run_state_test(int dim, clkvq_layout layout)
 {
     const int n_seqs = 3, capacity = 300;
-    int32_t *perm_k = random_perm(3, HEADS, dim), *perm_v = random_perm(4, HEADS, dim);
+    int32_t *perm_k = test_random_perm(3, HEADS, dim), *perm_v = test_random_perm(4, HEADS, dim);
     scheme_case cases[8];
     int n_cases = make_cases(cases, dim, perm_k, perm_v);
     float *k = malloc(sizeof(float) * HEADS * capacity * dim);
@@ -183,7 +165,7 @@ START_TEST(window_transitions_one_token_at_a_time)
 {
     const int dim = 64, capacity = 200;
     scheme_case cases[8];
-    int32_t *perm = random_perm(9, HEADS, dim);
+    int32_t *perm = test_random_perm(9, HEADS, dim);
     int n_cases = make_cases(cases, dim, perm, perm);
     float k[HEADS * 64], v[HEADS * 64];
     for (int ci = 1; ci < n_cases; ci++) {
@@ -215,7 +197,7 @@ START_TEST(failed_appends_change_nothing)
 {
     const int dim = 64, capacity = 100;
     scheme_case cases[8];
-    int32_t *perm = random_perm(2, HEADS, dim);
+    int32_t *perm = test_random_perm(2, HEADS, dim);
     int n_cases = make_cases(cases, dim, perm, perm);
     size_t big = (size_t)HEADS * capacity * dim;
     float *k = malloc(big * sizeof(float)), *v = malloc(big * sizeof(float));

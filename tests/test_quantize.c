@@ -61,24 +61,6 @@ static run_result run_both(const clkvq_quant_params *qp, const clkvq_shape *shap
     return r;
 }
 
-static int32_t *random_perm(uint64_t seed, int n_heads, int head_dim)
-{
-    int32_t *perm = malloc(sizeof(int32_t) * (size_t)n_heads * head_dim);
-    uint64_t s = seed;
-    for (int h = 0; h < n_heads; h++) {
-        int32_t *p = perm + (size_t)h * head_dim;
-        for (int c = 0; c < head_dim; c++)
-            p[c] = c;
-        for (int c = head_dim - 1; c > 0; c--) {
-            int j = (int)(test_uniform(&s) * (c + 1));
-            int32_t t = p[c];
-            p[c] = p[j];
-            p[j] = t;
-        }
-    }
-    return perm;
-}
-
 /* Gaussian data with outlier channels (like keys) and a loud first token. */
 static float *kv_like(uint64_t seed, const clkvq_shape *shape)
 {
@@ -141,7 +123,7 @@ START_TEST(kernel_matches_reference_matrix)
                                 continue;
                             float *x = kv_like((uint64_t)(f * 1000 + gi * 100 + di * 10 + axis),
                                                &shape);
-                            int32_t *perm = reorder ? random_perm(99 + di, 2, dims[di]) : NULL;
+                            int32_t *perm = reorder ? test_random_perm(99 + di, 2, dims[di]) : NULL;
                             char label[160];
                             snprintf(label, sizeof label,
                                      "%s axis=%d g=%d d=%d reorder=%d alpha=%.2f fp8=%d int=%d",
@@ -373,14 +355,14 @@ START_TEST(bad_arguments)
                      CLKVQ_ERR_BUFFER_TOO_SMALL);
 
     /* a duplicate entry, and an entry out of range */
-    int32_t *perm = random_perm(1, 2, 64);
+    int32_t *perm = test_random_perm(1, 2, 64);
     perm[64 + 5] = perm[64 + 6];
     ck_assert_int_eq(clkvq_quantize_host(ctx, &qp, &shape, x, perm, codes, layout.code_bytes,
                                          params, layout.params_bytes),
                      CLKVQ_ERR_INVALID_ARG);
     ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "not a permutation"));
     free(perm);
-    perm = random_perm(1, 2, 64);
+    perm = test_random_perm(1, 2, 64);
     perm[3] = 64;
     ck_assert_int_eq(clkvq_quantize_host(ctx, &qp, &shape, x, perm, codes, layout.code_bytes,
                                          params, layout.params_bytes),
@@ -409,7 +391,7 @@ START_TEST(reorder_equals_explicit_permuted_copy)
     clkvq_shape shape = {3, 20, 128};
     size_t n = (size_t)3 * 20 * 128;
     float *x = kv_like(42, &shape), *xp = malloc(n * sizeof(float));
-    int32_t *perm = random_perm(5, 3, 128);
+    int32_t *perm = test_random_perm(5, 3, 128);
     for (int h = 0; h < 3; h++)
         for (int t = 0; t < 20; t++)
             for (int c = 0; c < 128; c++)

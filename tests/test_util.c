@@ -47,6 +47,24 @@ void test_fill_normal(uint64_t seed, float *x, size_t n, float sigma)
         x[i] = (float)(sigma * test_normal(&s));
 }
 
+int32_t *test_random_perm(uint64_t seed, int n_heads, int head_dim)
+{
+    int32_t *perm = malloc(sizeof(int32_t) * (size_t)n_heads * head_dim);
+    uint64_t s = seed;
+    for (int h = 0; h < n_heads; h++) {
+        int32_t *p = perm + (size_t)h * head_dim;
+        for (int c = 0; c < head_dim; c++)
+            p[c] = c;
+        for (int c = head_dim - 1; c > 0; c--) { /* Fisher-Yates */
+            int j = (int)(test_uniform(&s) * (c + 1));
+            int32_t t = p[c];
+            p[c] = p[j];
+            p[j] = t;
+        }
+    }
+    return perm;
+}
+
 int test_run_suite(Suite *suite)
 {
     SRunner *runner = srunner_create(suite);

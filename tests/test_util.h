@@ -16,6 +16,10 @@ double test_uniform(uint64_t *state);
 double test_normal(uint64_t *state);
 void test_fill_normal(uint64_t seed, float *x, size_t n, float sigma);
 
+/* A seeded random permutation of 0..head_dim-1 per head (malloc'd,
+ * [n_heads][head_dim]). */
+int32_t *test_random_perm(uint64_t seed, int n_heads, int head_dim);
+
 /* Runs a suite without forking (one OpenCL context per process) and
  * returns the process exit code. */
 int test_run_suite(Suite *suite);
