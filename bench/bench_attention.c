@@ -749,9 +749,10 @@ static int run_gemv_row(attn_bench *b, const attn_options *opt, attn_result *res
 
 static void print_header(const attn_bench *b, const attn_options *opt) {
     printf("clkvq-bench attention\n");
-    printf("device:  %s / %s (driver %s, %d CUs, %.2f GB global memory)\n", b->info.platform,
-           b->info.name, b->info.driver_version, b->info.compute_units,
-           (double)b->info.global_mem_bytes / 1e9);
+    printf("device:  %s / %s (driver %s, %d CUs, %.2f GB global memory, %.2f GB max "
+           "allocation)\n",
+           b->info.platform, b->info.name, b->info.driver_version, b->info.compute_units,
+           (double)b->info.global_mem_bytes / 1e9, (double)b->info.max_alloc_bytes / 1e9);
     printf("roof:    %.2f GB/s (float4 copy of %zu MiB, read + write, median of %d)\n",
            b->roof_gbps, ROOF_BYTES >> 20, ROOF_REPS);
     if (b->have_tuning)
@@ -809,6 +810,10 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
     cJSON_AddStringToObject(root, "device", device);
     cJSON_AddStringToObject(root, "device_key", b->info.device_key);
     cJSON_AddStringToObject(root, "driver_version", b->info.driver_version);
+    /* PoCL sizes its global memory from the host's free memory when the
+     * process starts, so the skip rule's limit can differ from run to run */
+    cJSON_AddNumberToObject(root, "global_mem_bytes", (double)b->info.global_mem_bytes);
+    cJSON_AddNumberToObject(root, "max_alloc_bytes", (double)b->info.max_alloc_bytes);
     cJSON_AddNumberToObject(root, "roof_gbps", b->roof_gbps);
     cJSON *tuning = cJSON_AddObjectToObject(root, "tuning");
     if (tuning && b->have_tuning) {
