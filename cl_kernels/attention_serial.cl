@@ -93,9 +93,19 @@ inline void params_lanes(__global const uchar *params, size_t entry0, floatv *sc
 #endif
 }
 
+/* Digit d of base-3 bytes without vector division (slow on CPUs): for
+ * b < 256, b / 3^d == (b * ceil(2^16 / 3^d)) >> 16 and x % 3 == x - 3 *
+ * ((x * 21846) >> 16), both checked for every byte. */
+#define TRIT_MAGIC(d) ((d) == 0 ? 65536u : (d) == 1 ? 21846u : (d) == 2 ? 7282u : (d) == 3 ? 2428u : 810u)
+inline uintv trit_lanes(uintv byte, int d)
+{
+    uintv q = (byte * TRIT_MAGIC(d)) >> 16;
+    return q - 3u * ((q * 21846u) >> 16);
+}
+
 /* Code j of a packed group for VW tokens (words already loaded). */
 #define LANE_CODE(wv, j, BITS_, TERNARY_)                                                   \
-    (TERNARY_ ? ((((wv)[(j) / 20] >> (uint)(8 * (((j) / 5) % 4))) & 0xffu) / pow3[(j) % 5] % 3u) \
+    (TERNARY_ ? trit_lanes(((wv)[(j) / 20] >> (uint)(8 * (((j) / 5) % 4))) & 0xffu, (j) % 5) \
               : ((((wv)[((j) * (BITS_)) >> 5] >> (uint)(((j) * (BITS_)) & 31)) |            \
                   ((((j) * (BITS_)) & 31) + (BITS_) > 32                                     \
                        ? (wv)[(((j) * (BITS_)) >> 5) + 1] << (uint)(32 - (((j) * (BITS_)) & 31)) \
@@ -292,8 +302,8 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                 for (int jj = 0; jj < JB; jj++) {
                     int j = jb + jj;
 #ifdef V_TERNARY
-                    uintv raw = (((wv[j / 20 - w0] >> (uint)(8 * ((j / 5) % 4))) & 0xffu) /
-                                 pow3[j % 5]) % 3u;
+                    uintv raw = trit_lanes((wv[j / 20 - w0] >> (uint)(8 * ((j / 5) % 4))) & 0xffu,
+                                           j % 5);
 #else
                     int bit = j * V_BITS - w0 * 32, wi = bit >> 5, shft = bit & 31;
                     uintv raw = wv[wi] >> (uint)shft;
