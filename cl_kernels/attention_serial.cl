@@ -161,12 +161,8 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
     int n = seq_len[s];
     int t_begin = sink_end_of(n, n_sink) + chunk * CHUNK;
     int qk = q_end_k(n, n_sink, window, residual);
-    if (t_begin >= qk) {
-        for (int h = 0; h < QPK; h++) {
-            __global float *p = partial_of(partials, s, kh * QPK + h, chunk, n_q_heads, n_slots);
-            p[0] = -INFINITY;
-            p[1] = 0.0f;
-        }
+    if (t_begin >= qk) { /* a work-group of one: write_empty's lid == 0 holds */
+        write_empty(partials, s, kh, chunk, n_q_heads, n_slots);
         return;
     }
     int n_valid = min(CHUNK, qk - t_begin);
@@ -355,12 +351,7 @@ clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
     int n_fp = sink_end + (n - qk);
     int u_begin = chunk * CHUNK;
     if (u_begin >= n_fp) {
-        for (int h = 0; h < QPK; h++) {
-            __global float *p =
-                partial_of(partials, s, kh * QPK + h, slot0 + chunk, n_q_heads, n_slots);
-            p[0] = -INFINITY;
-            p[1] = 0.0f;
-        }
+        write_empty(partials, s, kh, slot0 + chunk, n_q_heads, n_slots);
         return;
     }
     int n_valid = min(CHUNK, n_fp - u_begin);

@@ -325,37 +325,6 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
     return st;
 }
 
-static void record_time(clkvq_context *ctx, const event_list *events)
-{
-    double ms = 0.0;
-    for (int i = 0; i < events->n; i++) {
-        cl_ulong start = 0, end = 0;
-        if (clGetEventProfilingInfo(events->ev[i], CL_PROFILING_COMMAND_START, sizeof start,
-                                    &start, NULL) != CL_SUCCESS ||
-            clGetEventProfilingInfo(events->ev[i], CL_PROFILING_COMMAND_END, sizeof end, &end,
-                                    NULL) != CL_SUCCESS) {
-            ctx->last_device_ms = -1.0;
-            return;
-        }
-        ms += (double)(end - start) * 1e-6;
-    }
-    ctx->last_device_ms = ms;
-}
-
-static clkvq_status check_mem(clkvq_context *ctx, cl_mem m, const char *what, size_t need)
-{
-    if (!m)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s is NULL", what);
-    size_t have = 0;
-    cl_int err = clGetMemObjectInfo(m, CL_MEM_SIZE, sizeof have, &have, NULL);
-    if (err != CL_SUCCESS)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s is not a valid buffer", what);
-    if (have < need)
-        return clkvq_fail(ctx, CLKVQ_ERR_BUFFER_TOO_SMALL, "%s holds %zu bytes, %zu needed", what,
-                          have, need);
-    return CLKVQ_OK;
-}
-
 clkvq_status clkvq_cache_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, float scale)
 {
     if (!cache)
@@ -372,13 +341,13 @@ clkvq_status clkvq_cache_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out,
     size_t need = (size_t)cache->cfg.n_seqs * cache->cfg.n_q_heads * cache->cfg.head_dim *
                   sizeof(float);
     clkvq_status st;
-    if ((st = check_mem(ctx, q, "q", need)) != CLKVQ_OK ||
-        (st = check_mem(ctx, out, "out", need)) != CLKVQ_OK)
+    if ((st = clkvq_check_buffer(ctx, q, "q", need)) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(ctx, out, "out", need)) != CLKVQ_OK)
         return st;
     event_list events = {{0}, 0};
     st = run_decode(cache, l, q, out, scale, &events);
     if (st == CLKVQ_OK)
-        record_time(ctx, &events);
+        ctx->last_device_ms = clkvq_events_ms(events.ev, events.n);
     for (int i = 0; i < events.n; i++)
         clReleaseEvent(events.ev[i]);
     return st;

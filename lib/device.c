@@ -367,3 +367,41 @@ clkvq_status clkvq_list_devices(FILE *out) {
     device_list_free(&list);
     return CLKVQ_OK;
 }
+
+/* ------------------------------------------------------------ buffers, timing */
+
+clkvq_status clkvq_check_buffer(clkvq_context *ctx, cl_mem buf, const char *what, size_t need)
+{
+    if (!buf)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s buffer is NULL", what);
+    size_t have = 0;
+    cl_context owner = NULL;
+    cl_int err = clGetMemObjectInfo(buf, CL_MEM_SIZE, sizeof have, &have, NULL);
+    if (err == CL_SUCCESS)
+        err = clGetMemObjectInfo(buf, CL_MEM_CONTEXT, sizeof owner, &owner, NULL);
+    if (err != CL_SUCCESS)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s is not a valid buffer (%s)", what,
+                          clkvq_cl_error_name(err));
+    if (owner != ctx->cl_ctx) /* would fail later, inside an enqueue, with less to go on */
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "%s buffer belongs to another OpenCL context", what);
+    if (have < need)
+        return clkvq_fail(ctx, CLKVQ_ERR_BUFFER_TOO_SMALL,
+                          "%s buffer holds %zu bytes, %zu needed", what, have, need);
+    return CLKVQ_OK;
+}
+
+double clkvq_events_ms(const cl_event *events, int n)
+{
+    double ms = 0.0;
+    for (int i = 0; i < n; i++) {
+        cl_ulong start = 0, end = 0;
+        if (clGetEventProfilingInfo(events[i], CL_PROFILING_COMMAND_START, sizeof start, &start,
+                                    NULL) != CL_SUCCESS ||
+            clGetEventProfilingInfo(events[i], CL_PROFILING_COMMAND_END, sizeof end, &end,
+                                    NULL) != CL_SUCCESS)
+            return -1.0;
+        ms += (double)(end - start) * 1e-6;
+    }
+    return ms;
+}

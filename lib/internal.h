@@ -33,6 +33,14 @@ clkvq_status clkvq_cl_fail(clkvq_context *ctx, cl_int err, const char *what);
 
 const char *clkvq_cl_error_name(cl_int err);
 
+/* A caller's buffer: not NULL, of ctx's OpenCL context, at least `need`
+ * bytes; else INVALID_ARG or BUFFER_TOO_SMALL naming `what`. */
+clkvq_status clkvq_check_buffer(clkvq_context *ctx, cl_mem buf, const char *what, size_t need);
+
+/* Device time (ms) of finished events, summed; -1 when the queue has no
+ * profiling. */
+double clkvq_events_ms(const cl_event *events, int n);
+
 /* Clears the last message (at the start of a public call). */
 void clkvq_clear_error(clkvq_context *ctx);
 

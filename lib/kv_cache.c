@@ -363,6 +363,18 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
      * to vendor, then built-in defaults); AUTO layouts follow layer 0 */
     for (int l = 0; l < cfg->n_layers; l++) {
         const clkvq_layer_config *lc = &cfg->layers[l];
+        /* layers of one shape share a lookup (each reads the tuning file) */
+        int same = -1;
+        for (int e = 0; e < l && same < 0; e++) {
+            const clkvq_layer_config *le = &cfg->layers[e];
+            if (le->scheme == lc->scheme && le->format_k == lc->format_k &&
+                le->format_v == lc->format_v && le->group_size == lc->group_size)
+                same = e;
+        }
+        if (same >= 0) {
+            cache->tuned[l] = cache->tuned[same];
+            continue;
+        }
         clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
                                   cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
                                   cfg->capacity, cfg->n_seqs};
@@ -522,22 +534,6 @@ static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
     return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n_in, "fp16 store");
 }
 
-static clkvq_status check_input_buffer(clkvq_cache *cache, cl_mem m, const char *what,
-                                       size_t need)
-{
-    if (!m)
-        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG, "%s is NULL", what);
-    size_t have = 0;
-    cl_int err = clGetMemObjectInfo(m, CL_MEM_SIZE, sizeof have, &have, NULL);
-    if (err != CL_SUCCESS)
-        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG, "%s is not a valid buffer (%s)",
-                          what, clkvq_cl_error_name(err));
-    if (have < need)
-        return clkvq_fail(cache->ctx, CLKVQ_ERR_BUFFER_TOO_SMALL,
-                          "%s holds %zu bytes, %zu needed", what, have, need);
-    return CLKVQ_OK;
-}
-
 clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
                                     cl_mem v)
 {
@@ -559,8 +555,8 @@ clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_to
                           "its capacity %d; nothing was appended",
                           n_tokens, seq, l, n_old, cfg->capacity);
     size_t n_values = (size_t)cfg->n_kv_heads * n_tokens * cfg->head_dim;
-    if ((st = check_input_buffer(cache, k, "k", n_values * sizeof(float))) != CLKVQ_OK ||
-        (st = check_input_buffer(cache, v, "v", n_values * sizeof(float))) != CLKVQ_OK)
+    if ((st = clkvq_check_buffer(cache->ctx, k, "k", n_values * sizeof(float))) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(cache->ctx, v, "v", n_values * sizeof(float))) != CLKVQ_OK)
         return st;
     cl_mem inputs[2] = {k, v};
     for (int i = 0; i < 2; i++) {
@@ -720,10 +716,10 @@ clkvq_status clkvq_cache_read_device(clkvq_cache *cache, int l, int seq, cl_mem 
                   sizeof(float);
     if (layer->length[seq] == 0)
         return CLKVQ_OK;
-    if (k_out && (st = check_input_buffer(cache, k_out, "k_out", need)) == CLKVQ_OK)
+    if (k_out && (st = clkvq_check_buffer(cache->ctx, k_out, "k_out", need)) == CLKVQ_OK)
         st = read_tensor(cache, layer, &layer->k, 0, seq, k_out);
     if (st == CLKVQ_OK && v_out &&
-        (st = check_input_buffer(cache, v_out, "v_out", need)) == CLKVQ_OK)
+        (st = clkvq_check_buffer(cache->ctx, v_out, "v_out", need)) == CLKVQ_OK)
         st = read_tensor(cache, layer, &layer->v, 1, seq, v_out);
     return st;
 }

@@ -173,28 +173,6 @@ static clkvq_status clblast_fail(clkvq_context *ctx, CLBlastStatusCode s, const 
                       clblast_status_name(s), what);
 }
 
-/* A caller buffer: not NULL, of this context, at least `need` bytes. */
-static clkvq_status check_buffer(clkvq_context *ctx, cl_mem buf, const char *what, size_t need)
-{
-    if (!buf)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s buffer is NULL", what);
-    size_t have = 0;
-    cl_context owner = NULL;
-    cl_int err = clGetMemObjectInfo(buf, CL_MEM_SIZE, sizeof have, &have, NULL);
-    if (err == CL_SUCCESS)
-        err = clGetMemObjectInfo(buf, CL_MEM_CONTEXT, sizeof owner, &owner, NULL);
-    if (err != CL_SUCCESS)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s is not a valid buffer (%s)", what,
-                          clkvq_cl_error_name(err));
-    if (owner != ctx->cl_ctx)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                          "%s buffer belongs to another OpenCL context", what);
-    if (have < need)
-        return clkvq_fail(ctx, CLKVQ_ERR_BUFFER_TOO_SMALL,
-                          "%s buffer holds %zu bytes, %zu needed", what, have, need);
-    return CLKVQ_OK;
-}
-
 /* A scratch buffer of `floats` floats; the caller has checked the size
  * against the device's allocation limit. */
 static clkvq_status scratch_create(clkvq_context *ctx, size_t floats, const char *what,
@@ -314,10 +292,10 @@ clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads
                           "largest allocation (%llu bytes)",
                           s_elems * sizeof(float), (unsigned long long)ctx->info.max_alloc_bytes);
     clkvq_status st;
-    if ((st = check_buffer(ctx, k, "k", kv_elems * sizeof(float))) != CLKVQ_OK ||
-        (st = check_buffer(ctx, v, "v", kv_elems * sizeof(float))) != CLKVQ_OK ||
-        (st = check_buffer(ctx, q, "q", q_elems * sizeof(float))) != CLKVQ_OK ||
-        (st = check_buffer(ctx, out, "out", q_elems * sizeof(float))) != CLKVQ_OK)
+    if ((st = clkvq_check_buffer(ctx, k, "k", kv_elems * sizeof(float))) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(ctx, v, "v", kv_elems * sizeof(float))) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(ctx, q, "q", q_elems * sizeof(float))) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(ctx, out, "out", q_elems * sizeof(float))) != CLKVQ_OK)
         return st;
 
     event_list events = {NULL, 0, 0};

@@ -32,27 +32,12 @@ static clkvq_status get_kernel(clkvq_context *ctx, const clkvq_quant_params *qp,
     return clkvq_kernel_get(ctx, g_quant_sources, 2, options, name, out);
 }
 
-static clkvq_status check_buffer(clkvq_context *ctx, cl_mem buf, const char *what, size_t need)
-{
-    if (!buf)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s buffer is NULL", what);
-    size_t have = 0;
-    cl_int err = clGetMemObjectInfo(buf, CL_MEM_SIZE, sizeof have, &have, NULL);
-    if (err != CL_SUCCESS)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s is not a valid buffer (%s)", what,
-                          clkvq_cl_error_name(err));
-    if (have < need)
-        return clkvq_fail(ctx, CLKVQ_ERR_BUFFER_TOO_SMALL,
-                          "%s buffer holds %zu bytes, %zu needed", what, have, need);
-    return CLKVQ_OK;
-}
-
 /* Reads the permutation back and checks it: a bad one would make kernels
  * read out of bounds, so it is never trusted. It is n_heads*head_dim ints. */
 static clkvq_status check_perm(clkvq_context *ctx, cl_mem perm, const clkvq_shape *shape)
 {
     size_t n = (size_t)shape->n_heads * (size_t)shape->head_dim;
-    clkvq_status st = check_buffer(ctx, perm, "perm", n * sizeof(int32_t));
+    clkvq_status st = clkvq_check_buffer(ctx, perm, "perm", n * sizeof(int32_t));
     if (st != CLKVQ_OK)
         return st;
     int32_t *host = malloc(n * sizeof(int32_t));
@@ -69,24 +54,6 @@ static clkvq_status check_perm(clkvq_context *ctx, cl_mem perm, const clkvq_shap
                           "perm is not a permutation of 0..%d for every one of %d heads",
                           shape->head_dim - 1, shape->n_heads);
     return CLKVQ_OK;
-}
-
-/* Sums the device time of finished events into ctx->last_device_ms. */
-static void record_time(clkvq_context *ctx, cl_event *events, int n)
-{
-    double ms = 0.0;
-    for (int i = 0; i < n; i++) {
-        cl_ulong start = 0, end = 0;
-        if (clGetEventProfilingInfo(events[i], CL_PROFILING_COMMAND_START, sizeof start, &start,
-                                    NULL) != CL_SUCCESS ||
-            clGetEventProfilingInfo(events[i], CL_PROFILING_COMMAND_END, sizeof end, &end,
-                                    NULL) != CL_SUCCESS) {
-            ms = -1.0;
-            break;
-        }
-        ms += (double)(end - start) * 1e-6;
-    }
-    ctx->last_device_ms = ms;
 }
 
 static size_t global_size(size_t items) { return clkvq_round_up(items ? items : 1, QUANT_LOCAL_SIZE); }
@@ -162,9 +129,9 @@ clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
         return st;
     clkvq_quant_layout_get(qp, shape, &layout);
     size_t n = (size_t)shape->n_heads * shape->n_tokens * shape->head_dim;
-    if ((st = check_buffer(ctx, x, "x", n * sizeof(float))) != CLKVQ_OK ||
-        (st = check_buffer(ctx, codes, "codes", layout.code_bytes)) != CLKVQ_OK ||
-        (st = check_buffer(ctx, params, "params", layout.params_bytes)) != CLKVQ_OK)
+    if ((st = clkvq_check_buffer(ctx, x, "x", n * sizeof(float))) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(ctx, codes, "codes", layout.code_bytes)) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(ctx, params, "params", layout.params_bytes)) != CLKVQ_OK)
         return st;
     if (perm && (st = check_perm(ctx, perm, shape)) != CLKVQ_OK)
         return st;
@@ -207,7 +174,7 @@ clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
         if (err != CL_SUCCESS)
             st = clkvq_cl_fail(ctx, err, "waiting for quantize");
         else
-            record_time(ctx, events, 2);
+            ctx->last_device_ms = clkvq_events_ms(events, 2);
     }
     for (int i = 0; i < 2; i++)
         if (events[i])
@@ -229,9 +196,9 @@ clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
         return st;
     clkvq_quant_layout_get(qp, shape, &layout);
     size_t n = (size_t)shape->n_heads * shape->n_tokens * shape->head_dim;
-    if ((st = check_buffer(ctx, codes, "codes", layout.code_bytes)) != CLKVQ_OK ||
-        (st = check_buffer(ctx, params, "params", layout.params_bytes)) != CLKVQ_OK ||
-        (st = check_buffer(ctx, out, "out", n * sizeof(float))) != CLKVQ_OK)
+    if ((st = clkvq_check_buffer(ctx, codes, "codes", layout.code_bytes)) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(ctx, params, "params", layout.params_bytes)) != CLKVQ_OK ||
+        (st = clkvq_check_buffer(ctx, out, "out", n * sizeof(float))) != CLKVQ_OK)
         return st;
     if (perm && (st = check_perm(ctx, perm, shape)) != CLKVQ_OK)
         return st;
@@ -255,7 +222,7 @@ clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
         return st;
     err = clWaitForEvents(1, &event);
     if (err == CL_SUCCESS)
-        record_time(ctx, &event, 1);
+        ctx->last_device_ms = clkvq_events_ms(&event, 1);
     clReleaseEvent(event);
     return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, "waiting for dequantize");
 }
