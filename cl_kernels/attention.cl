@@ -10,10 +10,11 @@
  *
  * Build options (all compile-time so loops unroll and shifts fold):
  *   HEAD_DIM, GROUP_SIZE, QPK (query heads per kv head), CHUNK (tokens per
- *   work-group), WGS (work-group size; CHUNK % WGS == 0), SCHEME (0 fp16,
- *   1 token, 2 kivi, 3 skvq), K_FMT / V_FMT (0..4 as quant_common.cl),
- *   K_GW / V_GW (words per packed group), PARAM_FP8, ZERO_INT, LAYOUT_K /
- *   LAYOUT_V (0 token-major, 1 group-planar; kv_cache.h has the formulas).
+ *   work-group), WGS (work-group size; CHUNK % WGS == 0), SCHEME
+ *   (KVQ_SCHEME_*), K_BITS / K_TERNARY / K_LEVELS and V_... (the formats'
+ *   rows of the table), K_GW / V_GW (words per packed group), PARAM_FP8,
+ *   ZERO_INT, LAYOUT_K / LAYOUT_V (KVQ_LAYOUT_*). clkvq_packing.h, in front
+ *   of this file, defines the layouts, regions and code unpacking.
  * The fp16 chunk kernel and the merge use only HEAD_DIM, QPK, CHUNK, WGS.
  */
 #pragma OPENCL FP_CONTRACT OFF
@@ -23,39 +24,10 @@
 #define V_RW (NG * V_GW)
 #define PARTIAL_STRIDE (HEAD_DIM + 2)
 
-#if K_FMT == 0
-#define K_BITS 8
-#elif K_FMT == 1
-#define K_BITS 4
-#elif K_FMT == 2
-#define K_BITS 3
-#elif K_FMT == 3
-#define K_BITS 2
-#else
-#define K_TERNARY 1
-#endif
-#if V_FMT == 0
-#define V_BITS 8
-#elif V_FMT == 1
-#define V_BITS 4
-#elif V_FMT == 2
-#define V_BITS 3
-#elif V_FMT == 3
-#define V_BITS 2
-#else
-#define V_TERNARY 1
-#endif
-
 #if PARAM_FP8
-float e4m3_to_f32(uchar v)
-{
-    int exp = (v >> 3) & 0xf, mant = v & 7;
-    float out = exp == 0 ? ldexp((float)mant, -9) : ldexp(1.0f + (float)mant / 8.0f, exp - 7);
-    return (v & 0x80) ? -out : out;
-}
 inline float2 load_params(__global const uchar *params, size_t entry)
 {
-    return (float2)(e4m3_to_f32(params[2 * entry]), e4m3_to_f32(params[2 * entry + 1]));
+    return (float2)(kvq_e4m3_to_f32(params[2 * entry]), kvq_e4m3_to_f32(params[2 * entry + 1]));
 }
 #else
 inline float2 load_params(__global const uchar *params, size_t entry)
@@ -64,44 +36,26 @@ inline float2 load_params(__global const uchar *params, size_t entry)
 }
 #endif
 
-/* code j of a group held in private words w */
-#define TRIT(w, j) ((((w)[(j) / 20] >> (8 * (((j) / 5) % 4))) & 0xffu) / pow3[(j) % 5] % 3u)
-inline uint bits_code(const uint *w, int j, int bits)
-{
-    int bit = j * bits, wi = bit >> 5, sh = bit & 31;
-    uint v = w[wi] >> sh;
-    if (sh + bits > 32)
-        v |= w[wi + 1] << (32 - sh);
-    return v & ((1u << bits) - 1u);
-}
+/* Code j of a group whose words are in the private array w (scalars or
+ * vectors of uint); the next word is read only when the code straddles. */
+#define WORDS_CODE(w, j, BITS_)                                                          \
+    KVQ_CODE((w)[KVQ_WORD_OF(j, BITS_)],                                                 \
+             KVQ_STRADDLES(j, BITS_) ? (w)[KVQ_WORD_OF(j, BITS_) + 1] : (w)[0] ^ (w)[0], \
+             j, BITS_)
 
-/* Region bounds (kv_cache.h): first packed token of K and of V. */
-inline int sink_end_of(int n, int n_sink) { return min(n, n_sink); }
+/* Region bounds (clkvq_packing.h): first packed token of K and of V. */
 inline int q_end_k(int n, int n_sink, int window, int residual)
 {
-#if SCHEME == 0
-    return sink_end_of(n, n_sink);
-#elif SCHEME == 1
-    return n;
-#elif SCHEME == 2
-    return n / residual * residual;
-#else
-    return max(sink_end_of(n, n_sink), n - window);
-#endif
+    return kvq_q_end(SCHEME, 0, n, n_sink, window, residual);
 }
 inline int q_end_v(int n, int n_sink, int window, int residual)
 {
-#if SCHEME == 2
-    return max(0, n - residual);
-#else
-    return q_end_k(n, n_sink, window, residual);
-#endif
+    return kvq_q_end(SCHEME, 1, n, n_sink, window, residual);
 }
 
 inline size_t fp_row(size_t sh, int t, int fp_slots, int ring, int n_sink)
 {
-    int slot = t < n_sink ? ring + t : t % ring;
-    return (sh * fp_slots + slot) * HEAD_DIM;
+    return (sh * fp_slots + kvq_fp_slot(t, ring, n_sink)) * HEAD_DIM;
 }
 
 /* q: [seq][q head][HEAD_DIM] model order -> qs: packed order (perm_k of the
@@ -201,28 +155,23 @@ inline void write_empty(__global float *partials, int s, int kh, int slot, int n
     }
 }
 
-#if SCHEME != 0
+#if SCHEME != KVQ_SCHEME_FP16
 /* Scores of token t against the QPK queries from packed K. */
 inline void packed_scores(__global const uint *kc, __global const uchar *kp, size_t sh, int t,
                           int capacity, __local const float *q_loc,
                           __local const float *qsum_loc, float *score)
 {
-    const uint pow3[5] = {1, 3, 9, 27, 81};
     for (int h = 0; h < QPK; h++)
         score[h] = 0.0f;
-#if SCHEME == 2 /* KIVI keys: per-channel groups of GROUP_SIZE tokens */
-    int n_blocks = capacity / GROUP_SIZE, j = t % GROUP_SIZE;
-    size_t entry0 = (sh * n_blocks + t / GROUP_SIZE) * HEAD_DIM;
+#if SCHEME == KVQ_SCHEME_KIVI /* keys: per-channel groups of GROUP_SIZE tokens */
+    int j = t % GROUP_SIZE;
     for (int c = 0; c < HEAD_DIM; c++) {
+        size_t base = kvq_channel_group_word(sh, t, c, capacity, GROUP_SIZE, HEAD_DIM, K_GW);
         uint w[K_GW];
         for (int i = 0; i < K_GW; i++)
-            w[i] = kc[(entry0 + c) * K_GW + i];
-#ifdef K_TERNARY
-        float code = (float)TRIT(w, j);
-#else
-        float code = (float)bits_code(w, j, K_BITS);
-#endif
-        float2 sz = load_params(kp, entry0 + c);
+            w[i] = kc[base + i];
+        float code = (float)WORDS_CODE(w, j, K_BITS);
+        float2 sz = load_params(kp, kvq_channel_param(sh, t, c, capacity, GROUP_SIZE, HEAD_DIM));
 #if ZERO_INT
         float k = (code - sz.y) * sz.x;
 #else
@@ -232,30 +181,21 @@ inline void packed_scores(__global const uint *kc, __global const uchar *kp, siz
             score[h] += q_loc[h * HEAD_DIM + c] * k;
     }
 #else
+    size_t step = kvq_token_word_step(LAYOUT_K, capacity);
     for (int g = 0; g < NG; g++) {
+        size_t base = kvq_token_group_word(LAYOUT_K, sh, t, g, capacity, NG, K_GW);
         uint w[K_GW];
-#if LAYOUT_K == 0
-        size_t base = (sh * capacity + t) * K_RW + (size_t)g * K_GW, stride = 1;
-        size_t entry = (sh * capacity + t) * NG + g;
-#else
-        size_t base = (sh * K_RW + (size_t)g * K_GW) * capacity + t, stride = capacity;
-        size_t entry = (sh * NG + g) * capacity + t;
-#endif
         for (int i = 0; i < K_GW; i++)
-            w[i] = kc[base + i * stride];
+            w[i] = kc[base + i * step];
         float dot[QPK];
         for (int h = 0; h < QPK; h++)
             dot[h] = 0.0f;
         for (int j = 0; j < GROUP_SIZE; j++) {
-#ifdef K_TERNARY
-            float code = (float)TRIT(w, j);
-#else
-            float code = (float)bits_code(w, j, K_BITS);
-#endif
+            float code = (float)WORDS_CODE(w, j, K_BITS);
             for (int h = 0; h < QPK; h++)
                 dot[h] += q_loc[h * HEAD_DIM + g * GROUP_SIZE + j] * code;
         }
-        float2 sz = load_params(kp, entry);
+        float2 sz = load_params(kp, kvq_token_param(LAYOUT_K, sh, t, g, capacity, NG));
         for (int h = 0; h < QPK; h++) {
 #if ZERO_INT
             score[h] += sz.x * (dot[h] - sz.y * qsum_loc[h * NG + g]);
@@ -271,27 +211,13 @@ inline void packed_scores(__global const uint *kc, __global const uchar *kp, siz
 inline float packed_value(__global const uint *vc, __global const uchar *vp, size_t sh, int t,
                           int d, int capacity)
 {
-    const uint pow3[5] = {1, 3, 9, 27, 81};
     int g = d / GROUP_SIZE, j = d % GROUP_SIZE;
-#if LAYOUT_V == 0
-    size_t base = (sh * capacity + t) * V_RW + (size_t)g * V_GW, stride = 1;
-    size_t entry = (sh * capacity + t) * NG + g;
-#else
-    size_t base = (sh * V_RW + (size_t)g * V_GW) * capacity + t, stride = capacity;
-    size_t entry = (sh * NG + g) * capacity + t;
-#endif
-#ifdef V_TERNARY
-    uint w[1];
-    w[0] = vc[base + (size_t)(j / 20) * stride];
-    float code = (float)((((w[0] >> (8 * ((j / 5) % 4))) & 0xffu) / pow3[j % 5]) % 3u);
-#else
-    int bit = j * V_BITS, wi = bit >> 5, shift = bit & 31;
-    uint v = vc[base + (size_t)wi * stride] >> shift;
-    if (shift + V_BITS > 32)
-        v |= vc[base + (size_t)(wi + 1) * stride] << (32 - shift);
-    float code = (float)(v & ((1u << V_BITS) - 1u));
-#endif
-    float2 sz = load_params(vp, entry);
+    size_t step = kvq_token_word_step(LAYOUT_V, capacity);
+    size_t w = kvq_token_group_word(LAYOUT_V, sh, t, g, capacity, NG, V_GW) +
+               (size_t)KVQ_WORD_OF(j, V_BITS) * step;
+    uint hi = KVQ_STRADDLES(j, V_BITS) ? vc[w + step] : 0u;
+    float code = (float)KVQ_CODE(vc[w], hi, j, V_BITS);
+    float2 sz = load_params(vp, kvq_token_param(LAYOUT_V, sh, t, g, capacity, NG));
 #if ZERO_INT
     return (code - sz.y) * sz.x;
 #else
@@ -316,7 +242,7 @@ clkvq_attn_packed_chunk(__global const float *qs, __global const float *qsum,
     int chunk = (int)get_group_id(0), kh = (int)get_group_id(1), s = (int)get_group_id(2);
     int lid = (int)get_local_id(0);
     int n = seq_len[s];
-    int t_begin = sink_end_of(n, n_sink) + chunk * CHUNK;
+    int t_begin = kvq_sink_end(n, n_sink) + chunk * CHUNK;
     int qk = q_end_k(n, n_sink, window, residual), qv = q_end_v(n, n_sink, window, residual);
     if (t_begin >= qk) { /* uniform across the work-group: no barrier is skipped by some */
         write_empty(partials, s, kh, chunk, n_q_heads, n_slots);
@@ -349,7 +275,7 @@ clkvq_attn_packed_chunk(__global const float *qs, __global const float *qsum,
         for (int i = 0; i < n_valid; i++) {
             int t = t_begin + i;
             float v;
-#if SCHEME == 2 /* KIVI: V keeps its last `residual` tokens in fp16 */
+#if SCHEME == KVQ_SCHEME_KIVI /* V keeps its last `residual` tokens in fp16 */
             if (t >= qv)
                 v = vload_half(fp_row(sh, t, fp_slots, ring, n_sink) + d, vfp);
             else
@@ -385,7 +311,7 @@ clkvq_attn_fp16_chunk(__global const float *qs, __global const half *kfp,
     int chunk = (int)get_group_id(0), kh = (int)get_group_id(1), s = (int)get_group_id(2);
     int lid = (int)get_local_id(0);
     int n = seq_len[s];
-    int sink_end = sink_end_of(n, n_sink), qk = q_end_k(n, n_sink, window, residual);
+    int sink_end = kvq_sink_end(n, n_sink), qk = q_end_k(n, n_sink, window, residual);
     int n_fp = sink_end + (n - qk);
     int u_begin = chunk * CHUNK;
     if (u_begin >= n_fp) {

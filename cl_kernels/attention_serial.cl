@@ -93,59 +93,13 @@ inline void params_lanes(__global const uchar *params, size_t entry0, floatv *sc
 #endif
 }
 
-/* Digit d of base-3 bytes without vector division (slow on CPUs): for
- * b < 256, b / 3^d == (b * ceil(2^16 / 3^d)) >> 16 and x % 3 == x - 3 *
- * ((x * 21846) >> 16), both checked for every byte. */
-#define TRIT_MAGIC(d) ((d) == 0 ? 65536u : (d) == 1 ? 21846u : (d) == 2 ? 7282u : (d) == 3 ? 2428u : 810u)
-inline uintv trit_lanes(uintv byte, int d)
-{
-    uintv q = (byte * TRIT_MAGIC(d)) >> 16;
-    return q - 3u * ((q * 21846u) >> 16);
-}
-
-/* Code j of a packed group for VW tokens (words already loaded). */
-#define LANE_CODE(wv, j, BITS_, TERNARY_)                                                   \
-    (TERNARY_ ? trit_lanes(((wv)[(j) / 20] >> (uint)(8 * (((j) / 5) % 4))) & 0xffu, (j) % 5) \
-              : ((((wv)[((j) * (BITS_)) >> 5] >> (uint)(((j) * (BITS_)) & 31)) |            \
-                  ((((j) * (BITS_)) & 31) + (BITS_) > 32                                     \
-                       ? (wv)[(((j) * (BITS_)) >> 5) + 1] << (uint)(32 - (((j) * (BITS_)) & 31)) \
-                       : (uintv)0)) &                                                        \
-                 (uintv)((1u << (BITS_)) - 1u)))
-
 /* codes per register block in P.V: QPK x JB accumulators stay in registers */
 #define JB (QPK <= 2 ? 8 : QPK <= 4 ? 4 : 2)
 
-#ifdef K_TERNARY
-#define K_IS_T 1
-#define K_B 2
-#else
-#define K_IS_T 0
-#define K_B K_BITS
-#endif
-#ifdef V_TERNARY
-#define V_IS_T 1
-#define V_B 2
-#else
-#define V_IS_T 0
-#define V_B V_BITS
-#endif
-
-#if SCHEME != 0
-/* Scalar code j of a group starting at word `base` (contiguous words). */
-inline uint k_code_scalar(__global const uint *kc, size_t base, int j)
-{
-    const uint pow3[5] = {1, 3, 9, 27, 81};
-#ifdef K_TERNARY
-    uint w = kc[base + j / 20];
-    return ((w >> (8 * ((j / 5) % 4))) & 0xffu) / pow3[j % 5] % 3u;
-#else
-    int bit = j * K_BITS, wi = bit >> 5, sh = bit & 31;
-    uint v = kc[base + wi] >> sh;
-    if (sh + K_BITS > 32)
-        v |= kc[base + wi + 1] << (32 - sh);
-    return v & ((1u << K_BITS) - 1u);
-#endif
-}
+#if SCHEME != KVQ_SCHEME_FP16
+/* The serial variant reads packed tokens as vectors of VW consecutive
+ * tokens: group-planar placement (clkvq_packing.h). */
+#define PLANAR KVQ_LAYOUT_GROUP_PLANAR
 
 __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void
 clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
@@ -156,10 +110,9 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                          int fp_slots, int ring, int n_sink, int window, int residual,
                          int n_slots)
 {
-    const uint pow3[5] = {1, 3, 9, 27, 81};
     int chunk = (int)get_global_id(0), kh = (int)get_global_id(1), s = (int)get_global_id(2);
     int n = seq_len[s];
-    int t_begin = sink_end_of(n, n_sink) + chunk * CHUNK;
+    int t_begin = kvq_sink_end(n, n_sink) + chunk * CHUNK;
     int qk = q_end_k(n, n_sink, window, residual);
     if (t_begin >= qk) { /* a work-group of one: write_empty's lid == 0 holds */
         write_empty(partials, s, kh, chunk, n_q_heads, n_slots);
@@ -184,16 +137,19 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
         floatv acc[QPK];
         for (int h = 0; h < QPK; h++)
             acc[h] = (floatv)0.0f;
-#if SCHEME == 2 /* KIVI keys: per-channel groups along tokens; t0 % VW == 0 */
-        int n_kblocks = capacity / GROUP_SIZE;
-        size_t entry0 = (sh * n_kblocks + t0 / GROUP_SIZE) * HEAD_DIM;
+#if SCHEME == KVQ_SCHEME_KIVI /* keys: per-channel groups along tokens; t0 % VW == 0 */
         int j0 = t0 % GROUP_SIZE;
         for (int c = 0; c < HEAD_DIM; c++) {
+            __global const uint *w =
+                kc + kvq_channel_group_word(sh, t0, c, capacity, GROUP_SIZE, HEAD_DIM, K_GW);
             uint lanes[VW];
-            for (int l = 0; l < VW; l++)
-                lanes[l] = k_code_scalar(kc, (entry0 + c) * K_GW, j0 + l);
+            for (int l = 0; l < VW; l++) {
+                int j = j0 + l, wi = KVQ_WORD_OF(j, K_BITS);
+                lanes[l] = KVQ_CODE(w[wi], KVQ_STRADDLES(j, K_BITS) ? w[wi + 1] : 0u, j, K_BITS);
+            }
             floatv code = CONVERT_FLOATV(VLOAD(0, lanes));
-            float2 sz = load_params(kp, entry0 + c);
+            float2 sz =
+                load_params(kp, kvq_channel_param(sh, t0, c, capacity, GROUP_SIZE, HEAD_DIM));
 #if ZERO_INT
             floatv kv = (code - sz.y) * sz.x;
 #else
@@ -204,19 +160,20 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
         }
 #else
         for (int g = 0; g < NG; g++) {
+            __global const uint *gw = kc + kvq_token_group_word(PLANAR, sh, t0, g, capacity, NG, K_GW);
             uintv wv[K_GW];
             for (int w = 0; w < K_GW; w++)
-                wv[w] = VLOAD(0, kc + (sh * K_RW + (size_t)g * K_GW + w) * capacity + t0);
+                wv[w] = VLOAD(0, gw + (size_t)w * capacity);
             floatv dot[QPK];
             for (int h = 0; h < QPK; h++)
                 dot[h] = (floatv)0.0f;
             for (int j = 0; j < GROUP_SIZE; j++) {
-                floatv code = CONVERT_FLOATV(LANE_CODE(wv, j, K_B, K_IS_T));
+                floatv code = CONVERT_FLOATV(WORDS_CODE(wv, j, K_BITS));
                 for (int h = 0; h < QPK; h++)
                     dot[h] += q[h * HEAD_DIM + g * GROUP_SIZE + j] * code;
             }
             floatv scale, zero;
-            params_lanes(kp, (sh * NG + g) * capacity + t0, &scale, &zero);
+            params_lanes(kp, kvq_token_param(PLANAR, sh, t0, g, capacity, NG), &scale, &zero);
             for (int h = 0; h < QPK; h++) {
 #if ZERO_INT
                 acc[h] += scale * (dot[h] - zero * qg[h * NG + g]);
@@ -265,7 +222,7 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                 int t0 = t_begin + b * VW;
                 intv valid = (t0 + LANE_IDS) < (intv)(t_begin + n_packed_v);
                 floatv scale, zero;
-                params_lanes(vp, (sh * NG + g) * capacity + t0, &scale, &zero);
+                params_lanes(vp, kvq_token_param(PLANAR, sh, t0, g, capacity, NG), &scale, &zero);
                 /* lanes past the last token hold unwritten memory: mask after
                  * multiplying (0 * NaN would be NaN) */
                 floatv p = VLOAD(0, sc + h * CHUNK + b * VW);
@@ -278,35 +235,26 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
             }
             zsum[h] = hsum(zacc);
         }
-        __global const uint *gw = vc + (sh * V_RW + (size_t)g * V_GW) * capacity;
+        __global const uint *gw = vc + kvq_token_group_word(PLANAR, sh, 0, g, capacity, NG, V_GW);
         for (int jb = 0; jb < GROUP_SIZE; jb += JB) {
-            /* the (at most two) words holding codes jb .. jb + JB - 1 */
-#ifdef V_TERNARY
-            const int w0 = jb / 20;
-#else
-            const int w0 = (jb * V_BITS) >> 5;
-#endif
+            /* the words holding codes jb .. jb + JB - 1 (at most three for
+             * widths up to 8 bits) */
+            const int w0 = KVQ_WORD_OF(jb, V_BITS);
+            const int w_last = KVQ_WORD_OF(jb + JB - 1, V_BITS) +
+                               (KVQ_STRADDLES(jb + JB - 1, V_BITS) ? 1 : 0);
             floatv acc[QPK * JB];
             for (int i = 0; i < QPK * JB; i++)
                 acc[i] = (floatv)0.0f;
             for (int b = 0; b < n_vblocks; b++) {
                 size_t t0 = (size_t)(t_begin + b * VW);
-                uintv wv[2];
-                wv[0] = VLOAD(0, gw + (size_t)w0 * capacity + t0);
-                wv[1] = w0 + 1 < V_GW ? VLOAD(0, gw + (size_t)(w0 + 1) * capacity + t0)
-                                      : (uintv)0;
+                uintv wv[3];
+                for (int i = 0; i < 3; i++)
+                    wv[i] = w0 + i <= w_last ? VLOAD(0, gw + (size_t)(w0 + i) * capacity + t0)
+                                             : (uintv)0;
                 for (int jj = 0; jj < JB; jj++) {
-                    int j = jb + jj;
-#ifdef V_TERNARY
-                    uintv raw = trit_lanes((wv[j / 20 - w0] >> (uint)(8 * ((j / 5) % 4))) & 0xffu,
-                                           j % 5);
-#else
-                    int bit = j * V_BITS - w0 * 32, wi = bit >> 5, shft = bit & 31;
-                    uintv raw = wv[wi] >> (uint)shft;
-                    if (shft + V_BITS > 32)
-                        raw |= wv[wi + 1] << (uint)(32 - shft);
-                    raw &= (uintv)((1u << V_BITS) - 1u);
-#endif
+                    int j = jb + jj, wi = KVQ_WORD_OF(j, V_BITS) - w0;
+                    uintv raw = KVQ_CODE(wv[wi], KVQ_STRADDLES(j, V_BITS) ? wv[wi + 1] : (uintv)0,
+                                         j, V_BITS);
                     floatv code = CONVERT_FLOATV(raw);
                     for (int h = 0; h < QPK; h++)
                         acc[h * JB + jj] += ps[h * (CHUNK / VW) + b] * code;
@@ -317,7 +265,7 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                     out[h * HEAD_DIM + g * GROUP_SIZE + jb + jj] += hsum(acc[h * JB + jj]) + zsum[h];
         }
     }
-#if SCHEME == 2
+#if SCHEME == KVQ_SCHEME_KIVI
     for (int i = n_packed_v; i < n_valid; i++) {
         size_t row = fp_row(sh, t_begin + i, fp_slots, ring, n_sink);
         for (int d = 0; d < HEAD_DIM; d++) {
@@ -347,7 +295,7 @@ clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
 {
     int chunk = (int)get_global_id(0), kh = (int)get_global_id(1), s = (int)get_global_id(2);
     int n = seq_len[s];
-    int sink_end = sink_end_of(n, n_sink), qk = q_end_k(n, n_sink, window, residual);
+    int sink_end = kvq_sink_end(n, n_sink), qk = q_end_k(n, n_sink, window, residual);
     int n_fp = sink_end + (n - qk);
     int u_begin = chunk * CHUNK;
     if (u_begin >= n_fp) {

@@ -1,11 +1,11 @@
 /*
  * KV cache maintenance: staging tokens that leave the fp16 window, packing
  * them into the cache layout, fp16 stores, read-back and truncation.
- * Built after quant_common.cl. lib/kv_cache.h documents the layouts.
+ * Built after quant_common.cl; clkvq_packing.h defines the layouts.
  *
  * Extra build options:
  *   -D AXIS_CHANNEL=0|1  per-channel groups along tokens (KIVI keys)
- *   -D LAYOUT=0|1        token-major or group-planar packed rows (token axis)
+ *   -D LAYOUT=0|1        KVQ_LAYOUT_TOKEN_MAJOR or _GROUP_PLANAR (token axis)
  * Every kernel takes the store geometry as the same run-time arguments.
  */
 
@@ -18,27 +18,21 @@ typedef struct {
     size_t stride; /* words between consecutive words of the group */
 } group_ref;
 
-/* The packed group holding channel c of token t (packed channel order). */
+/* The packed group holding channel c of token t (packed channel order);
+ * the formulas are clkvq_packing.h's. */
 inline group_ref locate_group(int h, int t, int c, int head_dim, int capacity, int group_size,
                               int group_words, int n_groups, int seq, int n_heads, int *j)
 {
-    size_t sh = (size_t)seq * n_heads + h;
+    size_t hb = (size_t)seq * n_heads + h;
     group_ref ref;
 #if AXIS_CHANNEL
-    int n_blocks = capacity / group_size;
-    ref.base = ((sh * n_blocks + t / group_size) * head_dim + c) * group_words;
+    ref.base = kvq_channel_group_word(hb, t, c, capacity, group_size, head_dim, group_words);
     ref.stride = 1;
     *j = t % group_size;
 #else
-    int g = c / group_size;
-    size_t row_words = (size_t)n_groups * group_words;
-#if LAYOUT == 0
-    ref.base = (sh * capacity + t) * row_words + (size_t)g * group_words;
-    ref.stride = 1;
-#else
-    ref.base = (sh * row_words + (size_t)g * group_words) * capacity + t;
-    ref.stride = capacity;
-#endif
+    ref.base = kvq_token_group_word(LAYOUT, hb, t, c / group_size, capacity, n_groups,
+                                    group_words);
+    ref.stride = kvq_token_word_step(LAYOUT, capacity);
     *j = c % group_size;
 #endif
     return ref;
@@ -48,43 +42,27 @@ inline group_ref locate_group(int h, int t, int c, int head_dim, int capacity, i
 inline size_t locate_param(int h, int t, int c, int head_dim, int capacity, int group_size,
                            int n_groups, int seq, int n_heads)
 {
-    size_t sh = (size_t)seq * n_heads + h;
+    size_t hb = (size_t)seq * n_heads + h;
 #if AXIS_CHANNEL
-    int n_blocks = capacity / group_size;
-    return (sh * n_blocks + t / group_size) * head_dim + c;
+    return kvq_channel_param(hb, t, c, capacity, group_size, head_dim);
 #else
-    int g = c / group_size;
-#if LAYOUT == 0
-    return (sh * capacity + t) * n_groups + g;
-#else
-    return (sh * n_groups + g) * capacity + t;
-#endif
+    return kvq_token_param(LAYOUT, hb, t, c / group_size, capacity, n_groups);
 #endif
 }
 
-/* fp16 row of token t (see kv_cache.h: sinks after the ring). */
+/* fp16 row of token t. */
 inline size_t fp_row(int h, int t, int fp_slots, int ring, int n_sink, int seq, int n_heads,
                      int head_dim)
 {
-    int slot = t < n_sink ? ring + t : t % ring;
-    return (((size_t)seq * n_heads + h) * fp_slots + slot) * head_dim;
+    return (((size_t)seq * n_heads + h) * fp_slots + kvq_fp_slot(t, ring, n_sink)) * head_dim;
 }
 
 /* Code j of a packed group (words may be strided). */
 uint group_code(__global const uint *codes, group_ref ref, int j)
 {
-#ifdef TERNARY
-    const uint pow3[5] = {1, 3, 9, 27, 81};
-    uint word = codes[ref.base + (size_t)(j / 20) * ref.stride];
-    uint byte = (word >> (8 * ((j / 5) % 4))) & 0xffu;
-    return (byte / pow3[j % 5]) % 3u;
-#else
-    int bit = j * BITS, w = bit >> 5, shift = bit & 31;
-    uint v = codes[ref.base + (size_t)w * ref.stride] >> shift;
-    if (shift + BITS > 32)
-        v |= codes[ref.base + (size_t)(w + 1) * ref.stride] << (32 - shift);
-    return v & ((1u << BITS) - 1u);
-#endif
+    size_t w = ref.base + (size_t)KVQ_WORD_OF(j, BITS) * ref.stride;
+    uint hi = KVQ_STRADDLES(j, BITS) ? codes[w + ref.stride] : 0u;
+    return KVQ_CODE(codes[w], hi, j, BITS);
 }
 
 float packed_value(__global const uint *codes, __global const uchar *params, int h, int t,
@@ -182,7 +160,7 @@ __attribute__((always_inline)) void row_pack(row_src r, int c0, int group_size,
                                              int group_words, float2 sz,
                                              __global uint *codes, group_ref ref)
 {
-#ifndef TERNARY
+#if !TERNARY
     for (int k = 0; k < group_size; k += 32) {
         uint16 a = codes_of16(row_load16(r, c0 + k), sz);
         uint16 b = codes_of16(row_load16(r, c0 + k + 16), sz);
@@ -321,23 +299,21 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
     uint16 acc[16];
     for (int cc = 0; cc < n_chunks; cc++)
         acc[cc] = (uint16)0;
-#ifndef TERNARY
+#if !TERNARY
     int n_bits = 0, w = 0;
-#else
-    const uint pow3[5] = {1, 3, 9, 27, 81};
 #endif
     for (int j = 0; j < group_size; j++) {
         row_src src = stage_row(fp, in, perm, h, t0 + j, n_old, n_in, head_dim, fp_slots, ring,
                                 n_sink, seq, n_heads);
-#ifndef TERNARY
+#if !TERNARY
         int full = n_bits + BITS >= 32;
 #else
         int full = j % 20 == 19 || j == group_size - 1;
-        uint weight = pow3[j % 5] << (8 * ((j / 5) % 4));
+        uint weight = KVQ_POW3(j % 5) << (8 * ((j / 5) % 4));
 #endif
         for (int cc = 0; cc < n_chunks; cc++) {
             uint16 code = codes_of16v(row_load16(src, cc * 16), s[cc], z[cc]);
-#ifndef TERNARY
+#if !TERNARY
             uint16 a = acc[cc] | (code << (uint)n_bits);
             if (full) {
                 store_lanes(words0 + (size_t)cc * 16 * group_words, group_words, w, a);
@@ -352,7 +328,7 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
 #endif
             acc[cc] = a;
         }
-#ifndef TERNARY
+#if !TERNARY
         n_bits += BITS;
         if (full) {
             n_bits -= 32;

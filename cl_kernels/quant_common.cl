@@ -4,7 +4,8 @@
  * the code <-> value maps. Concatenated in front of those sources.
  *
  * Build options:
- *   -D FMT=0..4        q8, q4, q3, q2, t1.5 (lib/quant_format.h has the packing rule)
+ *   -D BITS, TERNARY, LEVELS  the format's row of the table (clkvq_packing.h
+ *                      has the packing rule; lib/kernel_defines.c writes them)
  *   -D PARAM_FP8=0|1   (scale, zero) stored as fp16 (4 bytes) or fp8 e4m3 (2 bytes)
  *   -D ZERO_INT=0|1    zero point as float (x = c*s + z) or integer code (x = (c - z)*s)
  *
@@ -14,76 +15,32 @@
  */
 #pragma OPENCL FP_CONTRACT OFF
 
-#if FMT == 0
-#define BITS 8
-#define LEVELS 256
-#elif FMT == 1
-#define BITS 4
-#define LEVELS 16
-#elif FMT == 2
-#define BITS 3
-#define LEVELS 8
-#elif FMT == 3
-#define BITS 2
-#define LEVELS 4
-#elif FMT == 4
-#define TERNARY 1
-#define LEVELS 3
-#else
-#error "FMT must be 0..4"
+#if !defined(BITS) || !defined(TERNARY) || !defined(LEVELS)
+#error "BITS, TERNARY and LEVELS come from the format table (lib/kernel_defines.c)"
 #endif
 
 #if PARAM_FP8
 #define PARAM_BYTES 2
-#define MIN_SCALE 0.001953125f
+#define MIN_SCALE KVQ_MIN_SCALE_FP8
 #else
 #define PARAM_BYTES 4
-#define MIN_SCALE 5.9604644775390625e-08f
+#define MIN_SCALE KVQ_MIN_SCALE_FP16
 #endif
 
-#define INPUT_MAX 65504.0f
+#define INPUT_MAX KVQ_INPUT_MAX
 
 /* ------------------------------------------------------------ parameters */
 
 #if PARAM_FP8
-uchar f32_to_e4m3(float x)
-{
-    if (isnan(x))
-        return (uchar)0x7f;
-    uchar sign = signbit(x) ? (uchar)0x80 : (uchar)0;
-    float a = fabs(x);
-    if (a >= 448.0f)
-        return sign | (uchar)0x7e;
-    if (a < 0.015625f)
-        return sign | (uchar)rint(a * 512.0f);
-    int e;
-    float m = frexp(a, &e);
-    float sig = m * 2.0f;
-    int e_unb = e - 1;
-    int q = (int)rint((sig - 1.0f) * 8.0f);
-    if (q == 8) {
-        q = 0;
-        e_unb++;
-    }
-    return sign | (uchar)((e_unb + 7) << 3) | (uchar)q;
-}
-
-float e4m3_to_f32(uchar v)
-{
-    int exp = (v >> 3) & 0xf, mant = v & 7;
-    float out = exp == 0 ? ldexp((float)mant, -9) : ldexp(1.0f + (float)mant / 8.0f, exp - 7);
-    return (v & 0x80) ? -out : out;
-}
-
 /* Stores v at slot i (0 scale, 1 zero) and returns the stored value. */
 float put_param(__global uchar *param, int i, float v)
 {
-    uchar e = f32_to_e4m3(v);
+    uchar e = kvq_f32_to_e4m3(v);
     param[i] = e;
-    return e4m3_to_f32(e);
+    return kvq_e4m3_to_f32(e);
 }
 
-float get_param(__global const uchar *param, int i) { return e4m3_to_f32(param[i]); }
+float get_param(__global const uchar *param, int i) { return kvq_e4m3_to_f32(param[i]); }
 #else
 float put_param(__global uchar *param, int i, float v)
 {
@@ -221,15 +178,15 @@ void group_params16(float16 lo, float16 hi, float alpha, uint16 *entry, float16 
         float lo1 = alpha * l[i], hi1 = alpha * h[i];
         float scale = (hi1 - lo1) / (float)(LEVELS - 1);
         scale = fmax(scale, MIN_SCALE);
-        uchar se = f32_to_e4m3(scale);
-        scale = e4m3_to_f32(se);
+        uchar se = kvq_f32_to_e4m3(scale);
+        scale = kvq_e4m3_to_f32(se);
 #if ZERO_INT
         float zero = rint(-lo1 / scale);
         zero = fmin(fmax(zero, 0.0f), (float)(LEVELS - 1));
-        uchar ze = f32_to_e4m3(zero);
+        uchar ze = kvq_f32_to_e4m3(zero);
 #else
-        uchar ze = f32_to_e4m3(lo1);
-        float zero = e4m3_to_f32(ze);
+        uchar ze = kvq_f32_to_e4m3(lo1);
+        float zero = kvq_e4m3_to_f32(ze);
 #endif
         sa[i] = scale;
         za[i] = zero;
@@ -297,7 +254,7 @@ inline float hmax16(float16 v)
     return VMAX(c.x, c.y);
 }
 
-#ifndef TERNARY
+#if !TERNARY
 /* n words at p[k * stride]. */
 inline void store_words4(__global uint *p, size_t stride, uint4 w)
 {
@@ -349,11 +306,28 @@ void store_words32(__global uint *p, size_t stride, uint16 c0, uint16 c1)
     uint wa = as_uint(convert_uchar4(PAIR4(as_ulong4(PAIR8(as_ulong8(c0), 2)), 4)));
     uint wb = as_uint(convert_uchar4(PAIR4(as_ulong4(PAIR8(as_ulong8(c1), 2)), 4)));
     store_words2(p, stride, (uint2)(wa, wb));
+#else
+    /* any other width: the bit stream through a 64-bit accumulator; 32
+     * codes of BITS bits fill exactly BITS words */
+    uint a[32];
+    vstore16(c0, 0, a);
+    vstore16(c1, 0, a + 16);
+    ulong acc = 0;
+    int n_bits = 0, w = 0;
+    for (int i = 0; i < 32; i++) {
+        acc |= (ulong)a[i] << n_bits;
+        n_bits += BITS;
+        if (n_bits >= 32) {
+            p[(size_t)w++ * stride] = (uint)acc;
+            acc >>= 32;
+            n_bits -= 32;
+        }
+    }
 #endif
 }
 #endif
 
-#ifdef TERNARY
+#if TERNARY
 /* 80 codes (c0: codes 0-15 ... c4: 64-79) -> 16 trit bytes, byte b =
  * sum of 3^d * code(5b + d): each digit is a lane shuffle of the codes
  * (written as swizzles, which compile to permutes). */

@@ -16,9 +16,8 @@ typedef struct {
 
 void pack_put(packer *pk, __global uchar *group, uint code, int j)
 {
-#ifdef TERNARY
-    const uint pow3[5] = {1, 3, 9, 27, 81};
-    pk->acc += (ulong)(code * pow3[j % 5]);
+#if TERNARY
+    pk->acc += (ulong)(code * KVQ_POW3(j % 5));
     if (j % 5 == 4) {
         group[pk->n_out++] = (uchar)pk->acc;
         pk->acc = 0;
@@ -36,23 +35,9 @@ void pack_put(packer *pk, __global uchar *group, uint code, int j)
 
 void pack_flush(packer *pk, __global uchar *group, int group_size)
 {
-#ifdef TERNARY
+#if TERNARY
     if (group_size % 5 != 0)
         group[pk->n_out++] = (uchar)pk->acc;
-#endif
-}
-
-uint unpack_code(__global const uchar *group, int i)
-{
-#ifdef TERNARY
-    const uint pow3[5] = {1, 3, 9, 27, 81};
-    return ((uint)group[i / 5] / pow3[i % 5]) % 3u;
-#else
-    int bit = i * BITS, byte = bit >> 3, shift = bit & 7;
-    uint window = group[byte];
-    if (shift + BITS > 8)
-        window |= (uint)group[byte + 1] << 8;
-    return (window >> shift) & ((1u << BITS) - 1u);
 #endif
 }
 
@@ -61,14 +46,9 @@ inline int src_channel(__global const int *perm, int head_dim, int h, int c)
     return perm ? perm[h * head_dim + c] : c;
 }
 
-inline int group_bytes(int group_size)
-{
-#ifdef TERNARY
-    return (group_size + 4) / 5;
-#else
-    return group_size * BITS / 8;
-#endif
-}
+/* Bytes of a group's codes: group_size is a multiple of 32, so a bit
+ * stream ends on a byte; five trits share a byte. */
+inline int group_bytes(int group_size) { return TERNARY ? (group_size + 4) / 5 : group_size * BITS / 8; }
 
 /* ------------------------------------------------------------ kernels */
 
@@ -158,7 +138,7 @@ __attribute__((always_inline)) float2 group_range(__global const float *xr, __gl
 __attribute__((always_inline)) void pack_group(__global const float *xr, __global const int *pr, int c0, int group_size,
                 float2 sz, __global uchar *group)
 {
-#ifndef TERNARY
+#if !TERNARY
     for (int k = 0; k < group_size; k += 32) {
         uint16 a = codes_of16(load16(xr, pr, c0 + k), sz);
         uint16 b = codes_of16(load16(xr, pr, c0 + k + 16), sz);
@@ -284,7 +264,7 @@ __kernel void clkvq_quantize_channel16(__global const float *x, __global const i
     }
 
     int gbytes = group_bytes(group_size);
-#ifndef TERNARY
+#if !TERNARY
     /* every lane packs its own group; all lanes are at the same bit */
     uint16 acc[16];
     for (int cc = 0; cc < n_chunks; cc++)
@@ -310,7 +290,6 @@ __kernel void clkvq_quantize_channel16(__global const float *x, __global const i
         }
     }
 #else
-    const uint pow3[5] = {1, 3, 9, 27, 81};
     uint16 acc[16];
     for (int cc = 0; cc < n_chunks; cc++)
         acc[cc] = (uint16)0;
@@ -320,7 +299,7 @@ __kernel void clkvq_quantize_channel16(__global const float *x, __global const i
         for (int cc = 0; cc < n_chunks; cc++) {
             uint16 code =
                 j < n ? codes_of16v(load16(xr, pr, cc * 16), s[cc], z[cc]) : (uint16)0;
-            uint16 a = acc[cc] + code * pow3[j % 5];
+            uint16 a = acc[cc] + code * KVQ_POW3(j % 5);
             if (full) {
                 uchar t[16];
                 vstore16(convert_uchar16(a), 0, t);
@@ -385,7 +364,7 @@ __kernel void clkvq_dequantize_token(__global const uchar *codes, __global const
     __global const uchar *group = codes + (size_t)gid * group_bytes(group_size);
     __global float *orow = out + (size_t)row * head_dim;
     for (int j = 0; j < group_size; j++)
-        orow[src_channel(perm, head_dim, h, c0 + j)] = value_of(unpack_code(group, j), sz);
+        orow[src_channel(perm, head_dim, h, c0 + j)] = value_of(kvq_code_in_bytes(group, j, BITS), sz);
 }
 
 __kernel void clkvq_dequantize_channel(__global const uchar *codes,
@@ -408,5 +387,5 @@ __kernel void clkvq_dequantize_channel(__global const uchar *codes,
     __global float *oc =
         out + ((size_t)h * n_tokens + t0) * head_dim + src_channel(perm, head_dim, h, c);
     for (int j = 0; j < n; j++)
-        oc[(size_t)j * head_dim] = value_of(unpack_code(group, j), sz);
+        oc[(size_t)j * head_dim] = value_of(kvq_code_in_bytes(group, j, BITS), sz);
 }

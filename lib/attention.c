@@ -1,10 +1,14 @@
 /* Fused decode attention: host side (tunables, scratch, launches). The
  * kernels are cl_kernels/attention.cl; the cache layout is kv_cache.h's. */
 #include "kv_cache.h"
+#include "attn_fit.h"
+#include "kernel_args.h"
+#include "kernel_defines.h"
 #include "program_cache.h"
 #include "quant_format.h"
 #include "tuning_db.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,39 +65,15 @@ static void resolve_tuning(const clkvq_cache *cache, int l, const clkvq_attn_tun
 static clkvq_status check_tuning(clkvq_context *ctx, const clkvq_cache *cache,
                                  const clkvq_attn_tuning *t)
 {
-    int qpk = cache->cfg.n_q_heads / cache->cfg.n_kv_heads;
-    if (t->variant != CLKVQ_ATTN_COOPERATIVE && t->variant != CLKVQ_ATTN_SERIAL)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "attention variant %d is unknown",
-                          (int)t->variant);
-    if (t->variant == CLKVQ_ATTN_SERIAL) {
-        if (t->vw != 4 && t->vw != 8 && t->vw != 16)
-            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "vw %d must be 4, 8 or 16", t->vw);
-        if (t->chunk <= 0 || t->chunk % t->vw != 0)
-            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                              "chunk %d must be a positive multiple of vw %d", t->chunk, t->vw);
-        for (int l = 0; l < cache->cfg.n_layers; l++)
-            if (cache->layers[l].cfg.scheme != CLKVQ_SCHEME_FP16 && !planar_layouts(cache))
-                return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
-                                  "the serial variant reads group-planar packed layouts; this "
-                                  "cache is token-major");
-        return CLKVQ_OK;
-    }
-    if (t->wgs <= 0 || (t->wgs & (t->wgs - 1)) != 0)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "wgs %d must be a power of two", t->wgs);
-    if (t->chunk <= 0 || t->chunk % t->wgs != 0)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "chunk %d must be a positive multiple of wgs %d",
-                          t->chunk, t->wgs);
-    if ((size_t)t->wgs > ctx->info.max_work_group_size)
-        return clkvq_fail(ctx, CLKVQ_ERR_DEVICE_LIMIT, "wgs %d exceeds the device's %zu", t->wgs,
-                          ctx->info.max_work_group_size);
-    size_t local = sizeof(float) * (size_t)qpk *
-                   ((size_t)cache->cfg.head_dim * 2 + (size_t)t->chunk + (size_t)t->wgs);
-    if (local > ctx->info.local_mem_bytes)
-        return clkvq_fail(ctx, CLKVQ_ERR_DEVICE_LIMIT,
-                          "chunk %d x %d query heads needs %zu bytes of local memory, the device "
-                          "has %llu",
-                          t->chunk, qpk, local, (unsigned long long)ctx->info.local_mem_bytes);
-    return CLKVQ_OK;
+    clkvq_attn_fit_shape shape = {cache->cfg.n_q_heads / cache->cfg.n_kv_heads,
+                                  cache->cfg.head_dim, 0, cache->cfg.layout_k,
+                                  cache->cfg.layout_v};
+    for (int l = 0; l < cache->cfg.n_layers; l++)
+        if (cache->layers[l].cfg.scheme != CLKVQ_SCHEME_FP16)
+            shape.packed = 1;
+    char why[512];
+    clkvq_status st = clkvq_attn_tuning_check(t, &shape, &ctx->info, why, sizeof why);
+    return st == CLKVQ_OK ? st : clkvq_fail(ctx, st, "%s", why);
 }
 
 clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning)
@@ -120,25 +100,32 @@ clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning 
     return CLKVQ_OK;
 }
 
-static void attn_options(const clkvq_cache *cache, const clkvq_cache_layer *layer,
-                         const clkvq_attn_tuning *t, char *buf, size_t size)
+/* The program variant of a layer's decode: shape, tunables, scheme and
+ * both formats' rows of the table. */
+static const char *attn_options(const clkvq_cache *cache, const clkvq_cache_layer *layer,
+                                const clkvq_attn_tuning *t, clkvq_defines *d)
 {
     const clkvq_layer_config *lc = &layer->cfg;
     int fp16 = lc->scheme == CLKVQ_SCHEME_FP16;
-    snprintf(buf, size,
-             "-D HEAD_DIM=%d -D GROUP_SIZE=%d -D QPK=%d -D CHUNK=%d -D WGS=%d -D SCHEME=%d "
-             "-D K_FMT=%d -D V_FMT=%d -D K_GW=%d -D V_GW=%d -D PARAM_FP8=%d -D ZERO_INT=%d "
-             "-D LAYOUT_K=%d -D LAYOUT_V=%d -D VW=%d",
-             cache->cfg.head_dim, fp16 ? 32 : lc->group_size,
-             cache->cfg.n_q_heads / cache->cfg.n_kv_heads, t->chunk, t->wgs, (int)lc->scheme,
-             fp16 ? 0 : (int)lc->format_k, fp16 ? 0 : (int)lc->format_v,
-             fp16 ? 1 : layer->k.group_words, fp16 ? 1 : layer->v.group_words,
-             lc->param_type == CLKVQ_PARAM_FP8_E4M3, lc->zero_mode == CLKVQ_ZERO_INT,
-             (int)layer->k.layout, (int)layer->v.layout, t->vw);
-    if (cache->planted_bug) {
-        size_t used = strlen(buf);
-        snprintf(buf + used, size - used, " -D CLKVQ_PLANTED_BUG=1");
-    }
+    clkvq_defines_init(d);
+    clkvq_defines_int(d, "HEAD_DIM", cache->cfg.head_dim);
+    clkvq_defines_int(d, "GROUP_SIZE", fp16 ? 32 : lc->group_size);
+    clkvq_defines_int(d, "QPK", cache->cfg.n_q_heads / cache->cfg.n_kv_heads);
+    clkvq_defines_int(d, "CHUNK", t->chunk);
+    clkvq_defines_int(d, "WGS", t->wgs);
+    clkvq_defines_int(d, "VW", t->vw);
+    clkvq_defines_int(d, "SCHEME", (int)lc->scheme);
+    /* fp16 packs nothing: any row keeps the packed kernels compilable */
+    clkvq_defines_format(d, "K_", fp16 ? CLKVQ_FMT_Q8 : lc->format_k);
+    clkvq_defines_format(d, "V_", fp16 ? CLKVQ_FMT_Q8 : lc->format_v);
+    clkvq_defines_int(d, "K_GW", fp16 ? 1 : layer->k.group_words);
+    clkvq_defines_int(d, "V_GW", fp16 ? 1 : layer->v.group_words);
+    clkvq_defines_params(d, lc->param_type, lc->zero_mode);
+    clkvq_defines_int(d, "LAYOUT_K", (int)layer->k.layout);
+    clkvq_defines_int(d, "LAYOUT_V", (int)layer->v.layout);
+    if (cache->planted_bug)
+        clkvq_defines_int(d, "CLKVQ_PLANTED_BUG", 1);
+    return clkvq_defines_get(cache->ctx, d);
 }
 
 static clkvq_status ensure_buffer(clkvq_context *ctx, cl_mem *mem, size_t *have, size_t need,
@@ -198,15 +185,15 @@ static clkvq_status enqueue(clkvq_context *ctx, cl_kernel k, cl_uint dims, const
     return CLKVQ_OK;
 }
 
-static cl_int set_args(cl_kernel k, int n, const void *const *values, const size_t *sizes)
+/* The region arguments of both chunk kernels, in their order. */
+static void args_regions(clkvq_args *a, const clkvq_cache_layer *layer)
 {
-    cl_int err = CL_SUCCESS;
-    for (int i = 0; i < n; i++)
-        err |= clSetKernelArg(k, (cl_uint)i, sizes[i], values[i]);
-    return err;
+    clkvq_args_int(a, layer->fp_slots);
+    clkvq_args_int(a, layer->ring);
+    clkvq_args_int(a, layer->cfg.n_sink);
+    clkvq_args_int(a, layer->cfg.window);
+    clkvq_args_int(a, layer->cfg.residual);
 }
-
-#define MEM_ARG(m) ((m) ? (const void *)&(m) : NULL)
 
 static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, float scale,
                                event_list *events)
@@ -245,8 +232,10 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
     if (err != CL_SUCCESS)
         st = clkvq_cl_fail(ctx, err, "uploading sequence lengths");
 
-    char options[512];
-    attn_options(cache, layer, &t, options, sizeof options);
+    clkvq_defines defines;
+    const char *options = attn_options(cache, layer, &t, &defines);
+    if (st == CLKVQ_OK && !options)
+        st = CLKVQ_ERR_BUILD;
     cl_kernel prep = NULL, packed = NULL, fpk = NULL, merge = NULL;
     if (st == CLKVQ_OK)
         st = clkvq_kernel_get(ctx, g_attn_sources, 2, options, "clkvq_attn_prepare_q", &prep);
@@ -262,59 +251,70 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         st = clkvq_kernel_get(ctx, g_attn_sources, 2, options,
                               serial ? "clkvq_attn_merge_serial" : "clkvq_attn_merge", &merge);
 
-    cl_int n_seqs = cfg->n_seqs, n_qh = cfg->n_q_heads, n_kv = cfg->n_kv_heads;
-    cl_int cap = clkvq_cache_stride(cfg->capacity), fp_slots = layer->fp_slots, ring = layer->ring;
-    cl_int n_sink = layer->cfg.n_sink, window = layer->cfg.window, residual = layer->cfg.residual;
-    cl_int slots = n_slots, slot0 = n_packed;
+    clkvq_args a;
     if (st == CLKVQ_OK) {
-        const void *v[] = {&q, MEM_ARG(layer->k.perm), &qs, &qsum, &n_seqs, &n_qh, &scale};
-        const size_t z[] = {sizeof(cl_mem), sizeof(cl_mem), sizeof(cl_mem), sizeof(cl_mem),
-                            sizeof(cl_int), sizeof(cl_int), sizeof(float)};
+        clkvq_args_begin(&a, prep, 0);
+        clkvq_args_mem(&a, q);
+        clkvq_args_mem(&a, layer->k.perm);
+        clkvq_args_mem(&a, qs);
+        clkvq_args_mem(&a, qsum);
+        clkvq_args_int(&a, cfg->n_seqs);
+        clkvq_args_int(&a, cfg->n_q_heads);
+        clkvq_args_float(&a, scale);
         size_t local = MERGE_LOCAL_SIZE, global = clkvq_round_up(n_q * n_groups, local);
-        if ((err = set_args(prep, 7, v, z)) != CL_SUCCESS)
-            st = clkvq_cl_fail(ctx, err, "setting prepare_q arguments");
-        else
+        if ((st = clkvq_args_end(ctx, &a, "prepare_q")) == CLKVQ_OK)
             st = enqueue(ctx, prep, 1, &global, &local, events, "prepare_q");
     }
     size_t wg = serial ? 1 : (size_t)t.wgs;
     size_t local3[3] = {wg, 1, 1};
     if (st == CLKVQ_OK && !fp16 && n_packed > 0) {
-        const void *v[] = {&qs, &qsum, &layer->k.codes, &layer->k.params, &layer->v.codes,
-                           &layer->v.params, &layer->v.fp, &cache->seq_len, &cache->partials,
-                           &n_qh, &n_kv, &cap, &fp_slots, &ring, &n_sink, &window, &residual,
-                           &slots};
-        size_t z[18];
-        for (int i = 0; i < 18; i++)
-            z[i] = i < 9 ? sizeof(cl_mem) : sizeof(cl_int);
-        size_t global[3] = {(size_t)n_packed * wg, (size_t)n_kv, (size_t)n_seqs};
-        if ((err = set_args(packed, 18, v, z)) != CL_SUCCESS)
-            st = clkvq_cl_fail(ctx, err, "setting packed chunk arguments");
-        else
+        clkvq_args_begin(&a, packed, 0);
+        clkvq_args_mem(&a, qs);
+        clkvq_args_mem(&a, qsum);
+        clkvq_args_mem(&a, layer->k.codes);
+        clkvq_args_mem(&a, layer->k.params);
+        clkvq_args_mem(&a, layer->v.codes);
+        clkvq_args_mem(&a, layer->v.params);
+        clkvq_args_mem(&a, layer->v.fp);
+        clkvq_args_mem(&a, cache->seq_len);
+        clkvq_args_mem(&a, cache->partials);
+        clkvq_args_int(&a, cfg->n_q_heads);
+        clkvq_args_int(&a, cfg->n_kv_heads);
+        clkvq_args_int(&a, clkvq_cache_stride(cfg->capacity));
+        args_regions(&a, layer);
+        clkvq_args_int(&a, n_slots);
+        size_t global[3] = {(size_t)n_packed * wg, (size_t)cfg->n_kv_heads, (size_t)cfg->n_seqs};
+        if ((st = clkvq_args_end(ctx, &a, "packed attention chunks")) == CLKVQ_OK)
             st = enqueue(ctx, packed, 3, global, local3, events, "packed attention chunks");
     }
     if (st == CLKVQ_OK && n_fp > 0) {
-        const void *v[] = {&qs, &layer->k.fp, &layer->v.fp, &cache->seq_len, &cache->partials,
-                           &n_qh, &n_kv, &fp_slots, &ring, &n_sink, &window, &residual, &slot0,
-                           &slots};
-        size_t z[14];
-        for (int i = 0; i < 14; i++)
-            z[i] = i < 5 ? sizeof(cl_mem) : sizeof(cl_int);
-        size_t global[3] = {(size_t)n_fp * wg, (size_t)n_kv, (size_t)n_seqs};
-        if ((err = set_args(fpk, 14, v, z)) != CL_SUCCESS)
-            st = clkvq_cl_fail(ctx, err, "setting fp16 chunk arguments");
-        else
+        clkvq_args_begin(&a, fpk, 0);
+        clkvq_args_mem(&a, qs);
+        clkvq_args_mem(&a, layer->k.fp);
+        clkvq_args_mem(&a, layer->v.fp);
+        clkvq_args_mem(&a, cache->seq_len);
+        clkvq_args_mem(&a, cache->partials);
+        clkvq_args_int(&a, cfg->n_q_heads);
+        clkvq_args_int(&a, cfg->n_kv_heads);
+        args_regions(&a, layer);
+        clkvq_args_int(&a, n_packed); /* the first fp16 slot */
+        clkvq_args_int(&a, n_slots);
+        size_t global[3] = {(size_t)n_fp * wg, (size_t)cfg->n_kv_heads, (size_t)cfg->n_seqs};
+        if ((st = clkvq_args_end(ctx, &a, "fp16 attention chunks")) == CLKVQ_OK)
             st = enqueue(ctx, fpk, 3, global, local3, events, "fp16 attention chunks");
     }
     if (st == CLKVQ_OK) {
-        const void *v[] = {&cache->partials, MEM_ARG(layer->v.perm), &cache->seq_len, &out,
-                           &n_seqs, &n_qh, &slots};
-        const size_t z[] = {sizeof(cl_mem), sizeof(cl_mem), sizeof(cl_mem), sizeof(cl_mem),
-                            sizeof(cl_int), sizeof(cl_int), sizeof(cl_int)};
+        clkvq_args_begin(&a, merge, 0);
+        clkvq_args_mem(&a, cache->partials);
+        clkvq_args_mem(&a, layer->v.perm);
+        clkvq_args_mem(&a, cache->seq_len);
+        clkvq_args_mem(&a, out);
+        clkvq_args_int(&a, cfg->n_seqs);
+        clkvq_args_int(&a, cfg->n_q_heads);
+        clkvq_args_int(&a, n_slots);
         size_t local = serial ? 1 : MERGE_LOCAL_SIZE;
         size_t global = serial ? n_q : clkvq_round_up(n_q * cfg->head_dim, local);
-        if ((err = set_args(merge, 7, v, z)) != CL_SUCCESS)
-            st = clkvq_cl_fail(ctx, err, "setting merge arguments");
-        else
+        if ((st = clkvq_args_end(ctx, &a, "merge")) == CLKVQ_OK)
             st = enqueue(ctx, merge, 1, &global, &local, events, "merge");
     }
     if (events->n > 0) {
@@ -335,7 +335,7 @@ clkvq_status clkvq_cache_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out,
     if (l < 0 || l >= cache->cfg.n_layers)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d is outside 0..%d", l,
                           cache->cfg.n_layers - 1);
-    if (!(scale == scale) || scale == 0.0f)
+    if (!isfinite(scale) || scale == 0.0f)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "scale %g must be finite and non-zero",
                           (double)scale);
     size_t need = (size_t)cache->cfg.n_seqs * cache->cfg.n_q_heads * cache->cfg.head_dim *

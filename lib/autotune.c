@@ -17,6 +17,7 @@
 #include "autotune.h"
 
 #include "kv_cache.h"
+#include "reference.h"
 #include "tuning_db.h"
 
 #include <math.h>
@@ -172,40 +173,21 @@ static clkvq_status cache_for(tune_state *ts, clkvq_layout lk, clkvq_layout lv,
 static clkvq_status reference(tune_state *ts, clkvq_cache *cache, float scale)
 {
     const clkvq_tune_shape *sh = &ts->shape;
-    int d = sh->head_dim, n = sh->tokens, qpk = sh->n_q_heads / sh->n_kv_heads;
+    int d = sh->head_dim, n = sh->tokens;
     size_t kv = (size_t)sh->n_kv_heads * n * d;
     float *k = malloc(kv * sizeof(float)), *v = malloc(kv * sizeof(float));
-    double *p = malloc((size_t)n * sizeof(double));
-    clkvq_status st = k && v && p ? CLKVQ_OK
-                                  : clkvq_fail(ts->ctx, CLKVQ_ERR_OUT_OF_MEMORY, "tuning reference");
+    clkvq_status st = k && v ? CLKVQ_OK
+                             : clkvq_fail(ts->ctx, CLKVQ_ERR_OUT_OF_MEMORY, "tuning reference");
+    clkvq_ref_attn_shape rs = {sh->n_q_heads, sh->n_kv_heads, d, n, (size_t)n * d, 1,
+                               (size_t)d, scale};
     for (int s = 0; s < sh->batch && st == CLKVQ_OK; s++) {
         st = clkvq_cache_read(cache, 0, s, k, v);
-        for (int qh = 0; qh < sh->n_q_heads && st == CLKVQ_OK; qh++) {
-            const float *q = ts->q + ((size_t)s * sh->n_q_heads + qh) * d;
-            const float *kh = k + (size_t)(qh / qpk) * n * d, *vh = v + (size_t)(qh / qpk) * n * d;
-            double m = -INFINITY, l = 0.0;
-            for (int t = 0; t < n; t++) {
-                double dot = 0.0;
-                for (int c = 0; c < d; c++)
-                    dot += (double)q[c] * kh[(size_t)t * d + c];
-                p[t] = dot * scale;
-                m = p[t] > m ? p[t] : m;
-            }
-            for (int t = 0; t < n; t++)
-                l += p[t] = exp(p[t] - m);
-            double *o = ts->ref + ((size_t)s * sh->n_q_heads + qh) * d;
-            for (int c = 0; c < d; c++)
-                o[c] = 0.0;
-            for (int t = 0; t < n; t++)
-                for (int c = 0; c < d; c++)
-                    o[c] += p[t] * vh[(size_t)t * d + c];
-            for (int c = 0; c < d; c++)
-                o[c] /= l;
-        }
+        if (st == CLKVQ_OK)
+            clkvq_ref_attention(&rs, ts->q + (size_t)s * sh->n_q_heads * d, k, v,
+                                ts->ref + (size_t)s * sh->n_q_heads * d);
     }
     free(k);
     free(v);
-    free(p);
     return st;
 }
 

@@ -21,6 +21,7 @@
  * capacity padding the cache allocates (clkvq_cache_plan reports that).
  */
 #include "kv_cache.h"
+#include "reference.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -48,48 +49,26 @@ static void gather_tokens(const float *x, int heads, int n_tokens, int hd, int t
 }
 
 /*
- * fp64 causal attention of query p (every q head) over the original K/V
- * [0..p], compared with the kernel's out [n_q][hd]. scores is scratch of
- * p + 1 doubles, ref of hd doubles.
+ * fp64 attention of query p (every q head) over the original K/V [0..p]
+ * (lib/reference.c's oracle), compared with the kernel's out [n_q][hd].
+ * ref is scratch of n_q * hd doubles.
  */
 static void compare_query(const float *q, const float *k, const float *v, const float *out,
                           int n_q, int n_kv, int n_tokens, int hd, int p, double scale,
-                          double *scores, double *ref, eval_accum *acc)
+                          double *ref, eval_accum *acc)
 {
-    const int group = n_q / n_kv;
+    const size_t head = (size_t)n_tokens * hd;
+    clkvq_ref_attn_shape rs = {n_q, n_kv, hd, p + 1, head, 1, head, scale};
+    clkvq_ref_attention(&rs, q + (size_t)p * hd, k, v, ref);
     for (int qh = 0; qh < n_q; qh++) {
-        const int kh = qh / group;
-        const float *qv = q + ((size_t)qh * n_tokens + p) * hd;
-        const float *kb = k + (size_t)kh * n_tokens * hd;
-        const float *vb = v + (size_t)kh * n_tokens * hd;
-        double m = -INFINITY;
-        for (int t = 0; t <= p; t++) {
-            const float *kt = kb + (size_t)t * hd;
-            double s = 0.0;
-            for (int c = 0; c < hd; c++)
-                s += (double)qv[c] * (double)kt[c];
-            scores[t] = s * scale;
-            if (scores[t] > m)
-                m = scores[t];
-        }
-        double l = 0.0;
-        for (int t = 0; t <= p; t++)
-            l += scores[t] = exp(scores[t] - m);
-        for (int c = 0; c < hd; c++)
-            ref[c] = 0.0;
-        for (int t = 0; t <= p; t++) {
-            const float *vt = vb + (size_t)t * hd;
-            const double w = scores[t] / l;
-            for (int c = 0; c < hd; c++)
-                ref[c] += w * (double)vt[c];
-        }
         const float *o = out + (size_t)qh * hd;
+        const double *r = ref + (size_t)qh * hd;
         double num = 0.0, den = 0.0, dot = 0.0, oo = 0.0;
         for (int c = 0; c < hd; c++) {
-            double d = (double)o[c] - ref[c];
+            double d = (double)o[c] - r[c];
             num += d * d;
-            den += ref[c] * ref[c];
-            dot += (double)o[c] * ref[c];
+            den += r[c] * r[c];
+            dot += (double)o[c] * r[c];
             oo += (double)o[c] * (double)o[c];
         }
         acc->num += num;
@@ -137,14 +116,7 @@ static clkvq_status tensor_bits(clkvq_context *ctx, const clkvq_cache_layer *lay
     const int fp_tokens = n - packed;
     double packed_bits = 0.0;
     if (packed > 0) {
-        const clkvq_tensor_store *st = is_v ? &layer->v : &layer->k;
-        clkvq_quant_params qp = clkvq_quant_params_default();
-        qp.format = st->format;
-        qp.axis = st->axis;
-        qp.group_size = lc->group_size;
-        qp.clip_alpha = st->clip;
-        qp.param_type = lc->param_type;
-        qp.zero_mode = lc->zero_mode;
+        clkvq_quant_params qp = clkvq_layer_quant_params(lc, is_v);
         /* One head: per-token groups are exact for any token count; KIVI's
          * per-channel key blocks only ever hold whole blocks of R tokens,
          * a multiple of the group, so no partial group is counted. */
@@ -220,11 +192,10 @@ clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg,
     float *v_stage = malloc(sizeof(float) * n_kv_heads * stage_tokens * head_dim);
     float *q_step = malloc(sizeof(float) * (size_t)n_q_heads * head_dim);
     float *o_step = malloc(sizeof(float) * (size_t)n_q_heads * head_dim);
-    double *scores = malloc(sizeof(double) * (size_t)n_tokens);
-    double *ref = malloc(sizeof(double) * (size_t)head_dim);
+    double *ref = malloc(sizeof(double) * (size_t)n_q_heads * head_dim);
     float *k_back = malloc(sizeof(float) * kv_count);
     float *v_back = malloc(sizeof(float) * kv_count);
-    if (!k_stage || !v_stage || !q_step || !o_step || !scores || !ref || !k_back || !v_back) {
+    if (!k_stage || !v_stage || !q_step || !o_step || !ref || !k_back || !v_back) {
         st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "%s: no host memory for %d tokens", fn,
                         n_tokens);
         goto done;
@@ -254,7 +225,7 @@ clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg,
         /* The reference uses the same scale as the kernel gets, rounded to
          * float, so the comparison does not carry a scale mismatch. */
         compare_query(q, k, v, o_step, n_q_heads, n_kv_heads, n_tokens, head_dim, p,
-                      (double)(float)scale, scores, ref, &acc);
+                      (double)(float)scale, ref, &acc);
     }
 
     st = clkvq_cache_read(cache, 0, 0, k_back, v_back);
@@ -280,7 +251,6 @@ done:
     free(v_stage);
     free(q_step);
     free(o_step);
-    free(scores);
     free(ref);
     free(k_back);
     free(v_back);

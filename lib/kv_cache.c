@@ -2,6 +2,8 @@
  * lib/kv_cache.h documents the token regions and the layouts. */
 #include "kv_cache.h"
 
+#include "kernel_args.h"
+#include "kernel_defines.h"
 #include "program_cache.h"
 #include "quant_format.h"
 #include "quantize.h"
@@ -61,15 +63,7 @@ clkvq_layer_config clkvq_layer_config_default(clkvq_scheme scheme)
 int clkvq_cache_q_end(const clkvq_cache_layer *layer, int is_v, int n)
 {
     const clkvq_layer_config *cfg = &layer->cfg;
-    int sink_end = clkvq_cache_n_sink_eff(layer, n);
-    switch (cfg->scheme) {
-    case CLKVQ_SCHEME_FP16: return sink_end;
-    case CLKVQ_SCHEME_TOKEN: return n;
-    case CLKVQ_SCHEME_KIVI:
-        return is_v ? (n > cfg->residual ? n - cfg->residual : 0) : n / cfg->residual * cfg->residual;
-    case CLKVQ_SCHEME_SKVQ: return n - cfg->window > sink_end ? n - cfg->window : sink_end;
-    default: return n;
-    }
+    return kvq_q_end((int)cfg->scheme, is_v, n, cfg->n_sink, cfg->window, cfg->residual);
 }
 
 int clkvq_cache_pack_from(const clkvq_cache_layer *layer, int is_v, int n_old, int n_new)
@@ -81,7 +75,7 @@ int clkvq_cache_pack_from(const clkvq_cache_layer *layer, int is_v, int n_old, i
 
 /* ------------------------------------------------------------ validation */
 
-static clkvq_quant_params tensor_params(const clkvq_layer_config *cfg, int is_v)
+clkvq_quant_params clkvq_layer_quant_params(const clkvq_layer_config *cfg, int is_v)
 {
     clkvq_quant_params qp = clkvq_quant_params_default();
     qp.format = is_v ? cfg->format_v : cfg->format_k;
@@ -118,7 +112,7 @@ static clkvq_status validate_layer(clkvq_context *ctx, const clkvq_cache_config 
                           l, lc->residual, lc->group_size);
     clkvq_shape shape = {cfg->n_kv_heads, cfg->capacity, cfg->head_dim};
     for (int is_v = 0; is_v < 2; is_v++) {
-        clkvq_quant_params qp = tensor_params(lc, is_v);
+        clkvq_quant_params qp = clkvq_layer_quant_params(lc, is_v);
         clkvq_status st = clkvq_quant_params_validate(ctx, &qp, &shape);
         if (st != CLKVQ_OK) {
             char detail[CLKVQ_MSG_MAX / 2];
@@ -189,7 +183,7 @@ typedef struct {
 static void fill_store_geometry(const clkvq_cache_config *cfg, const clkvq_layer_config *lc,
                                 int is_v, clkvq_tensor_store *st)
 {
-    clkvq_quant_params qp = tensor_params(lc, is_v);
+    clkvq_quant_params qp = clkvq_layer_quant_params(lc, is_v);
     if (lc->scheme == CLKVQ_SCHEME_FP16) { /* nothing is packed: formats are not read */
         memset(st, 0, sizeof *st);
         st->layout = is_v ? cfg->layout_v : cfg->layout_k;
@@ -198,7 +192,7 @@ static void fill_store_geometry(const clkvq_cache_config *cfg, const clkvq_layer
     st->format = qp.format;
     st->axis = qp.axis;
     st->clip = qp.clip_alpha;
-    st->group_words = (int)((clkvq_group_bytes(qp.format, qp.group_size) + 3) / 4);
+    st->group_words = clkvq_group_words(qp.format, qp.group_size);
     st->n_groups = qp.axis == CLKVQ_AXIS_TOKEN ? cfg->head_dim / qp.group_size : 0;
     st->row_words = st->n_groups * st->group_words;
     st->layout = is_v ? cfg->layout_v : cfg->layout_k;
@@ -421,49 +415,41 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
 
 /* ------------------------------------------------------------ kernels */
 
-void clkvq_cache_store_options(const clkvq_cache *cache, const clkvq_cache_layer *layer,
-                               const clkvq_tensor_store *store, char *buf, size_t size)
-{
-    (void)cache;
-    snprintf(buf, size, "-D FMT=%d -D PARAM_FP8=%d -D ZERO_INT=%d -D AXIS_CHANNEL=%d -D LAYOUT=%d",
-             (int)store->format, layer->cfg.param_type == CLKVQ_PARAM_FP8_E4M3,
-             layer->cfg.zero_mode == CLKVQ_ZERO_INT, store->axis == CLKVQ_AXIS_CHANNEL,
-             (int)store->layout);
-}
-
+/* The program variant of one tensor store: its format's row of the table,
+ * parameter storage, axis and layout; everything else is an argument. */
 static clkvq_status store_kernel(clkvq_cache *cache, const clkvq_cache_layer *layer,
                                  const clkvq_tensor_store *store, const char *name,
                                  cl_kernel *out)
 {
-    char options[160];
-    clkvq_cache_store_options(cache, layer, store, options, sizeof options);
+    clkvq_defines d;
+    clkvq_defines_init(&d);
+    /* the fp16 scheme packs nothing; its store kernels still need a format */
+    clkvq_defines_format(&d, "", layer->cfg.scheme == CLKVQ_SCHEME_FP16 ? CLKVQ_FMT_Q8
+                                                                         : store->format);
+    clkvq_defines_params(&d, layer->cfg.param_type, layer->cfg.zero_mode);
+    clkvq_defines_int(&d, "AXIS_CHANNEL", store->axis == CLKVQ_AXIS_CHANNEL);
+    clkvq_defines_int(&d, "LAYOUT", (int)store->layout);
+    const char *options = clkvq_defines_get(cache->ctx, &d);
+    if (!options)
+        return CLKVQ_ERR_BUILD;
     return clkvq_kernel_get(cache->ctx, g_cache_sources, 2, options, name, out);
 }
 
-/* Sets args first.. first+9: the geometry every cache kernel takes. */
-static cl_int set_geometry(cl_kernel k, cl_uint first, const clkvq_cache *cache,
-                           const clkvq_cache_layer *layer, const clkvq_tensor_store *store, int seq)
+/* The geometry every cache kernel takes, in GEOM_ARGS order (kv_cache.cl). */
+static void args_geometry(clkvq_args *a, const clkvq_cache *cache, const clkvq_cache_layer *layer,
+                          const clkvq_tensor_store *store, int seq)
 {
     const clkvq_cache_config *cfg = &cache->cfg;
-    cl_int vals[10] = {cfg->n_kv_heads, cfg->head_dim, clkvq_cache_stride(cfg->capacity),
-                       layer->cfg.group_size,
-                       store->group_words, store->n_groups, layer->fp_slots, layer->ring,
-                       layer->cfg.n_sink, seq};
-    cl_int err = CL_SUCCESS;
-    for (cl_uint i = 0; i < 10; i++)
-        err |= clSetKernelArg(k, first + i, sizeof(cl_int), &vals[i]);
-    return err;
-}
-
-static cl_int set_mem(cl_kernel k, cl_uint index, cl_mem m)
-{
-    return clSetKernelArg(k, index, sizeof(cl_mem), m ? (const void *)&m : NULL);
-}
-
-static cl_int set_int(cl_kernel k, cl_uint index, int v)
-{
-    cl_int x = v;
-    return clSetKernelArg(k, index, sizeof x, &x);
+    clkvq_args_int(a, cfg->n_kv_heads);
+    clkvq_args_int(a, cfg->head_dim);
+    clkvq_args_int(a, clkvq_cache_stride(cfg->capacity));
+    clkvq_args_int(a, layer->cfg.group_size);
+    clkvq_args_int(a, store->group_words);
+    clkvq_args_int(a, store->n_groups);
+    clkvq_args_int(a, layer->fp_slots);
+    clkvq_args_int(a, layer->ring);
+    clkvq_args_int(a, layer->cfg.n_sink);
+    clkvq_args_int(a, seq);
 }
 
 static clkvq_status run_1d(clkvq_context *ctx, cl_kernel k, size_t items, const char *what)
@@ -504,13 +490,21 @@ static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
                                    &quant);
     if (st != CLKVQ_OK)
         return st;
-    cl_int err = set_mem(quant, 0, store->fp) | set_mem(quant, 1, in) |
-                 set_mem(quant, 2, store->perm) | set_mem(quant, 3, store->codes) |
-                 set_mem(quant, 4, store->params) | set_geometry(quant, 5, cache, layer, store, seq) |
-                 clSetKernelArg(quant, 15, sizeof(float), &store->clip) | set_int(quant, 16, q0) |
-                 set_int(quant, 17, n_stage) | set_int(quant, 18, n_old) | set_int(quant, 19, n_in);
-    if (err != CL_SUCCESS)
-        return clkvq_cl_fail(cache->ctx, err, "setting cache quantize arguments");
+    clkvq_args a;
+    clkvq_args_begin(&a, quant, 0);
+    clkvq_args_mem(&a, store->fp);
+    clkvq_args_mem(&a, in);
+    clkvq_args_mem(&a, store->perm);
+    clkvq_args_mem(&a, store->codes);
+    clkvq_args_mem(&a, store->params);
+    args_geometry(&a, cache, layer, store, seq);
+    clkvq_args_float(&a, store->clip);
+    clkvq_args_int(&a, q0);
+    clkvq_args_int(&a, n_stage);
+    clkvq_args_int(&a, n_old);
+    clkvq_args_int(&a, n_in);
+    if ((st = clkvq_args_end(cache->ctx, &a, "cache quantize")) != CLKVQ_OK)
+        return st;
     /* token axis: one work-item per 16 groups; channel axis: one per block */
     size_t items = token_axis
                        ? ((size_t)cfg->n_kv_heads * n_stage * store->n_groups + 15) / 16
@@ -526,11 +520,17 @@ static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_store_fp16", &k);
     if (st != CLKVQ_OK)
         return st;
-    cl_int err = set_mem(k, 0, in) | set_mem(k, 1, store->perm) | set_mem(k, 2, store->fp) |
-                 set_geometry(k, 3, cache, layer, store, seq) | set_int(k, 13, n_old) |
-                 set_int(k, 14, n_in) | set_int(k, 15, q_end_new);
-    if (err != CL_SUCCESS)
-        return clkvq_cl_fail(cache->ctx, err, "setting fp16 store arguments");
+    clkvq_args a;
+    clkvq_args_begin(&a, k, 0);
+    clkvq_args_mem(&a, in);
+    clkvq_args_mem(&a, store->perm);
+    clkvq_args_mem(&a, store->fp);
+    args_geometry(&a, cache, layer, store, seq);
+    clkvq_args_int(&a, n_old);
+    clkvq_args_int(&a, n_in);
+    clkvq_args_int(&a, q_end_new);
+    if ((st = clkvq_args_end(cache->ctx, &a, "fp16 store")) != CLKVQ_OK)
+        return st;
     return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n_in, "fp16 store");
 }
 
@@ -641,11 +641,16 @@ static clkvq_status refill(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_refill_fp16", &k);
     if (st != CLKVQ_OK)
         return st;
-    cl_int err = set_mem(k, 0, store->codes) | set_mem(k, 1, store->params) |
-                 set_mem(k, 2, store->fp) | set_geometry(k, 3, cache, layer, store, seq) |
-                 set_int(k, 13, t_from) | set_int(k, 14, t_count);
-    if (err != CL_SUCCESS)
-        return clkvq_cl_fail(cache->ctx, err, "setting refill arguments");
+    clkvq_args a;
+    clkvq_args_begin(&a, k, 0);
+    clkvq_args_mem(&a, store->codes);
+    clkvq_args_mem(&a, store->params);
+    clkvq_args_mem(&a, store->fp);
+    args_geometry(&a, cache, layer, store, seq);
+    clkvq_args_int(&a, t_from);
+    clkvq_args_int(&a, t_count);
+    if ((st = clkvq_args_end(cache->ctx, &a, "refill")) != CLKVQ_OK)
+        return st;
     return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * t_count * cache->cfg.head_dim,
                   "refill");
 }
@@ -695,13 +700,20 @@ static clkvq_status read_tensor(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_read", &k);
     if (st != CLKVQ_OK)
         return st;
-    cl_int err = set_mem(k, 0, store->codes) | set_mem(k, 1, store->params) |
-                 set_mem(k, 2, store->fp) | set_mem(k, 3, store->perm) | set_mem(k, 4, out) |
-                 set_geometry(k, 5, cache, layer, store, seq) | set_int(k, 15, n) |
-                 set_int(k, 16, clkvq_cache_q_end(layer, is_v, n)) | set_int(k, 17, 0) |
-                 set_int(k, 18, n);
-    if (err != CL_SUCCESS)
-        return clkvq_cl_fail(cache->ctx, err, "setting read arguments");
+    clkvq_args a;
+    clkvq_args_begin(&a, k, 0);
+    clkvq_args_mem(&a, store->codes);
+    clkvq_args_mem(&a, store->params);
+    clkvq_args_mem(&a, store->fp);
+    clkvq_args_mem(&a, store->perm);
+    clkvq_args_mem(&a, out);
+    args_geometry(&a, cache, layer, store, seq);
+    clkvq_args_int(&a, n);
+    clkvq_args_int(&a, clkvq_cache_q_end(layer, is_v, n));
+    clkvq_args_int(&a, 0);
+    clkvq_args_int(&a, n);
+    if ((st = clkvq_args_end(cache->ctx, &a, "read")) != CLKVQ_OK)
+        return st;
     return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n * cache->cfg.head_dim, "read");
 }
 

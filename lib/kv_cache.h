@@ -2,40 +2,19 @@
  * The KV cache object's internals, shared by kv_cache.c (state, append,
  * truncate, read), attention.c (fused decode) and prefill.c (CLBlast).
  *
- * Token regions of one tensor (K or V) of a sequence of length n:
- *   sinks      [0, n_sink_eff)           fp16, n_sink_eff = min(n, n_sink)
- *   quantized  [n_sink_eff, q_end)       packed codes + params
- *   recent     [q_end, n)                fp16 (window / residual)
- * q_end by scheme: fp16 -> n_sink_eff (0); token -> n; skvq -> max(n_sink_eff,
- * n - window); kivi K -> floor(n / R) * R; kivi V -> max(0, n - R).
- * For every scheme q_end(V) <= q_end(K): tokens in [q_end(V), q_end(K)) have
- * packed K but fp16 V (KIVI), and the fused kernel handles that.
- *
- * fp16 store per (seq, kv head): `fp_slots` rows of head_dim halves; token
- * t lives in slot t < n_sink ? ring + t : t % ring. A token's slot never
- * changes, so truncation and window moves never copy fp16 rows.
- *
- * Packed store (per-token groups) per (seq, kv head), in 32-bit words; a
- * group takes group_words = ceil(group_bytes / 4) words (ternary pads):
- *   TOKEN_MAJOR   word(t, g, w) = (sh * capacity + t) * row_words + g * group_words + w
- *   GROUP_PLANAR  word(t, g, w) = (sh * row_words + g * group_words + w) * capacity + t
- * with sh = seq * n_kv_heads + head and row_words = n_groups * group_words.
- * `capacity` in these formulas (and in every kernel argument so named) is
- * the token stride clkvq_cache_stride(): the capacity rounded up to 256, so
- * vector loads of up to 16 tokens past the last one stay inside the buffer
- * and KIVI blocks of any group size divide it.
- * Params (one entry per group: 2 halves or 2 fp8 bytes, scale first):
- *   TOKEN_MAJOR   (sh * capacity + t) * n_groups + g
- *   GROUP_PLANAR  (sh * n_groups + g) * capacity + t
- * KIVI keys (per-channel groups of group_size tokens) instead use
- *   word(b, c, w) = ((sh * n_blocks + b) * head_dim + c) * group_words + w
- *   param (sh * n_blocks + b) * head_dim + c,  n_blocks = capacity / group_size.
- * Channels in both stores are in packed (permuted) order.
+ * The token regions of a sequence (sinks / quantized / recent), the fp16
+ * store's slots and the packed layouts are defined once, in
+ * cl_kernels/clkvq_packing.h, which the kernels compile too. `capacity` in
+ * every kernel argument so named is the token stride clkvq_cache_stride():
+ * the capacity rounded up to 256, so vector loads of up to 16 tokens past
+ * the last one stay inside the buffer and KIVI blocks of any group size
+ * divide it. Channels in both stores are in packed (permuted) order.
  */
 #ifndef CLKVQ_KV_CACHE_H
 #define CLKVQ_KV_CACHE_H
 
 #include "internal.h"
+#include "clkvq_packing.h"
 
 typedef struct {
     clkvq_format format;
@@ -96,8 +75,9 @@ static inline int clkvq_cache_n_sink_eff(const clkvq_cache_layer *layer, int n_t
 clkvq_status clkvq_cache_read_device(clkvq_cache *cache, int layer, int seq, cl_mem k_out,
                                      cl_mem v_out);
 
-/* Build options every cache kernel of this tensor store compiles with. */
-void clkvq_cache_store_options(const clkvq_cache *cache, const clkvq_cache_layer *layer,
-                               const clkvq_tensor_store *store, char *buf, size_t size);
+/* How one tensor (K or V) of a layer is quantized: format, axis (KIVI keys
+ * run along tokens), group, clip, parameter storage. The one mapping from
+ * a layer config to quantization parameters (cache, reference, eval). */
+clkvq_quant_params clkvq_layer_quant_params(const clkvq_layer_config *cfg, int is_v);
 
 #endif

@@ -9,6 +9,7 @@
  * CLBlast takes the context's queue, so everything stays in order on it.
  */
 #include "internal.h"
+#include "kernel_args.h"
 #include "kv_cache.h"
 #include "program_cache.h"
 
@@ -344,12 +345,13 @@ clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads
         }
     }
     if (st == CLKVQ_OK && (st = events_reserve(ctx, &events)) == CLKVQ_OK) {
-        cl_int n_cols = (cl_int)n_tokens;
-        cl_int err = clSetKernelArg(softmax, 0, sizeof scores, &scores);
-        err |= clSetKernelArg(softmax, 1, sizeof n_cols, &n_cols);
-        st = err == CL_SUCCESS ? launch_softmax(ctx, softmax, 2, (size_t)n_q_heads, local,
-                                                events_slot(&events))
-                               : clkvq_cl_fail(ctx, err, "setting softmax arguments");
+        clkvq_args a;
+        clkvq_args_begin(&a, softmax, 0);
+        clkvq_args_mem(&a, scores);
+        clkvq_args_int(&a, n_tokens);
+        st = clkvq_args_end(ctx, &a, "the softmax");
+        if (st == CLKVQ_OK)
+            st = launch_softmax(ctx, softmax, 2, (size_t)n_q_heads, local, events_slot(&events));
         if (st == CLKVQ_OK)
             events_commit(&events);
     }
@@ -448,13 +450,14 @@ static clkvq_status prefill_chunk(clkvq_context *ctx, const prefill_job *job,
     if (s != CLBlastSuccess)
         return clblast_fail(ctx, s, "computing prefill scores (SgemmStridedBatched Q K^T)");
 
-    cl_int a_cols = (cl_int)n_cols, a_nq = (cl_int)c, a_pos0 = (cl_int)pos0;
-    err = clSetKernelArg(job->softmax, 0, sizeof sc->s, &sc->s);
-    err |= clSetKernelArg(job->softmax, 1, sizeof a_cols, &a_cols);
-    err |= clSetKernelArg(job->softmax, 2, sizeof a_nq, &a_nq);
-    err |= clSetKernelArg(job->softmax, 3, sizeof a_pos0, &a_pos0);
-    if (err != CL_SUCCESS)
-        return clkvq_cl_fail(ctx, err, "setting causal softmax arguments");
+    clkvq_args a;
+    clkvq_args_begin(&a, job->softmax, 0);
+    clkvq_args_mem(&a, sc->s);
+    clkvq_args_int(&a, (int)n_cols);
+    clkvq_args_int(&a, (int)c);
+    clkvq_args_int(&a, (int)pos0);
+    if ((st = clkvq_args_end(ctx, &a, "the causal softmax")) != CLKVQ_OK)
+        return st;
     if ((st = launch_softmax(ctx, job->softmax, 4, H * (size_t)c, job->local, NULL)) !=
         CLKVQ_OK)
         return st;

@@ -257,14 +257,21 @@ static void request_free(build_request *req) {
     free(req->key);
 }
 
+/* Every program starts with the shared packing header (the one definition
+ * of formats, layouts and regions that host and kernels both compile). */
+#define PACKING_HEADER "clkvq_packing.h"
+
 static clkvq_status concat_sources(clkvq_context *ctx, const char *const *sources, int n_sources,
                                    build_request *req) {
-    size_t total = 1, used = 0;
+    const char *header = clkvq_kernel_source(PACKING_HEADER);
+    if (!header)
+        return clkvq_fail(ctx, CLKVQ_ERR_BUILD, "the embedded sources lack " PACKING_HEADER);
+    size_t total = strlen(header) + 2, used = 0;
     for (int i = 0; i < n_sources; i++) total += strlen(clkvq_kernel_source(sources[i])) + 1;
     if (!(req->source = malloc(total)))
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "out of memory for kernel source");
-    for (int i = 0; i < n_sources; i++) {
-        const char *text = clkvq_kernel_source(sources[i]);
+    for (int i = -1; i < n_sources; i++) {
+        const char *text = i < 0 ? header : clkvq_kernel_source(sources[i]);
         size_t len = strlen(text);
         memcpy(req->source + used, text, len);
         used += len;

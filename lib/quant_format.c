@@ -3,18 +3,24 @@
 #include "quant_format.h"
 
 #include "internal.h"
+#include "clkvq_packing.h"
 
 #include <math.h>
 #include <string.h>
 #include <strings.h>
 
-static const clkvq_format_info g_formats[CLKVQ_FMT_COUNT] = {
-    {CLKVQ_FMT_Q8, "q8", "8", 256, 4, 4, 8.0},
-    {CLKVQ_FMT_Q4, "q4", "4", 16, 8, 4, 4.0},
-    {CLKVQ_FMT_Q3, "q3", "3", 8, 32, 12, 3.0},
-    {CLKVQ_FMT_Q2, "q2", "2", 4, 16, 4, 2.0},
-    {CLKVQ_FMT_T15, "t1.5", "1.5", 3, 5, 1, 1.6},
-};
+/* Rows from the shared table (cl_kernels/clkvq_packing.h), indexed by the
+ * enum so that a row out of order cannot slip through. */
+#define KVQ_INFO_ROW(id, name, bits_name, levels, bits, cpb, bpb) \
+    [CLKVQ_FMT_##id] = {CLKVQ_FMT_##id, name, bits_name, levels, cpb, bpb, 8.0 * (bpb) / (cpb)},
+static const clkvq_format_info g_formats[CLKVQ_FMT_COUNT] = {KVQ_FORMAT_TABLE(KVQ_INFO_ROW)};
+#define KVQ_BITS_ROW(id, name, bits_name, levels, bits, cpb, bpb) [CLKVQ_FMT_##id] = bits,
+static const int g_format_bits[CLKVQ_FMT_COUNT] = {KVQ_FORMAT_TABLE(KVQ_BITS_ROW)};
+#define KVQ_COUNT_ROW(...) +1
+_Static_assert(0 KVQ_FORMAT_TABLE(KVQ_COUNT_ROW) == CLKVQ_FMT_COUNT,
+               "one format table row per clkvq_format");
+
+int clkvq_format_bits(clkvq_format format) { return g_format_bits[format]; }
 
 const clkvq_format_info *clkvq_format_get(clkvq_format format)
 {
@@ -40,8 +46,13 @@ clkvq_status clkvq_format_parse(const char *text, clkvq_format *out)
 size_t clkvq_group_bytes(clkvq_format format, int group_size)
 {
     const clkvq_format_info *f = &g_formats[format];
-    size_t blocks = ((size_t)group_size + (size_t)f->codes_per_block - 1) / (size_t)f->codes_per_block;
-    return blocks * (size_t)f->bytes_per_block;
+    return (size_t)kvq_group_bytes(f->codes_per_block, f->bytes_per_block, group_size);
+}
+
+int clkvq_group_words(clkvq_format format, int group_size)
+{
+    const clkvq_format_info *f = &g_formats[format];
+    return kvq_group_words(f->codes_per_block, f->bytes_per_block, group_size);
 }
 
 size_t clkvq_param_bytes(clkvq_param_type type) { return type == CLKVQ_PARAM_FP16 ? 4 : 2; }
@@ -151,62 +162,17 @@ uint16_t clkvq_f32_to_f16(float x)
     return (uint16_t)(sign | h);
 }
 
-float clkvq_f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-    float out;
-    if (exp == 0) {
-        out = (float)mant * (1.0f / 16777216.0f);
-        return sign ? -out : out;
-    }
-    uint32_t bits = exp == 31 ? (sign | 0x7f800000u | (mant << 13))
-                              : (sign | ((exp + 112u) << 23) | (mant << 13));
-    memcpy(&out, &bits, sizeof out);
-    return out;
-}
+float clkvq_f16_to_f32(uint16_t h) { return kvq_f16_to_f32(h); }
 
 /* ------------------------------------------------------------ fp8 e4m3 */
 
-uint8_t clkvq_f32_to_e4m3(float x)
-{
-    if (isnan(x))
-        return 0x7f;
-    uint8_t sign = signbit(x) ? 0x80 : 0x00;
-    float a = fabsf(x);
-    if (a >= 448.0f)
-        return (uint8_t)(sign | 0x7e);
-    if (a < 0.015625f) /* subnormal range: steps of 2^-9; 8 steps = min normal */
-        return (uint8_t)(sign | (uint8_t)rintf(a * 512.0f));
-    int e;
-    float m = frexpf(a, &e); /* a = m 2^e, m in [0.5, 1) */
-    float sig = m * 2.0f;     /* in [1, 2), exponent e - 1 */
-    int e_unb = e - 1;
-    int q = (int)rintf((sig - 1.0f) * 8.0f);
-    if (q == 8) {
-        q = 0;
-        e_unb++;
-    }
-    return (uint8_t)(sign | (uint8_t)((e_unb + 7) << 3) | (uint8_t)q);
-}
+uint8_t clkvq_f32_to_e4m3(float x) { return kvq_f32_to_e4m3(x); }
 
-float clkvq_e4m3_to_f32(uint8_t v)
-{
-    int exp = (v >> 3) & 0xf, mant = v & 7;
-    float out;
-    if (exp == 0xf && mant == 7)
-        return NAN;
-    if (exp == 0)
-        out = ldexpf((float)mant, -9);
-    else
-        out = ldexpf(1.0f + (float)mant / 8.0f, exp - 7);
-    return (v & 0x80) ? -out : out;
-}
+float clkvq_e4m3_to_f32(uint8_t v) { return kvq_e4m3_to_f32(v); }
 
 float clkvq_param_min_scale(clkvq_param_type type)
 {
-    return type == CLKVQ_PARAM_FP16 ? 5.9604644775390625e-08f /* 2^-24 */
-                                    : 0.001953125f;          /* 2^-9 */
+    return type == CLKVQ_PARAM_FP16 ? KVQ_MIN_SCALE_FP16 : KVQ_MIN_SCALE_FP8;
 }
 
 float clkvq_param_round(clkvq_param_type type, float x)
@@ -218,28 +184,19 @@ float clkvq_param_round(clkvq_param_type type, float x)
 
 /* ------------------------------------------------------------ packing */
 
-static const uint32_t g_pow3[5] = {1, 3, 9, 27, 81};
-
 uint32_t clkvq_unpack_code(clkvq_format format, const uint8_t *group, int i)
 {
-    if (format == CLKVQ_FMT_T15)
-        return (group[i / 5] / g_pow3[i % 5]) % 3u;
-    int bits = format == CLKVQ_FMT_Q8 ? 8 : format == CLKVQ_FMT_Q4 ? 4 : format == CLKVQ_FMT_Q3 ? 3 : 2;
-    int bit = i * bits, byte = bit >> 3, shift = bit & 7;
-    uint32_t window = group[byte];
-    if (shift + bits > 8)
-        window |= (uint32_t)group[byte + 1] << 8;
-    return (window >> shift) & ((1u << bits) - 1u);
+    return kvq_code_in_bytes(group, i, g_format_bits[format]);
 }
 
 void clkvq_pack_code(clkvq_format format, uint8_t *group, int i, uint32_t code)
 {
-    if (format == CLKVQ_FMT_T15) {
+    int bits = g_format_bits[format];
+    if (!bits) {
         /* digits are added into a byte that starts at zero */
-        group[i / 5] = (uint8_t)(group[i / 5] + code * g_pow3[i % 5]);
+        group[i / 5] = (uint8_t)(group[i / 5] + code * KVQ_POW3(i % 5));
         return;
     }
-    int bits = format == CLKVQ_FMT_Q8 ? 8 : format == CLKVQ_FMT_Q4 ? 4 : format == CLKVQ_FMT_Q3 ? 3 : 2;
     int bit = i * bits, byte = bit >> 3, shift = bit & 7;
     uint32_t v = code << shift;
     group[byte] = (uint8_t)(group[byte] | (v & 0xffu));

@@ -1,27 +1,24 @@
 /*
- * The format table and the scalar encodings every part shares.
- *
- * Packing rule (all formats): the codes of one group form a little-endian
- * bit stream, code i at bits [i*b, i*b+b) for b in {8,4,3,2}, i.e. LSB
- * first inside 32-bit words; a group's codes start on a byte boundary and
- * take group_bytes = ceil(group_size / codes_per_block) * bytes_per_block.
- * Ternary packs 5 trits per byte in base 3: byte = t0 + 3 t1 + 9 t2 + 27 t3
- * + 81 t4 (at most 242), code i in byte i/5, digit i%5.
- *
- * Parameters of a group: (scale, zero), each as fp16 (2 bytes, scale first)
- * or fp8 e4m3 (1 byte each), stored back to back.
+ * Host access to the format table and the scalar encodings. The table, the
+ * packing rule and the encodings themselves are defined once, in
+ * cl_kernels/clkvq_packing.h, which the kernels compile too.
  */
 #ifndef CLKVQ_QUANT_FORMAT_H
 #define CLKVQ_QUANT_FORMAT_H
 
 #include "clkvq.h"
+#include "clkvq_packing.h"
 
 #include <stdint.h>
 
 /* Largest magnitude accepted in an input (fp16 max). */
-#define CLKVQ_INPUT_MAX 65504.0f
+#define CLKVQ_INPUT_MAX KVQ_INPUT_MAX
 
+/* Code width of a bit-stream format, 0 for a base-3 one. */
+int clkvq_format_bits(clkvq_format format);
 size_t clkvq_group_bytes(clkvq_format format, int group_size);
+/* Words of one group padded to whole 32-bit words (the cache's groups). */
+int clkvq_group_words(clkvq_format format, int group_size);
 size_t clkvq_param_bytes(clkvq_param_type type); /* both params of a group */
 
 /* IEEE half, round to nearest even (= vstore_half_rte). */

@@ -1,5 +1,7 @@
 /* Host side of quantization: validation, program variants, launches. */
 #include "internal.h"
+#include "kernel_args.h"
+#include "kernel_defines.h"
 #include "program_cache.h"
 #include "quantize.h"
 #include "quant_format.h"
@@ -18,17 +20,16 @@ static const char *const g_quant_sources[] = {"quant_common.cl", "quantize.cl"};
 
 /* The one program variant a parameter set needs: formats, parameter
  * storage and zero mode are compile-time; everything else is an argument. */
-static void variant_options(const clkvq_quant_params *qp, char *buf, size_t size)
-{
-    snprintf(buf, size, "-D FMT=%d -D PARAM_FP8=%d -D ZERO_INT=%d", (int)qp->format,
-             qp->param_type == CLKVQ_PARAM_FP8_E4M3, qp->zero_mode == CLKVQ_ZERO_INT);
-}
-
 static clkvq_status get_kernel(clkvq_context *ctx, const clkvq_quant_params *qp,
                                const char *name, cl_kernel *out)
 {
-    char options[128];
-    variant_options(qp, options, sizeof options);
+    clkvq_defines d;
+    clkvq_defines_init(&d);
+    clkvq_defines_format(&d, "", qp->format);
+    clkvq_defines_params(&d, qp->param_type, qp->zero_mode);
+    const char *options = clkvq_defines_get(ctx, &d);
+    if (!options)
+        return CLKVQ_ERR_BUILD;
     return clkvq_kernel_get(ctx, g_quant_sources, 2, options, name, out);
 }
 
@@ -81,16 +82,15 @@ clkvq_status clkvq_check_finite(clkvq_context *ctx, const clkvq_quant_params *qp
                                 sizeof first_bad, &first_bad, &err);
     if (err != CL_SUCCESS)
         return clkvq_cl_fail(ctx, err, "creating the input-check flag");
-    cl_int count = (cl_int)n, per_item = CHECK_PER_ITEM;
-    err = clSetKernelArg(kernel, 0, sizeof x, &x);
-    err |= clSetKernelArg(kernel, 1, sizeof count, &count);
-    err |= clSetKernelArg(kernel, 2, sizeof per_item, &per_item);
-    err |= clSetKernelArg(kernel, 3, sizeof bad, &bad);
-    if (err != CL_SUCCESS) {
-        clReleaseMemObject(bad);
-        return clkvq_cl_fail(ctx, err, "setting input-check arguments");
-    }
-    st = launch(ctx, kernel, (n + CHECK_PER_ITEM - 1) / CHECK_PER_ITEM, "input check", event);
+    clkvq_args a;
+    clkvq_args_begin(&a, kernel, 0);
+    clkvq_args_mem(&a, x);
+    clkvq_args_int(&a, (int)n);
+    clkvq_args_int(&a, CHECK_PER_ITEM);
+    clkvq_args_mem(&a, bad);
+    st = clkvq_args_end(ctx, &a, "the input check");
+    if (st == CLKVQ_OK)
+        st = launch(ctx, kernel, (n + CHECK_PER_ITEM - 1) / CHECK_PER_ITEM, "input check", event);
     if (st == CLKVQ_OK) {
         err = clEnqueueReadBuffer(ctx->queue, bad, CL_TRUE, 0, sizeof first_bad, &first_bad, 0,
                                   NULL, NULL);
@@ -105,14 +105,22 @@ clkvq_status clkvq_check_finite(clkvq_context *ctx, const clkvq_quant_params *qp
     return st;
 }
 
-static clkvq_status set_group_args(clkvq_context *ctx, cl_kernel kernel, int first,
-                                   const clkvq_shape *shape, int group_size)
+/* Arguments 0..7 of every group kernel: four buffers, then the shape. */
+static clkvq_status set_group_args(clkvq_context *ctx, cl_kernel kernel, cl_mem a0, cl_mem a1,
+                                   cl_mem a2, cl_mem a3, const clkvq_shape *shape,
+                                   int group_size, const char *what)
 {
-    cl_int err = clSetKernelArg(kernel, (cl_uint)first, sizeof(cl_int), &shape->n_heads);
-    err |= clSetKernelArg(kernel, (cl_uint)first + 1, sizeof(cl_int), &shape->n_tokens);
-    err |= clSetKernelArg(kernel, (cl_uint)first + 2, sizeof(cl_int), &shape->head_dim);
-    err |= clSetKernelArg(kernel, (cl_uint)first + 3, sizeof(cl_int), &group_size);
-    return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, "setting shape arguments");
+    clkvq_args a;
+    clkvq_args_begin(&a, kernel, 0);
+    clkvq_args_mem(&a, a0);
+    clkvq_args_mem(&a, a1);
+    clkvq_args_mem(&a, a2);
+    clkvq_args_mem(&a, a3);
+    clkvq_args_int(&a, shape->n_heads);
+    clkvq_args_int(&a, shape->n_tokens);
+    clkvq_args_int(&a, shape->head_dim);
+    clkvq_args_int(&a, group_size);
+    return clkvq_args_end(ctx, &a, what);
 }
 
 clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
@@ -156,17 +164,15 @@ clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
                     : lanes16  ? "clkvq_quantize_channel16"
                                : "clkvq_quantize_channel",
                     &kernel);
-    if (st == CLKVQ_OK) {
-        cl_int err = clSetKernelArg(kernel, 0, sizeof x, &x);
-        err |= clSetKernelArg(kernel, 1, sizeof perm, perm ? (const void *)&perm : NULL);
-        err |= clSetKernelArg(kernel, 2, sizeof codes, &codes);
-        err |= clSetKernelArg(kernel, 3, sizeof params, &params);
-        err |= clSetKernelArg(kernel, 8, sizeof(float), &qp->clip_alpha);
-        if (err != CL_SUCCESS)
-            st = clkvq_cl_fail(ctx, err, "setting quantize arguments");
-    }
     if (st == CLKVQ_OK)
-        st = set_group_args(ctx, kernel, 4, shape, qp->group_size);
+        st = set_group_args(ctx, kernel, x, perm, codes, params, shape, qp->group_size,
+                            "quantize");
+    if (st == CLKVQ_OK) {
+        clkvq_args a;
+        clkvq_args_begin(&a, kernel, 8);
+        clkvq_args_float(&a, qp->clip_alpha);
+        st = clkvq_args_end(ctx, &a, "quantize");
+    }
     if (st == CLKVQ_OK)
         st = launch(ctx, kernel, items, "quantize", &events[1]);
     if (st == CLKVQ_OK) {
@@ -209,18 +215,13 @@ clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
                     &kernel);
     if (st != CLKVQ_OK)
         return st;
-    cl_int err = clSetKernelArg(kernel, 0, sizeof codes, &codes);
-    err |= clSetKernelArg(kernel, 1, sizeof params, &params);
-    err |= clSetKernelArg(kernel, 2, sizeof perm, perm ? (const void *)&perm : NULL);
-    err |= clSetKernelArg(kernel, 3, sizeof out, &out);
-    if (err != CL_SUCCESS)
-        return clkvq_cl_fail(ctx, err, "setting dequantize arguments");
-    if ((st = set_group_args(ctx, kernel, 4, shape, qp->group_size)) != CLKVQ_OK)
+    if ((st = set_group_args(ctx, kernel, codes, params, perm, out, shape, qp->group_size,
+                             "dequantize")) != CLKVQ_OK)
         return st;
     cl_event event;
     if ((st = launch(ctx, kernel, layout.n_groups, "dequantize", &event)) != CLKVQ_OK)
         return st;
-    err = clWaitForEvents(1, &event);
+    cl_int err = clWaitForEvents(1, &event);
     if (err == CL_SUCCESS)
         ctx->last_device_ms = clkvq_events_ms(&event, 1);
     clReleaseEvent(event);

@@ -215,3 +215,40 @@ void clkvq_ref_dequantize(const clkvq_quant_params *qp, const clkvq_shape *shape
                 }
     }
 }
+
+void clkvq_ref_attention(const clkvq_ref_attn_shape *sh, const float *q, const float *k,
+                         const float *v, double *out)
+{
+    const int d = sh->head_dim, group = sh->n_q_heads / sh->n_kv_heads;
+    double *p = malloc(sizeof(double) * (size_t)(sh->n_keys > 0 ? sh->n_keys : 1));
+    if (!p)
+        abort(); /* an oracle that cannot run must not pass */
+    for (int h = 0; h < sh->n_q_heads; h++) {
+        const float *kh = k + (size_t)(h / group) * sh->kv_head_stride;
+        const float *vh = v + (size_t)(h / group) * sh->kv_head_stride;
+        for (int i = 0; i < sh->n_queries; i++) {
+            const float *qi = q + (size_t)h * sh->q_head_stride + (size_t)i * d;
+            const int len = sh->n_keys - sh->n_queries + i + 1;
+            double *o = out + ((size_t)h * sh->n_queries + i) * d;
+            double m = -INFINITY, sum = 0.0;
+            for (int t = 0; t < len; t++) {
+                double s = 0.0;
+                for (int c = 0; c < d; c++)
+                    s += (double)qi[c] * (double)kh[(size_t)t * d + c];
+                p[t] = s * sh->scale;
+                if (p[t] > m)
+                    m = p[t];
+            }
+            for (int t = 0; t < len; t++)
+                sum += p[t] = exp(p[t] - m);
+            for (int c = 0; c < d; c++)
+                o[c] = 0.0;
+            for (int t = 0; t < len; t++)
+                for (int c = 0; c < d; c++)
+                    o[c] += p[t] * (double)vh[(size_t)t * d + c];
+            for (int c = 0; c < d; c++)
+                o[c] = len > 0 ? o[c] / sum : 0.0;
+        }
+    }
+    free(p);
+}

@@ -41,6 +41,26 @@ void clkvq_ref_dequantize(const clkvq_quant_params *qp, const clkvq_shape *shape
                           const uint8_t *codes, const uint8_t *params, const int32_t *perm,
                           float *out);
 
+/*
+ * Attention in double precision: the one oracle of every attention path
+ * (tests, the autotuner's verification, clkvq_eval_layer). Query i of
+ * query head h attends causally to keys 0 .. n_keys - n_queries + i
+ * (n_queries = 1: decode over every key), reading kv head h / (n_q_heads /
+ * n_kv_heads) (GQA): out = softmax(scale q.K^T) V, [n_q_heads][n_queries]
+ * [head_dim]. Zero keys give zeros.
+ */
+typedef struct {
+    int n_q_heads, n_kv_heads, head_dim;
+    int n_keys;            /* keys (tokens) each kv head holds */
+    size_t kv_head_stride; /* floats between kv heads in k and v */
+    int n_queries;         /* queries per head, the last n_queries positions */
+    size_t q_head_stride;  /* floats between query heads in q; query i at + i * head_dim */
+    double scale;
+} clkvq_ref_attn_shape;
+
+void clkvq_ref_attention(const clkvq_ref_attn_shape *shape, const float *q, const float *k,
+                         const float *v, double *out);
+
 /* 1 if perm[h*head_dim ..] is a permutation of 0..head_dim-1 for every head. */
 int clkvq_ref_is_permutation(const int32_t *perm, int n_heads, int head_dim);
 

@@ -56,15 +56,7 @@ static float *at(clkvq_ref_cache *rc, int i, int h, int t, int c)
 
 static clkvq_quant_params params_of(const clkvq_ref_cache *rc, int i)
 {
-    const clkvq_layer_config *cfg = &rc->layer.cfg;
-    clkvq_quant_params qp = clkvq_quant_params_default();
-    qp.format = i ? cfg->format_v : cfg->format_k;
-    qp.axis = cfg->scheme == CLKVQ_SCHEME_KIVI && !i ? CLKVQ_AXIS_CHANNEL : CLKVQ_AXIS_TOKEN;
-    qp.group_size = cfg->group_size;
-    qp.clip_alpha = i ? cfg->clip_v : cfg->clip_k;
-    qp.param_type = cfg->param_type;
-    qp.zero_mode = cfg->zero_mode;
-    return qp;
+    return clkvq_layer_quant_params(&rc->layer.cfg, i);
 }
 
 /* Quantizes and dequantizes n values in place (one group). */

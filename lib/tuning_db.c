@@ -21,6 +21,8 @@
  */
 #define _DEFAULT_SOURCE /* flock() is BSD, not POSIX; the build sets only _POSIX_C_SOURCE */
 #include "tuning_db.h"
+
+#include "attn_fit.h"
 #include "program_cache.h"
 
 #include <cjson/cJSON.h>
@@ -143,11 +145,6 @@ static int bad(char *why, size_t why_size, const char *fmt, ...)
     return 0;
 }
 
-static int is_pow2(int x)
-{
-    return x > 0 && (x & (x - 1)) == 0;
-}
-
 /* The rules a shape must follow, whether it comes from a file or a caller;
  * they are the cache's own (kv_cache.c, quant_format.c), so a stored shape
  * is one a cache can have. 0 and why filled when broken. */
@@ -178,37 +175,21 @@ static int check_shape(const clkvq_tune_shape *s, char *why, size_t why_size)
     return 1;
 }
 
-/* The rules clkvq_cache_set_tuning applies that do not depend on the
- * device (attention.c's check_tuning). */
-static int check_params(const clkvq_tune_params *p, clkvq_scheme scheme, char *why, size_t why_size)
+/* attn_fit.c's rules that do not depend on the device: what a cache
+ * would accept for a shape of this scheme. */
+static int check_params(const clkvq_tune_params *p, const clkvq_tune_shape *s, char *why,
+                        size_t why_size)
 {
-    const clkvq_attn_tuning *t = &p->attn;
-    if (t->variant != CLKVQ_ATTN_SERIAL && t->variant != CLKVQ_ATTN_COOPERATIVE)
-        return bad(why, why_size, "variant %d is not serial or cooperative", (int)t->variant);
-    if (!is_pow2(t->wgs) || t->wgs > 65536)
-        return bad(why, why_size, "wgs %d is not a power of two in [1, 65536]", t->wgs);
-    if (t->vw != 4 && t->vw != 8 && t->vw != 16)
-        return bad(why, why_size, "vw %d is not 4, 8 or 16", t->vw);
-    int step = t->variant == CLKVQ_ATTN_SERIAL ? t->vw : t->wgs;
-    if (t->chunk <= 0 || t->chunk > (1 << 24) || t->chunk % step != 0)
-        return bad(why, why_size, "chunk %d is not a positive multiple of %s %d", t->chunk,
-                   t->variant == CLKVQ_ATTN_SERIAL ? "vw" : "wgs", step);
-    if ((p->layout_k != CLKVQ_LAYOUT_TOKEN_MAJOR && p->layout_k != CLKVQ_LAYOUT_GROUP_PLANAR) ||
-        (p->layout_v != CLKVQ_LAYOUT_TOKEN_MAJOR && p->layout_v != CLKVQ_LAYOUT_GROUP_PLANAR))
-        return bad(why, why_size, "layouts %d/%d are not token or planar", (int)p->layout_k,
-                   (int)p->layout_v);
-    if (t->variant == CLKVQ_ATTN_SERIAL && scheme != CLKVQ_SCHEME_FP16 &&
-        (p->layout_k != CLKVQ_LAYOUT_GROUP_PLANAR || p->layout_v != CLKVQ_LAYOUT_GROUP_PLANAR))
-        return bad(why, why_size, "the serial variant needs planar layouts, not %s/%s",
-                   layout_name(p->layout_k), layout_name(p->layout_v));
-    return 1;
+    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, s->head_dim,
+                                s->scheme != CLKVQ_SCHEME_FP16, p->layout_k, p->layout_v};
+    return clkvq_attn_tuning_check(&p->attn, &fit, NULL, why, why_size) == CLKVQ_OK;
 }
 
 static int check_entry(const clkvq_tune_result *e, char *why, size_t why_size)
 {
     char inner[WHY_MAX / 2];
     if (!check_shape(&e->shape, inner, sizeof inner)) return bad(why, why_size, "shape: %s", inner);
-    if (!check_params(&e->params, e->shape.scheme, inner, sizeof inner))
+    if (!check_params(&e->params, &e->shape, inner, sizeof inner))
         return bad(why, why_size, "params: %s", inner);
     if (!isfinite(e->tuned_ms) || e->tuned_ms <= 0 || !isfinite(e->default_ms) || e->default_ms < 0)
         return bad(why, why_size,
@@ -217,21 +198,16 @@ static int check_entry(const clkvq_tune_result *e, char *why, size_t why_size)
     return 1;
 }
 
-/* Does p fit ctx's device for shape s? Mirrors the device-dependent part of
- * attention.c's check_tuning: a shipped entry may come from a bigger device
- * of the vendor, a nearest one from a shape with more query heads. */
+/* Does p fit ctx's device for shape s (attn_fit.c)? A shipped entry may
+ * come from a bigger device of the vendor, a nearest one from a shape with
+ * more query heads. */
 static int params_fit(const clkvq_context *ctx, const clkvq_tune_params *p,
                       const clkvq_tune_shape *s)
 {
-    const clkvq_attn_tuning *t = &p->attn;
-    if (t->variant == CLKVQ_ATTN_SERIAL)
-        return s->scheme == CLKVQ_SCHEME_FP16 || (p->layout_k == CLKVQ_LAYOUT_GROUP_PLANAR &&
-                                                  p->layout_v == CLKVQ_LAYOUT_GROUP_PLANAR);
-    if ((size_t)t->wgs > ctx->info.max_work_group_size) return 0;
-    size_t qpk = (size_t)(s->n_q_heads / s->n_kv_heads);
-    size_t local =
-        sizeof(float) * qpk * ((size_t)s->head_dim * 2 + (size_t)t->chunk + (size_t)t->wgs);
-    return local <= ctx->info.local_mem_bytes;
+    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, s->head_dim,
+                                s->scheme != CLKVQ_SCHEME_FP16, p->layout_k, p->layout_v};
+    char why[256];
+    return clkvq_attn_tuning_check(&p->attn, &fit, &ctx->info, why, sizeof why) == CLKVQ_OK;
 }
 
 /* ------------------------------------------------------------ distance */

@@ -90,6 +90,55 @@ START_TEST(packing_is_lsb_first)
 }
 END_TEST
 
+/* clkvq_packing.h's division-free base-3 digit, for every byte and digit. */
+START_TEST(trit_digits_without_division)
+{
+    for (uint32_t b = 0; b < 256; b++) {
+        uint32_t div = 1;
+        for (int d = 0; d < 5; d++, div *= 3)
+            ck_assert_msg(KVQ_TRIT(b, d) == (b / div) % 3, "byte %u digit %d", b, d);
+    }
+}
+END_TEST
+
+/* The kernels' word-level unpacking (KVQ_CODE from a group padded to
+ * whole words, as the cache stores it) reads what the byte-level packer
+ * wrote, for every format and code position; a code that straddles two
+ * words is the only one that reads the second. */
+START_TEST(word_unpacking_matches_byte_packing)
+{
+    uint64_t seed = 11;
+    for (int f = 0; f < CLKVQ_FMT_COUNT; f++) {
+        const clkvq_format_info *info = clkvq_format_get((clkvq_format)f);
+        int bits = clkvq_format_bits((clkvq_format)f);
+        ck_assert_int_eq(bits == 0, info->levels == 3);
+        for (int g = 32; g <= 256; g += 32) {
+            uint8_t group[256 + 8];
+            uint32_t codes[256], words[66];
+            memset(group, 0, sizeof group);
+            for (int i = 0; i < g; i++) {
+                codes[i] = (uint32_t)(test_uniform(&seed) * info->levels);
+                clkvq_pack_code((clkvq_format)f, group, i, codes[i]);
+            }
+            int n_words = clkvq_group_words((clkvq_format)f, g);
+            ck_assert_uint_eq((size_t)n_words, (clkvq_group_bytes((clkvq_format)f, g) + 3) / 4);
+            for (int w = 0; w < n_words; w++)
+                words[w] = (uint32_t)group[4 * w] | (uint32_t)group[4 * w + 1] << 8 |
+                           (uint32_t)group[4 * w + 2] << 16 | (uint32_t)group[4 * w + 3] << 24;
+            for (int i = 0; i < g; i++) {
+                int w = KVQ_WORD_OF(i, bits);
+                ck_assert_int_lt(w, n_words);
+                uint32_t hi = KVQ_STRADDLES(i, bits) ? words[w + 1] : 0xdeadbeefu;
+                if (KVQ_STRADDLES(i, bits))
+                    ck_assert_int_lt(w + 1, n_words);
+                ck_assert_msg(KVQ_CODE(words[w], hi, i, bits) == codes[i], "%s g%d code %d",
+                              info->name, g, i);
+            }
+        }
+    }
+}
+END_TEST
+
 static uint16_t f16_bits_of(_Float16 h)
 {
     uint16_t b;
@@ -187,6 +236,8 @@ int main(void)
     tcase_add_test(tc, bits_per_element_counts_params);
     tcase_add_test(tc, pack_unpack_round_trip);
     tcase_add_test(tc, packing_is_lsb_first);
+    tcase_add_test(tc, trit_digits_without_division);
+    tcase_add_test(tc, word_unpacking_matches_byte_packing);
     tcase_add_test(tc, fp16_matches_compiler_conversion);
     tcase_add_test(tc, e4m3_round_trips_and_rounds_to_even);
     tcase_add_test(tc, validation_messages);

@@ -1,6 +1,7 @@
 /* The CLBlast attention paths against a double-precision C reference:
  * clkvq_gemv_decode (fp32 decode baseline) and clkvq_cache_prefill_host
  * (causal prefill over the cache), plus their argument checks. */
+#include "reference.h"
 #include "test_util.h"
 
 #include <math.h>
@@ -13,44 +14,13 @@ extern size_t clkvq_prefill_score_budget;
 
 /* ------------------------------------------------------------ reference */
 
-/*
- * Causal attention in double: k, v [n_kv][n][hd], q and out [n_q][nq][hd];
- * query i attends to tokens 0..n - nq + i (nq = 1 gives plain decode over
- * every token).
- */
+/* Causal attention in double (lib/reference.c): k, v [n_kv][n][hd], q and
+ * out [n_q][nq][hd]; query i attends to tokens 0..n - nq + i. */
 static void ref_attention(int n_q, int n_kv, int hd, int n, int nq, const float *k,
                           const float *v, const float *q, double scale, double *out)
 {
-    double *p = malloc(sizeof(double) * (size_t)n);
-    int group = n_q / n_kv;
-    for (int h = 0; h < n_q; h++) {
-        const float *kh = k + (size_t)(h / group) * n * hd;
-        const float *vh = v + (size_t)(h / group) * n * hd;
-        for (int i = 0; i < nq; i++) {
-            const float *qi = q + ((size_t)h * nq + i) * hd;
-            int len = n - nq + i + 1;
-            double m = -INFINITY, sum = 0.0;
-            for (int t = 0; t < len; t++) {
-                double s = 0.0;
-                for (int c = 0; c < hd; c++)
-                    s += (double)qi[c] * kh[(size_t)t * hd + c];
-                p[t] = s * scale;
-                if (p[t] > m)
-                    m = p[t];
-            }
-            for (int t = 0; t < len; t++) {
-                p[t] = exp(p[t] - m);
-                sum += p[t];
-            }
-            double *o = out + ((size_t)h * nq + i) * hd;
-            for (int c = 0; c < hd; c++)
-                o[c] = 0.0;
-            for (int t = 0; t < len; t++)
-                for (int c = 0; c < hd; c++)
-                    o[c] += p[t] / sum * vh[(size_t)t * hd + c];
-        }
-    }
-    free(p);
+    clkvq_ref_attn_shape rs = {n_q, n_kv, hd, n, (size_t)n * hd, nq, (size_t)nq * hd, scale};
+    clkvq_ref_attention(&rs, q, k, v, out);
 }
 
 /* Largest per-head relative error ||o - ref|| / ||ref|| over n_heads blocks
