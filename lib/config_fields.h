@@ -8,6 +8,13 @@
  * Knows nothing of libyaml or of the config object: values are read from
  * and written to a clkvq_layer_config (layer fields) or a config_top (top
  * level only fields) at the row's offset.
+ *
+ * Adding a field: a per-layer flag (say `rot`) is a clkvq_layer_config
+ * member, a row {IN_TOP | IN_LAYER, LAYER_AT(rot)} and, for a new kind
+ * (a boolean), one g_kinds entry with its parse/format/check. A top-level
+ * only field (say n_kv_heads) is a config_top member and a row {IN_TOP,
+ * CONFIG_KIND_INT, TOP_AT(n_kv_heads), bounds}; the reader stores it, the
+ * writer writes it when present (not 0), free releases what it owns.
  */
 #ifndef CLKVQ_CONFIG_FIELDS_H
 #define CLKVQ_CONFIG_FIELDS_H
