@@ -2,9 +2,12 @@
  * reproduce their README's numbers; our own fields round-trip through
  * save/load; every malformed input is one clear error with its line; a
  * loaded config builds a cache that appends and decodes. */
+#include "config_fields.h"
 #include "test_util.h"
 
 #include <dirent.h>
+#include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -525,6 +528,303 @@ START_TEST(file_and_model_errors)
 }
 END_TEST
 
+/* ------------------------------------------------------------ the field table */
+
+/* Every scalar layer field of the table, over values of its kind (each in
+ * every scheme that allows it): one layer per value, saved and loaded back,
+ * every field compared. A field the writer or reader forgot comes back as
+ * its default and fails here. */
+#define TF_MAX_LAYERS 1024
+
+/* Values of f's kind to try; n of them. */
+static int table_candidates(const config_field *f, double *vals)
+{
+    int n = 0;
+    switch (f->kind) {
+    case CONFIG_KIND_BITS:
+        for (int i = 0; i < CLKVQ_FMT_COUNT; i++)
+            vals[n++] = i;
+        break;
+    case CONFIG_KIND_ENUM:
+        for (int i = 0; i < f->count; i++)
+            vals[n++] = i;
+        break;
+    case CONFIG_KIND_INT: {
+        const double ints[] = {(double)f->lo, (double)f->lo + 1, 32, 64, 96, 128, (double)f->hi};
+        for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
+            vals[n++] = ints[i];
+        break;
+    }
+    case CONFIG_KIND_CLIP: {
+        const double clips[] = {1.0, 0.1, 0.92, 1e-3, FLT_MIN, nextafterf(1.0f, 0.0f)};
+        for (size_t i = 0; i < sizeof clips / sizeof clips[0]; i++)
+            vals[n++] = clips[i];
+        break;
+    }
+    default: break; /* not a scalar layer field: covered by the tests above */
+    }
+    return n;
+}
+
+static void table_set(const config_field *f, clkvq_layer_config *c, double v)
+{
+    void *dst = config_field_value(f, c, NULL);
+    if (f->kind == CONFIG_KIND_CLIP) {
+        float x = (float)v;
+        memcpy(dst, &x, sizeof x);
+    } else {
+        int x = (int)v;
+        memcpy(dst, &x, sizeof x);
+    }
+}
+
+START_TEST(table_fields_round_trip)
+{
+    clkvq_layer_config *layers = calloc(TF_MAX_LAYERS, sizeof *layers);
+    int n = 0, per_field[CONFIG_FIELD_MAX] = {0};
+    for (int i = 0; i < config_field_count; i++) {
+        const config_field *f = &config_fields[i];
+        double vals[16];
+        int nv = (f->scopes & CONFIG_IN_LAYER) ? table_candidates(f, vals) : 0;
+        for (int k = 0; k < nv; k++)
+            for (int s = 0; s < CLKVQ_SCHEME_COUNT; s++) {
+                clkvq_layer_config c = clkvq_layer_config_default((clkvq_scheme)s);
+                table_set(f, &c, vals[k]);
+                char why[256];
+                if (!config_field_check(f, config_field_cvalue(f, &c, NULL), why, sizeof why) ||
+                    !config_layer_rules(&c, why, sizeof why))
+                    continue;
+                ck_assert(n < TF_MAX_LAYERS);
+                layers[n++] = c;
+                per_field[i]++;
+            }
+    }
+    /* a model name longer than the writer's small buffer, that needs quoting */
+    char model[200];
+    snprintf(model, sizeof model, "%s", "m: \"q\" #");
+    for (size_t i = strlen(model); i < sizeof model - 1; i++)
+        model[i] = (char)('a' + i % 26);
+    model[sizeof model - 1] = '\0';
+    clkvq_precision_config *c = NULL;
+    clkvq_status st = clkvq_config_create(NULL, model, n, layers, 0, 0, &c);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(NULL));
+    char path[] = "/tmp/clkvq_table_XXXXXX";
+    int fd = mkstemp(path);
+    ck_assert(fd >= 0);
+    close(fd);
+    clkvq_precision_config *back = NULL;
+    st = clkvq_config_save(NULL, c, path);
+    if (st == CLKVQ_OK)
+        st = clkvq_config_load(NULL, path, NULL, &back);
+    unlink(path);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(NULL));
+    ck_assert_str_eq(clkvq_config_model(back), model);
+    ck_assert_int_eq(clkvq_config_n_layers(back), n);
+    report r = {{0}, 0};
+    for (int l = 0; l < n; l++) {
+        clkvq_layer_config x;
+        clkvq_config_layer(back, l, &x);
+        for (int i = 0; i < config_field_count; i++) {
+            const config_field *f = &config_fields[i];
+            if (!(f->scopes & CONFIG_IN_LAYER) || !config_field_is_scalar(f) ||
+                !memcmp(config_field_cvalue(f, &x, NULL), config_field_cvalue(f, &layers[l], NULL),
+                        f->size))
+                continue;
+            char want[64], got[64];
+            config_field_format(f, config_field_cvalue(f, &layers[l], NULL), want, sizeof want);
+            config_field_format(f, config_field_cvalue(f, &x, NULL), got, sizeof got);
+            note(&r, "layer %d: %s: wrote %s, read %s", l, f->name, want, got);
+        }
+    }
+    for (int i = 0; i < config_field_count; i++)
+        if ((config_fields[i].scopes & CONFIG_IN_LAYER) && config_field_is_scalar(&config_fields[i]) &&
+            per_field[i] < 2)
+            note(&r, "%s: %d values tried (no candidates for its kind?)", config_fields[i].name,
+                 per_field[i]);
+    ck_assert_msg(r.n == 0, "%d of %d layers differ:\n%s", r.n, n, r.text);
+    clkvq_config_free(back);
+    clkvq_config_free(c);
+    free(layers);
+}
+END_TEST
+
+/* A value out of range for each kind, as built in memory: what the
+ * message must say. 0 when the kind has no such value. */
+static int table_bad_value(const config_field *f, int which, double *v, const char **says)
+{
+    switch (f->kind) {
+    case CONFIG_KIND_BITS: *says = "is not in the format table"; break;
+    case CONFIG_KIND_ENUM: *says = "is not one of"; break;
+    case CONFIG_KIND_INT: *says = which == 2 ? "is not a multiple of" : "is not in"; break;
+    case CONFIG_KIND_CLIP: *says = "is not a clip ratio in (0, 1]"; break;
+    default: return 0;
+    }
+    double lo = f->kind == CONFIG_KIND_BITS   ? 0
+                : f->kind == CONFIG_KIND_ENUM ? 0
+                : f->kind == CONFIG_KIND_INT  ? (double)f->lo
+                                              : 0.0;
+    double hi = f->kind == CONFIG_KIND_BITS   ? CLKVQ_FMT_COUNT - 1
+                : f->kind == CONFIG_KIND_ENUM ? f->count - 1
+                : f->kind == CONFIG_KIND_INT  ? (double)f->hi
+                                              : 1.0;
+    if (f->kind == CONFIG_KIND_CLIP) {
+        const double bad[] = {0.0, 1.5, -1.0, NAN};
+        if (which >= 4)
+            return 0;
+        *v = bad[which];
+        return 1;
+    }
+    if (which == 0 && lo > INT_MIN) {
+        *v = lo - 1;
+        return 1;
+    }
+    if (which == 1 && hi < INT_MAX) {
+        *v = hi + 1;
+        return 1;
+    }
+    if (which == 2 && f->kind == CONFIG_KIND_INT && f->multiple) {
+        *v = lo + 1;
+        return 1;
+    }
+    return 0;
+}
+
+/* Every scalar layer field out of range, in a created layer and in the
+ * loader's defaults: INVALID_ARG naming where, the field and why. */
+START_TEST(table_fields_reject_bad_values)
+{
+    report r = {{0}, 0};
+    int cases = 0;
+    for (int i = 0; i < config_field_count; i++) {
+        const config_field *f = &config_fields[i];
+        if (!(f->scopes & CONFIG_IN_LAYER))
+            continue;
+        for (int which = 0; which < 4; which++) {
+            double v;
+            const char *says = NULL;
+            if (!table_bad_value(f, which, &v, &says))
+                continue;
+            cases++;
+            clkvq_layer_config c = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+            table_set(f, &c, v);
+            char where[64];
+            clkvq_precision_config *cfg = NULL;
+            clkvq_status st = clkvq_config_create(NULL, "m", 1, &c, 0, 0, &cfg);
+            snprintf(where, sizeof where, "layer 0: %s: ", f->name);
+            if (st != CLKVQ_ERR_INVALID_ARG || cfg || !strstr(clkvq_last_error(NULL), where) ||
+                !strstr(clkvq_last_error(NULL), says))
+                note(&r, "create %s = %g: %s", f->name, v, clkvq_last_error(NULL));
+            clkvq_config_free(cfg);
+            const char *y = "0: " OK_LAYER "\n";
+            st = clkvq_config_parse(NULL, y, strlen(y), &c, &cfg);
+            snprintf(where, sizeof where, "defaults: %s: ", f->name);
+            if (st != CLKVQ_ERR_INVALID_ARG || cfg || !strstr(clkvq_last_error(NULL), where) ||
+                !strstr(clkvq_last_error(NULL), says))
+                note(&r, "defaults %s = %g: %s", f->name, v, clkvq_last_error(NULL));
+            clkvq_config_free(cfg);
+        }
+    }
+    ck_assert_msg(r.n == 0 && cases >= 20, "%d of %d cases wrong:\n%s", r.n, cases, r.text);
+}
+END_TEST
+
+/* Text a field's kind cannot read, and what the message must say. */
+static const char *table_bad_text(const config_field *f, const char **says)
+{
+    switch (f->kind) {
+    case CONFIG_KIND_BITS: *says = "'5' is not in the format table"; return "5";
+    case CONFIG_KIND_INT: *says = "'x1' is not an integer in"; return "x1";
+    case CONFIG_KIND_CLIP: *says = "'2' is not a clip ratio in (0, 1]"; return "2";
+    case CONFIG_KIND_ENUM: *says = "'nonesuch' is not one of"; return "nonesuch";
+    case CONFIG_KIND_PERM: *says = "not a permutation"; return "[[0, 0]]";
+    case CONFIG_KIND_TEXT: *says = "expected a string, got a sequence"; return "[x]";
+    default: return NULL;
+    }
+}
+
+/* Every field of the table in the YAML it may appear in (the top level, a
+ * layer): a value of the wrong shape, a value its kind cannot read, twice
+ * the same field, and the field where it may not be. CORRUPT, naming
+ * "<memory>", the line, the scope and the field. */
+START_TEST(table_fields_yaml_errors)
+{
+    report r = {{0}, 0};
+    int cases = 0;
+    for (int i = 0; i < config_field_count; i++) {
+        const config_field *f = &config_fields[i];
+        const char *says = NULL, *bad = table_bad_text(f, &says);
+        ck_assert_msg(bad != NULL, "%s: no bad text for its kind", f->name);
+        for (int top = 0; top < 2; top++) {
+            unsigned scope = top ? CONFIG_IN_TOP : CONFIG_IN_LAYER;
+            char y[512], need[4][128];
+            /* the field on line 1 (top) or 4 (layer); the bits where it is not */
+            const char *fmt = top ? "%s: %s\n0:\n  nbits_key: 4\n  nbits_value: 4\n"
+                                  : "nbits_key: 4\nnbits_value: 4\n0:\n  %s: %s\n";
+            const char *scope_name = top ? "top level" : "layer 0";
+            int line = top ? 1 : 4;
+            const char *tries[3] = {bad, "{a: 1}", NULL};
+            for (int t = 0; t < 2; t++) {
+                snprintf(y, sizeof y, fmt, f->name, tries[t]);
+                snprintf(need[0], sizeof need[0], "<memory>:%d:", line);
+                if (!(f->scopes & scope)) {
+                    snprintf(need[1], sizeof need[1], "%s: unknown field '%s'", scope_name,
+                             f->name);
+                    snprintf(need[2], sizeof need[2], "valid fields: ");
+                } else {
+                    snprintf(need[1], sizeof need[1], "%s: %s: ", scope_name, f->name);
+                    if (t == 0)
+                        snprintf(need[2], sizeof need[2], "%s", says);
+                    else
+                        snprintf(need[2], sizeof need[2], "expected %s, got a mapping",
+                                 config_field_expect(f));
+                }
+                clkvq_precision_config *c = NULL;
+                clkvq_status st = clkvq_config_parse(NULL, y, strlen(y), NULL, &c);
+                const char *msg = clkvq_last_error(NULL);
+                cases++;
+                if (st != CLKVQ_ERR_CORRUPT || c || !strstr(msg, need[0]) ||
+                    !strstr(msg, need[1]) || !strstr(msg, need[2]))
+                    note(&r, "%s in %s, '%s': %s", f->name, scope_name, tries[t], msg);
+                clkvq_config_free(c);
+                if (!(f->scopes & scope))
+                    break;
+            }
+            if (!(f->scopes & scope))
+                continue;
+            /* twice: the second names the first's line */
+            const char *good = f->kind == CONFIG_KIND_PERM ? "[[0]]"
+                               : f->kind == CONFIG_KIND_BITS ? "4"
+                               : NULL;
+            char text[64];
+            if (!good) {
+                clkvq_layer_config d = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+                config_top t0 = {"m"};
+                config_field_format(f, config_field_cvalue(f, &d, &t0), text, sizeof text);
+                good = text;
+            }
+            if (top)
+                snprintf(y, sizeof y, "%s: %s\n%s: %s\n0: " OK_LAYER "\n", f->name, good,
+                         f->name, good);
+            else
+                snprintf(y, sizeof y, "nbits_key: 4\nnbits_value: 4\n0:\n  %s: %s\n  %s: %s\n",
+                         f->name, good, f->name, good);
+            snprintf(need[0], sizeof need[0], "<memory>:%d:", top ? 2 : 5);
+            snprintf(need[1], sizeof need[1], "%s: %s: duplicate field (first at line ",
+                     scope_name, f->name);
+            clkvq_precision_config *c = NULL;
+            clkvq_status st = clkvq_config_parse(NULL, y, strlen(y), NULL, &c);
+            const char *msg = clkvq_last_error(NULL);
+            cases++;
+            if (st != CLKVQ_ERR_CORRUPT || c || !strstr(msg, need[0]) || !strstr(msg, need[1]))
+                note(&r, "%s twice in %s: %s", f->name, scope_name, msg);
+            clkvq_config_free(c);
+        }
+    }
+    ck_assert_msg(r.n == 0 && cases >= 3 * config_field_count, "%d of %d cases wrong:\n%s", r.n,
+                  cases, r.text);
+}
+END_TEST
+
 /* ------------------------------------------------------------ caches */
 
 /* Appends tokens to every layer of the cache and decodes each against
@@ -685,6 +985,9 @@ int main(void)
     tcase_add_test(tc, created_config_round_trips);
     tcase_add_test(tc, malformed_configs_are_reported);
     tcase_add_test(tc, file_and_model_errors);
+    tcase_add_test(tc, table_fields_round_trip);
+    tcase_add_test(tc, table_fields_reject_bad_values);
+    tcase_add_test(tc, table_fields_yaml_errors);
     tcase_add_test(tc, per_head_bits);
     tcase_add_test(tc, kvtuner_preset_builds_a_cache);
     tcase_add_test(tc, own_config_builds_a_cache);

@@ -1,0 +1,53 @@
+/*
+ * The precision config object, shared by its own module
+ * (precision_config.c) and the YAML reader and writer
+ * (config_yaml_read.c, config_yaml_write.c). Not installed.
+ */
+#ifndef CLKVQ_PRECISION_CONFIG_H
+#define CLKVQ_PRECISION_CONFIG_H
+
+#include "config_fields.h"
+#include "internal.h"
+
+#include <stdint.h>
+
+/* The bits of one kv head: the CONFIG_IN_HEAD fields. */
+typedef struct {
+    clkvq_format k, v;
+} head_pair;
+
+typedef struct {
+    clkvq_layer_config cfg; /* perm_k/perm_v: perm[], the shared perm, or NULL */
+    int32_t *perm[CONFIG_PERM_SLOTS]; /* the layer's own, [perm_heads][head_dim], or NULL */
+    int n_heads;            /* heads with their own bits; 0 = one pair */
+    head_pair *heads;
+    int line;               /* of the layer key (0 when built in memory) */
+} config_layer;
+
+struct clkvq_precision_config {
+    config_top top;
+    int n_layers;
+    int perm_heads, head_dim; /* the shape every perm has (0, 0 if none) */
+    /* Top-level perm_k/perm_v, shared by every layer without its own: one
+     * copy, so a file cannot multiply one perm by its layer count. */
+    int32_t *shared_perm[CONFIG_PERM_SLOTS];
+    config_layer *layers;
+};
+
+/* A head's bits as the layer fields they are, and back. */
+static inline void head_to_layer(const head_pair *h, clkvq_layer_config *c)
+{
+    c->format_k = h->k;
+    c->format_v = h->v;
+}
+
+static inline head_pair head_from_layer(const clkvq_layer_config *c)
+{
+    return (head_pair){c->format_k, c->format_v};
+}
+
+/* Every scalar field of c in range (CLKVQ_ERR_INVALID_ARG naming layer l,
+ * or "defaults" when l < 0); perms are the caller's to check. */
+clkvq_status config_check_layer(clkvq_context *ctx, const clkvq_layer_config *c, int l);
+
+#endif
