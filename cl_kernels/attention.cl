@@ -1,5 +1,5 @@
 /*
- * Fused decode attention over the packed cache (OpenCL C 1.2).
+ * Fused decode attention over the paged cache (OpenCL C 1.2).
  *
  * One step = prepare_q (permute + scale q, per-group sums) -> chunk kernels
  * (packed tokens; fp16 tokens) writing per-chunk partial results (running
@@ -8,20 +8,28 @@
  * score = sum over groups of s * (q . codes) + z * sum(q) (float zero) or
  * s * (q . codes - z * sum(q)) (integer zero).
  *
+ * Rows: a work-group serves one kv head of one sequence and ROWS = QPK x NQ
+ * query rows, row r being query r / QPK (of NQ per sequence: speculative
+ * decoding verifies several) of q head kh * QPK + r % QPK. Query i of a
+ * sequence of length n attends causally to tokens t < n - NQ + 1 + i.
+ *
+ * Pages (clkvq_packing.h): token t of sequence s is in page table[s *
+ * max_blocks + t / block_size]; a page id outside 0..n_pages-1 (a runtime's
+ * bad table) masks its tokens instead of reading out of bounds. Packed
+ * chunks sit at absolute positions c * CHUNK, so aligned vectors of tokens
+ * never straddle pages.
+ *
  * Build options (all compile-time so loops unroll and shifts fold):
- *   HEAD_DIM, GROUP_SIZE, QPK (query heads per kv head), CHUNK (tokens per
- *   work-group), WGS (work-group size; CHUNK % WGS == 0), SCHEME
- *   (KVQ_SCHEME_*), K_BITS / K_TERNARY / K_LEVELS and V_... (the formats'
- *   rows of the table), K_GW / V_GW (words per packed group), PARAM_FP8,
- *   ZERO_INT, LAYOUT_K / LAYOUT_V (KVQ_LAYOUT_*). clkvq_packing.h, in front
- *   of this file, defines the layouts, regions and code unpacking.
- * The fp16 chunk kernel and the merge use only HEAD_DIM, QPK, CHUNK, WGS.
+ *   HEAD_DIM, GROUP_SIZE, QPK (query heads per kv head), NQ (queries per
+ *   sequence), CHUNK (tokens per work-group), WGS (work-group size; CHUNK %
+ *   WGS == 0), SCHEME (KVQ_SCHEME_*), K_BITS / K_TERNARY / K_LEVELS and
+ *   V_... (the formats' rows of the table), K_GW / V_GW (words per packed
+ *   group), PARAM_FP8, ZERO_INT, LAYOUT_K / LAYOUT_V (KVQ_LAYOUT_*).
  */
 #pragma OPENCL FP_CONTRACT OFF
 
 #define NG (HEAD_DIM / GROUP_SIZE)
-#define K_RW (NG * K_GW)
-#define V_RW (NG * V_GW)
+#define ROWS (QPK * NQ)
 #define PARTIAL_STRIDE (HEAD_DIM + 2)
 
 #if PARAM_FP8
@@ -53,19 +61,47 @@ inline int q_end_v(int n, int n_sink, int window, int residual)
     return kvq_q_end(SCHEME, 1, n, n_sink, window, residual);
 }
 
-inline size_t fp_row(size_t sh, int t, int fp_slots, int ring, int n_sink)
+/* The page geometry every chunk kernel gets, as one argument list (a
+ * struct holding the table pointer miscompiles on PoCL's work-group
+ * vectorizer, so it travels as plain values). */
+#define PAGE_ARGS                                                                          \
+    __global const int *table, int s, int max_blocks, int block_size, int n_pages,         \
+        int n_kv_heads
+#define PAGES table, s, max_blocks, block_size, n_pages, n_kv_heads
+
+/* Row hb = page * n_kv_heads + kh of token t's page, or -1 for a page id
+ * outside the pool. */
+inline long page_row(PAGE_ARGS, int kh, int t)
 {
-    return (sh * fp_slots + kvq_fp_slot(t, ring, n_sink)) * HEAD_DIM;
+    int page = kvq_page_of(table, s, max_blocks, t, block_size);
+    return page >= 0 && page < n_pages ? (long)page * n_kv_heads + kh : -1;
 }
 
-/* q: [seq][q head][HEAD_DIM] model order -> qs: packed order (perm_k of the
- * kv head), times scale; qsum: [seq][q head][NG] sums of qs per group. */
+/* Offset (halves) of the fp16 row of token t, or -1 if its page is bad:
+ * the fp16 scheme keeps every token in pages, the others keep sinks and
+ * recent tokens in the sequence's ring. */
+inline long fp_row(PAGE_ARGS, int kh, int t, int fp_slots, int ring, int n_sink)
+{
+#if SCHEME == KVQ_SCHEME_FP16
+    long hb = page_row(PAGES, kh, t);
+    return hb < 0 ? -1 : (hb * block_size + t % block_size) * HEAD_DIM;
+#else
+    return (((long)s * n_kv_heads + kh) * fp_slots + kvq_fp_slot(t, ring, n_sink)) * HEAD_DIM;
+#endif
+}
+
+/* Tokens query row r may attend to: t < row_limit. */
+inline int row_limit(int n, int r) { return n - NQ + 1 + r / QPK; }
+
+/* q: [seq][query][q head][HEAD_DIM] model order -> qs: packed order (perm_k
+ * of the kv head), times scale; qsum: [seq][query][q head][NG] sums of qs
+ * per group. n_rows = n_seqs * NQ. */
 __kernel void clkvq_attn_prepare_q(__global const float *q, __global const int *perm_k,
-                                   __global float *qs, __global float *qsum, int n_seqs,
+                                   __global float *qs, __global float *qsum, int n_rows,
                                    int n_q_heads, float scale)
 {
     int gid = (int)get_global_id(0);
-    if (gid >= n_seqs * n_q_heads * NG)
+    if (gid >= n_rows * n_q_heads * NG)
         return;
     int g = gid % NG, sq = gid / NG, qh = sq % n_q_heads;
     int kh = qh / QPK;
@@ -80,144 +116,167 @@ __kernel void clkvq_attn_prepare_q(__global const float *q, __global const int *
     qsum[(size_t)sq * NG + g] = sum;
 }
 
-/* Loads the QPK queries of kv head kh of sequence s into local memory. */
+/* Index (in units of one q head's row) of row r of kv head kh, seq s. */
+inline size_t row_index(int s, int kh, int r, int n_q_heads)
+{
+    return ((size_t)s * NQ + r / QPK) * n_q_heads + kh * QPK + r % QPK;
+}
+
+inline __global float *partial_of(__global float *partials, int s, int kh, int r, int slot,
+                                  int n_q_heads, int n_slots)
+{
+    return partials + (row_index(s, kh, r, n_q_heads) * n_slots + slot) * PARTIAL_STRIDE;
+}
+
+/* A chunk with no token for any row: the merge skips m = -inf. lid as in
+ * write_partials. */
+inline void write_empty(__global float *partials, int s, int kh, int slot, int n_q_heads,
+                        int n_slots, int lid)
+{
+    if (lid == 0)
+        for (int r = 0; r < ROWS; r++) {
+            __global float *p = partial_of(partials, s, kh, r, slot, n_q_heads, n_slots);
+            p[0] = -INFINITY;
+            p[1] = 0.0f;
+        }
+}
+
+/* Loads the ROWS queries of kv head kh of sequence s into local memory. */
 inline void load_queries(__global const float *qs, __global const float *qsum, int s, int kh,
                          int n_q_heads, __local float *q_loc, __local float *qsum_loc)
 {
     int lid = (int)get_local_id(0);
-    size_t base = ((size_t)s * n_q_heads + kh * QPK) * HEAD_DIM;
-    for (int i = lid; i < QPK * HEAD_DIM; i += WGS)
-        q_loc[i] = qs[base + i];
-    size_t sbase = ((size_t)s * n_q_heads + kh * QPK) * NG;
-    for (int i = lid; i < QPK * NG; i += WGS)
-        qsum_loc[i] = qsum[sbase + i];
+    for (int i = lid; i < ROWS * HEAD_DIM; i += WGS)
+        q_loc[i] = qs[row_index(s, kh, i / HEAD_DIM, n_q_heads) * HEAD_DIM + i % HEAD_DIM];
+    for (int i = lid; i < ROWS * NG; i += WGS)
+        qsum_loc[i] = qsum[row_index(s, kh, i / NG, n_q_heads) * NG + i % NG];
 }
 
 /* Softmax over the chunk's scores in s_loc (in place: exp(score - max)),
- * leaving each head's max and sum in m_out/l_out. Barriers only in
+ * leaving each row's max and sum in m_out/l_out. A row with no token in
+ * the chunk keeps m = -inf, l = 0 and zero weights. Barriers only in
  * uniform control flow (every work-item runs every loop the same times). */
 inline void chunk_softmax(__local float *s_loc, __local float *red, float *m_out, float *l_out)
 {
     int lid = (int)get_local_id(0);
-    for (int h = 0; h < QPK; h++) {
+    for (int r = 0; r < ROWS; r++) {
         float m = -INFINITY;
         for (int i = lid; i < CHUNK; i += WGS)
-            m = fmax(m, s_loc[h * CHUNK + i]);
-        red[h * WGS + lid] = m;
+            m = fmax(m, s_loc[r * CHUNK + i]);
+        red[r * WGS + lid] = m;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int stride = WGS / 2; stride > 0; stride /= 2) {
         if (lid < stride)
-            for (int h = 0; h < QPK; h++)
-                red[h * WGS + lid] = fmax(red[h * WGS + lid], red[h * WGS + lid + stride]);
+            for (int r = 0; r < ROWS; r++)
+                red[r * WGS + lid] = fmax(red[r * WGS + lid], red[r * WGS + lid + stride]);
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    for (int h = 0; h < QPK; h++)
-        m_out[h] = red[h * WGS];
+    for (int r = 0; r < ROWS; r++)
+        m_out[r] = red[r * WGS];
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int h = 0; h < QPK; h++) {
+    for (int r = 0; r < ROWS; r++) {
         float l = 0.0f;
         for (int i = lid; i < CHUNK; i += WGS) {
-            float p = exp(s_loc[h * CHUNK + i] - m_out[h]); /* masked: exp(-inf) = 0 */
-            s_loc[h * CHUNK + i] = p;
+            /* masked scores are -inf: exp gives 0 (an empty row subtracts 0,
+             * not -inf, which would make NaN) */
+            float p = exp(s_loc[r * CHUNK + i] - (m_out[r] == -INFINITY ? 0.0f : m_out[r]));
+            s_loc[r * CHUNK + i] = p;
             l += p;
         }
-        red[h * WGS + lid] = l;
+        red[r * WGS + lid] = l;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int stride = WGS / 2; stride > 0; stride /= 2) {
         if (lid < stride)
-            for (int h = 0; h < QPK; h++)
-                red[h * WGS + lid] += red[h * WGS + lid + stride];
+            for (int r = 0; r < ROWS; r++)
+                red[r * WGS + lid] += red[r * WGS + lid + stride];
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    for (int h = 0; h < QPK; h++)
-        l_out[h] = red[h * WGS];
+    for (int r = 0; r < ROWS; r++)
+        l_out[r] = red[r * WGS];
     barrier(CLK_LOCAL_MEM_FENCE);
 }
 
-inline __global float *partial_of(__global float *partials, int s, int qh, int slot,
-                                  int n_q_heads, int n_slots)
+/* Each row's (m, l), written by work-item 0. lid comes from the caller:
+ * PoCL 3.1 miscompiles the work-group loop (a following loop loses its
+ * exit) when get_local_id() is called inside such an inlined helper. */
+inline void write_partials(__global float *partials, int s, int kh, int slot, int n_q_heads,
+                           int n_slots, const float *m, const float *l, int lid)
 {
-    return partials + (((size_t)s * n_q_heads + qh) * n_slots + slot) * PARTIAL_STRIDE;
-}
-
-inline void write_empty(__global float *partials, int s, int kh, int slot, int n_q_heads,
-                        int n_slots)
-{
-    int lid = (int)get_local_id(0);
-    for (int h = 0; h < QPK; h++) {
-        __global float *p = partial_of(partials, s, kh * QPK + h, slot, n_q_heads, n_slots);
-        if (lid == 0) {
-            p[0] = -INFINITY;
-            p[1] = 0.0f;
+    if (lid == 0)
+        for (int r = 0; r < ROWS; r++) {
+            __global float *p = partial_of(partials, s, kh, r, slot, n_q_heads, n_slots);
+            p[0] = m[r];
+            p[1] = l[r];
         }
-    }
 }
 
 #if SCHEME != KVQ_SCHEME_FP16
-/* Scores of token t against the QPK queries from packed K. */
-inline void packed_scores(__global const uint *kc, __global const uchar *kp, size_t sh, int t,
-                          int capacity, __local const float *q_loc,
+/* Scores of token t (at offset o of page row hb) against the ROWS queries
+ * from packed K. */
+inline void packed_scores(__global const uint *kc, __global const uchar *kp, size_t hb, int o,
+                          int block_size, __local const float *q_loc,
                           __local const float *qsum_loc, float *score)
 {
-    for (int h = 0; h < QPK; h++)
-        score[h] = 0.0f;
+    for (int r = 0; r < ROWS; r++)
+        score[r] = 0.0f;
 #if SCHEME == KVQ_SCHEME_KIVI /* keys: per-channel groups of GROUP_SIZE tokens */
-    int j = t % GROUP_SIZE;
+    int j = o % GROUP_SIZE;
     for (int c = 0; c < HEAD_DIM; c++) {
-        size_t base = kvq_channel_group_word(sh, t, c, capacity, GROUP_SIZE, HEAD_DIM, K_GW);
+        size_t base = kvq_channel_group_word(hb, o, c, block_size, GROUP_SIZE, HEAD_DIM, K_GW);
         uint w[K_GW];
         for (int i = 0; i < K_GW; i++)
             w[i] = kc[base + i];
         float code = (float)WORDS_CODE(w, j, K_BITS);
-        float2 sz = load_params(kp, kvq_channel_param(sh, t, c, capacity, GROUP_SIZE, HEAD_DIM));
+        float2 sz = load_params(kp, kvq_channel_param(hb, o, c, block_size, GROUP_SIZE, HEAD_DIM));
 #if ZERO_INT
         float k = (code - sz.y) * sz.x;
 #else
         float k = code * sz.x + sz.y;
 #endif
-        for (int h = 0; h < QPK; h++)
-            score[h] += q_loc[h * HEAD_DIM + c] * k;
+        for (int r = 0; r < ROWS; r++)
+            score[r] += q_loc[r * HEAD_DIM + c] * k;
     }
 #else
-    size_t step = kvq_token_word_step(LAYOUT_K, capacity);
+    size_t step = kvq_token_word_step(LAYOUT_K, block_size);
     for (int g = 0; g < NG; g++) {
-        size_t base = kvq_token_group_word(LAYOUT_K, sh, t, g, capacity, NG, K_GW);
+        size_t base = kvq_token_group_word(LAYOUT_K, hb, o, g, block_size, NG, K_GW);
         uint w[K_GW];
         for (int i = 0; i < K_GW; i++)
             w[i] = kc[base + i * step];
-        float dot[QPK];
-        for (int h = 0; h < QPK; h++)
-            dot[h] = 0.0f;
+        float dot[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            dot[r] = 0.0f;
         for (int j = 0; j < GROUP_SIZE; j++) {
             float code = (float)WORDS_CODE(w, j, K_BITS);
-            for (int h = 0; h < QPK; h++)
-                dot[h] += q_loc[h * HEAD_DIM + g * GROUP_SIZE + j] * code;
+            for (int r = 0; r < ROWS; r++)
+                dot[r] += q_loc[r * HEAD_DIM + g * GROUP_SIZE + j] * code;
         }
-        float2 sz = load_params(kp, kvq_token_param(LAYOUT_K, sh, t, g, capacity, NG));
-        for (int h = 0; h < QPK; h++) {
+        float2 sz = load_params(kp, kvq_token_param(LAYOUT_K, hb, o, g, block_size, NG));
+        for (int r = 0; r < ROWS; r++) {
 #if ZERO_INT
-            score[h] += sz.x * (dot[h] - sz.y * qsum_loc[h * NG + g]);
+            score[r] += sz.x * (dot[r] - sz.y * qsum_loc[r * NG + g]);
 #else
-            score[h] += sz.x * dot[h] + sz.y * qsum_loc[h * NG + g];
+            score[r] += sz.x * dot[r] + sz.y * qsum_loc[r * NG + g];
 #endif
         }
     }
 #endif
 }
 
-/* Value of channel d of token t from packed V (token-axis groups). */
-inline float packed_value(__global const uint *vc, __global const uchar *vp, size_t sh, int t,
-                          int d, int capacity)
+/* Value of channel d of the token at offset o of page row hb (packed V,
+ * token-axis groups). */
+inline float packed_value(__global const uint *vc, __global const uchar *vp, size_t hb, int o,
+                          int d, int block_size)
 {
     int g = d / GROUP_SIZE, j = d % GROUP_SIZE;
-    size_t step = kvq_token_word_step(LAYOUT_V, capacity);
-    size_t w = kvq_token_group_word(LAYOUT_V, sh, t, g, capacity, NG, V_GW) +
+    size_t step = kvq_token_word_step(LAYOUT_V, block_size);
+    size_t w = kvq_token_group_word(LAYOUT_V, hb, o, g, block_size, NG, V_GW) +
                (size_t)KVQ_WORD_OF(j, V_BITS) * step;
     uint hi = KVQ_STRADDLES(j, V_BITS) ? vc[w + step] : 0u;
     float code = (float)KVQ_CODE(vc[w], hi, j, V_BITS);
-    float2 sz = load_params(vp, kvq_token_param(LAYOUT_V, sh, t, g, capacity, NG));
+    float2 sz = load_params(vp, kvq_token_param(LAYOUT_V, hb, o, g, block_size, NG));
 #if ZERO_INT
     return (code - sz.y) * sz.x;
 #else
@@ -225,74 +284,83 @@ inline float packed_value(__global const uint *vc, __global const uchar *vp, siz
 #endif
 }
 
-/* One work-group per (chunk of packed tokens, kv head, sequence). */
+/* One work-group per (chunk of packed tokens, kv head, sequence); chunk c
+ * covers [c0 * CHUNK, c0 * CHUNK + CHUNK) with c0 = c + sink_end / CHUNK,
+ * clipped to the packed region [sink_end, q_end_k). */
 __kernel __attribute__((reqd_work_group_size(WGS, 1, 1))) void
 clkvq_attn_packed_chunk(__global const float *qs, __global const float *qsum,
                         __global const uint *kc, __global const uchar *kp,
                         __global const uint *vc, __global const uchar *vp,
                         __global const half *vfp, __global const int *seq_len,
-                        __global float *partials, int n_q_heads, int n_kv_heads, int capacity,
+                        __global const int *table, __global float *partials, int n_q_heads,
+                        int n_kv_heads, int block_size, int max_blocks, int n_pages,
                         int fp_slots, int ring, int n_sink, int window, int residual,
                         int n_slots)
 {
-    __local float q_loc[QPK * HEAD_DIM];
-    __local float qsum_loc[QPK * NG];
-    __local float s_loc[QPK * CHUNK];
-    __local float red[QPK * WGS];
+    __local float q_loc[ROWS * HEAD_DIM];
+    __local float qsum_loc[ROWS * NG];
+    __local float s_loc[ROWS * CHUNK];
+    __local float red[ROWS * WGS];
+    __local long hb_loc[CHUNK]; /* page row of each token, -1: masked */
     int chunk = (int)get_group_id(0), kh = (int)get_group_id(1), s = (int)get_group_id(2);
     int lid = (int)get_local_id(0);
     int n = seq_len[s];
-    int t_begin = kvq_sink_end(n, n_sink) + chunk * CHUNK;
+    int sink_end = kvq_sink_end(n, n_sink);
     int qk = q_end_k(n, n_sink, window, residual), qv = q_end_v(n, n_sink, window, residual);
-    if (t_begin >= qk) { /* uniform across the work-group: no barrier is skipped by some */
-        write_empty(partials, s, kh, chunk, n_q_heads, n_slots);
+    int base = (chunk + sink_end / CHUNK) * CHUNK;
+    int t_lo = max(base, sink_end), t_hi = min(base + CHUNK, qk);
+    if (t_lo >= t_hi) { /* uniform across the work-group: no barrier is skipped by some */
+        write_empty(partials, s, kh, chunk, n_q_heads, n_slots, lid);
         return;
     }
-    int n_valid = min(CHUNK, qk - t_begin);
-    size_t sh = (size_t)s * n_kv_heads + kh;
     load_queries(qs, qsum, s, kh, n_q_heads, q_loc, qsum_loc);
     barrier(CLK_LOCAL_MEM_FENCE);
 
     for (int i = lid; i < CHUNK; i += WGS) {
-        float score[QPK];
-        if (i < n_valid) {
-            packed_scores(kc, kp, sh, t_begin + i, capacity, q_loc, qsum_loc, score);
+        int t = base + i;
+        long hb = t >= t_lo && t < t_hi ? page_row(PAGES, kh, t) : -1;
+        hb_loc[i] = hb;
+        float score[ROWS];
+        if (hb >= 0) {
+            packed_scores(kc, kp, (size_t)hb, t % block_size, block_size, q_loc, qsum_loc,
+                          score);
+            for (int r = 0; r < ROWS; r++)
+                if (t >= row_limit(n, r))
+                    score[r] = -INFINITY;
         } else {
-            for (int h = 0; h < QPK; h++)
-                score[h] = -INFINITY;
+            for (int r = 0; r < ROWS; r++)
+                score[r] = -INFINITY;
         }
-        for (int h = 0; h < QPK; h++)
-            s_loc[h * CHUNK + i] = score[h];
+        for (int r = 0; r < ROWS; r++)
+            s_loc[r * CHUNK + i] = score[r];
     }
     barrier(CLK_LOCAL_MEM_FENCE);
-    float m[QPK], l[QPK];
+    float m[ROWS], l[ROWS];
     chunk_softmax(s_loc, red, m, l);
 
+    const int i_lo = t_lo - base, i_hi = t_hi - base;
     for (int d = lid; d < HEAD_DIM; d += WGS) {
-        float acc[QPK];
-        for (int h = 0; h < QPK; h++)
-            acc[h] = 0.0f;
-        for (int i = 0; i < n_valid; i++) {
-            int t = t_begin + i;
-            float v;
+        float acc[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            acc[r] = 0.0f;
+        for (int i = i_lo; i < i_hi; i++) {
+            long hb = hb_loc[i];
+            int t = base + i;
+            float v = 0.0f;
 #if SCHEME == KVQ_SCHEME_KIVI /* V keeps its last `residual` tokens in fp16 */
             if (t >= qv)
-                v = vload_half(fp_row(sh, t, fp_slots, ring, n_sink) + d, vfp);
+                v = vload_half(fp_row(PAGES, kh, t, fp_slots, ring, n_sink) + d, vfp);
             else
 #endif
-                v = packed_value(vc, vp, sh, t, d, capacity);
-            for (int h = 0; h < QPK; h++)
-                acc[h] += s_loc[h * CHUNK + i] * v;
+                if (hb >= 0)
+                v = packed_value(vc, vp, (size_t)hb, t % block_size, d, block_size);
+            for (int r = 0; r < ROWS; r++)
+                acc[r] += s_loc[r * CHUNK + i] * v;
         }
-        for (int h = 0; h < QPK; h++)
-            partial_of(partials, s, kh * QPK + h, chunk, n_q_heads, n_slots)[2 + d] = acc[h];
+        for (int r = 0; r < ROWS; r++)
+            partial_of(partials, s, kh, r, chunk, n_q_heads, n_slots)[2 + d] = acc[r];
     }
-    if (lid == 0)
-        for (int h = 0; h < QPK; h++) {
-            __global float *p = partial_of(partials, s, kh * QPK + h, chunk, n_q_heads, n_slots);
-            p[0] = m[h];
-            p[1] = l[h];
-        }
+    write_partials(partials, s, kh, chunk, n_q_heads, n_slots, m, l, lid);
 }
 #endif
 
@@ -302,12 +370,15 @@ clkvq_attn_packed_chunk(__global const float *qs, __global const float *qsum,
 __kernel __attribute__((reqd_work_group_size(WGS, 1, 1))) void
 clkvq_attn_fp16_chunk(__global const float *qs, __global const half *kfp,
                       __global const half *vfp, __global const int *seq_len,
-                      __global float *partials, int n_q_heads, int n_kv_heads, int fp_slots,
-                      int ring, int n_sink, int window, int residual, int slot0, int n_slots)
+                      __global const int *table, __global float *partials, int n_q_heads,
+                      int n_kv_heads, int block_size, int max_blocks, int n_pages,
+                      int fp_slots, int ring, int n_sink, int window, int residual, int slot0,
+                      int n_slots)
 {
-    __local float q_loc[QPK * HEAD_DIM];
-    __local float s_loc[QPK * CHUNK];
-    __local float red[QPK * WGS];
+    __local float q_loc[ROWS * HEAD_DIM];
+    __local float s_loc[ROWS * CHUNK];
+    __local float red[ROWS * WGS];
+    __local long row_loc[CHUNK]; /* fp16 row of each token, -1: masked */
     int chunk = (int)get_group_id(0), kh = (int)get_group_id(1), s = (int)get_group_id(2);
     int lid = (int)get_local_id(0);
     int n = seq_len[s];
@@ -315,73 +386,74 @@ clkvq_attn_fp16_chunk(__global const float *qs, __global const half *kfp,
     int n_fp = sink_end + (n - qk);
     int u_begin = chunk * CHUNK;
     if (u_begin >= n_fp) {
-        write_empty(partials, s, kh, slot0 + chunk, n_q_heads, n_slots);
+        write_empty(partials, s, kh, slot0 + chunk, n_q_heads, n_slots, lid);
         return;
     }
     int n_valid = min(CHUNK, n_fp - u_begin);
-    size_t sh = (size_t)s * n_kv_heads + kh;
-    size_t qbase = ((size_t)s * n_q_heads + kh * QPK) * HEAD_DIM;
-    for (int i = lid; i < QPK * HEAD_DIM; i += WGS)
-        q_loc[i] = qs[qbase + i];
+    for (int i = lid; i < ROWS * HEAD_DIM; i += WGS)
+        q_loc[i] = qs[row_index(s, kh, i / HEAD_DIM, n_q_heads) * HEAD_DIM + i % HEAD_DIM];
     barrier(CLK_LOCAL_MEM_FENCE);
 
     for (int i = lid; i < CHUNK; i += WGS) {
-        float score[QPK];
-        for (int h = 0; h < QPK; h++)
-            score[h] = i < n_valid ? 0.0f : -INFINITY;
-        if (i < n_valid) {
-            int u = u_begin + i;
-            int t = u < sink_end ? u : qk + (u - sink_end);
-            size_t row = fp_row(sh, t, fp_slots, ring, n_sink);
+        float score[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            score[r] = -INFINITY;
+        long row = -1;
+        int u = u_begin + i;
+        int t = u < sink_end ? u : qk + (u - sink_end);
+        if (i < n_valid)
+            row = fp_row(PAGES, kh, t, fp_slots, ring, n_sink);
+        if (row >= 0) {
+            for (int r = 0; r < ROWS; r++)
+                score[r] = 0.0f;
             for (int d = 0; d < HEAD_DIM; d += 4) {
                 float4 k = vload_half4(0, kfp + row + d);
-                for (int h = 0; h < QPK; h++) {
-                    __local const float *qh = q_loc + h * HEAD_DIM + d;
-                    score[h] += qh[0] * k.x + qh[1] * k.y + qh[2] * k.z + qh[3] * k.w;
+                for (int r = 0; r < ROWS; r++) {
+                    __local const float *qr = q_loc + r * HEAD_DIM + d;
+                    score[r] += qr[0] * k.x + qr[1] * k.y + qr[2] * k.z + qr[3] * k.w;
                 }
             }
+            for (int r = 0; r < ROWS; r++)
+                if (t >= row_limit(n, r))
+                    score[r] = -INFINITY;
         }
-        for (int h = 0; h < QPK; h++)
-            s_loc[h * CHUNK + i] = score[h];
+        row_loc[i] = row;
+        for (int r = 0; r < ROWS; r++)
+            s_loc[r * CHUNK + i] = score[r];
     }
     barrier(CLK_LOCAL_MEM_FENCE);
-    float m[QPK], l[QPK];
+    float m[ROWS], l[ROWS];
     chunk_softmax(s_loc, red, m, l);
 
     for (int d = lid; d < HEAD_DIM; d += WGS) {
-        float acc[QPK];
-        for (int h = 0; h < QPK; h++)
-            acc[h] = 0.0f;
+        float acc[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            acc[r] = 0.0f;
         for (int i = 0; i < n_valid; i++) {
-            int u = u_begin + i;
-            int t = u < sink_end ? u : qk + (u - sink_end);
-            float v = vload_half(fp_row(sh, t, fp_slots, ring, n_sink) + d, vfp);
-            for (int h = 0; h < QPK; h++)
-                acc[h] += s_loc[h * CHUNK + i] * v;
+            long row = row_loc[i];
+            if (row < 0)
+                continue;
+            float v = vload_half(row + d, vfp);
+            for (int r = 0; r < ROWS; r++)
+                acc[r] += s_loc[r * CHUNK + i] * v;
         }
-        for (int h = 0; h < QPK; h++)
-            partial_of(partials, s, kh * QPK + h, slot0 + chunk, n_q_heads, n_slots)[2 + d] =
-                acc[h];
+        for (int r = 0; r < ROWS; r++)
+            partial_of(partials, s, kh, r, slot0 + chunk, n_q_heads, n_slots)[2 + d] = acc[r];
     }
-    if (lid == 0)
-        for (int h = 0; h < QPK; h++) {
-            __global float *p =
-                partial_of(partials, s, kh * QPK + h, slot0 + chunk, n_q_heads, n_slots);
-            p[0] = m[h];
-            p[1] = l[h];
-        }
+    write_partials(partials, s, kh, slot0 + chunk, n_q_heads, n_slots, m, l, lid);
 }
 
-/* One work-item per output channel of each (sequence, q head): log-sum-exp
- * merge of the chunks, normalization, un-permutation with perm_v. */
+/* One work-item per output channel of each (sequence, query, q head):
+ * log-sum-exp merge of the chunks, normalization, un-permutation with
+ * perm_v. n_rows = n_seqs * NQ. */
 __kernel void clkvq_attn_merge(__global const float *partials, __global const int *perm_v,
-                               __global const int *seq_len, __global float *out, int n_seqs,
+                               __global const int *seq_len, __global float *out, int n_rows,
                                int n_q_heads, int n_slots)
 {
     int gid = (int)get_global_id(0);
-    if (gid >= n_seqs * n_q_heads * HEAD_DIM)
+    if (gid >= n_rows * n_q_heads * HEAD_DIM)
         return;
-    int d = gid % HEAD_DIM, sq = gid / HEAD_DIM, s = sq / n_q_heads, qh = sq % n_q_heads;
+    int d = gid % HEAD_DIM, sq = gid / HEAD_DIM, s = sq / n_q_heads / NQ, qh = sq % n_q_heads;
     int kh = qh / QPK;
     __global const float *p = partials + (size_t)sq * n_slots * PARTIAL_STRIDE;
     float m = -INFINITY;

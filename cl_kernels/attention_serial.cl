@@ -8,7 +8,9 @@
  * contiguous vector load, so every format unpacks with shifts and masks
  * that are compile-time constants. CPUs (PoCL) compile these vectors to
  * SIMD directly instead of relying on vectorization across work-items.
- * fp16 tokens run lanes = channels (vload_half over a row).
+ * Vectors start at multiples of VW, so they never straddle a page (page
+ * sizes are multiples of 16). fp16 tokens run lanes = channels (vload_half
+ * over a row). Query rows, causal limits and pages are attention.cl's.
  */
 
 #if VW == 16
@@ -93,55 +95,70 @@ inline void params_lanes(__global const uchar *params, size_t entry0, floatv *sc
 #endif
 }
 
-/* codes per register block in P.V: QPK x JB accumulators stay in registers */
-#define JB (QPK <= 2 ? 8 : QPK <= 4 ? 4 : 2)
+/* codes per register block in P.V: ROWS x JB accumulators stay in registers */
+#define JB (ROWS <= 2 ? 8 : ROWS <= 4 ? 4 : 2)
 
 #if SCHEME != KVQ_SCHEME_FP16
 /* The serial variant reads packed tokens as vectors of VW consecutive
  * tokens: group-planar placement (clkvq_packing.h). */
 #define PLANAR KVQ_LAYOUT_GROUP_PLANAR
+#define NB (CHUNK / VW) /* vectors of tokens per chunk */
 
 __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void
 clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                          __global const uint *kc, __global const uchar *kp,
                          __global const uint *vc, __global const uchar *vp,
                          __global const half *vfp, __global const int *seq_len,
-                         __global float *partials, int n_q_heads, int n_kv_heads, int capacity,
+                         __global const int *table, __global float *partials, int n_q_heads,
+                         int n_kv_heads, int block_size, int max_blocks, int n_pages,
                          int fp_slots, int ring, int n_sink, int window, int residual,
                          int n_slots)
 {
     int chunk = (int)get_global_id(0), kh = (int)get_global_id(1), s = (int)get_global_id(2);
     int n = seq_len[s];
-    int t_begin = kvq_sink_end(n, n_sink) + chunk * CHUNK;
+    int sink_end = kvq_sink_end(n, n_sink);
     int qk = q_end_k(n, n_sink, window, residual);
-    if (t_begin >= qk) { /* a work-group of one: write_empty's lid == 0 holds */
-        write_empty(partials, s, kh, chunk, n_q_heads, n_slots);
+    int base = (chunk + sink_end / CHUNK) * CHUNK;
+    int t_lo = max(base, sink_end), t_hi = min(base + CHUNK, qk);
+    if (t_lo >= t_hi) { /* a work-group of one: its only work-item writes */
+        write_empty(partials, s, kh, chunk, n_q_heads, n_slots, 0);
         return;
     }
-    int n_valid = min(CHUNK, qk - t_begin);
-    int n_blocks = (n_valid + VW - 1) / VW;
-    size_t sh = (size_t)s * n_kv_heads + kh;
+    int n_blocks = (t_hi - base + VW - 1) / VW;
 
-    float q[QPK * HEAD_DIM];
-    float qg[QPK * NG];
-    size_t qbase = ((size_t)s * n_q_heads + kh * QPK);
-    for (int i = 0; i < QPK * HEAD_DIM; i++)
-        q[i] = qs[qbase * HEAD_DIM + i];
-    for (int i = 0; i < QPK * NG; i++)
-        qg[i] = qsum[qbase * NG + i];
+    float q[ROWS * HEAD_DIM];
+    float qg[ROWS * NG];
+    int lim[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        size_t row = row_index(s, kh, r, n_q_heads);
+        for (int c = 0; c < HEAD_DIM; c++)
+            q[r * HEAD_DIM + c] = qs[row * HEAD_DIM + c];
+        for (int g = 0; g < NG; g++)
+            qg[r * NG + g] = qsum[row * NG + g];
+        lim[r] = min(t_hi, row_limit(n, r));
+    }
 
-    /* scores, VW tokens at a time */
-    float sc[QPK * CHUNK];
+    /* scores, VW tokens at a time; hbs[b]: page row of vector b, -1 masked */
+    float sc[ROWS * CHUNK];
+    long hbs[NB];
     for (int b = 0; b < n_blocks; b++) {
-        int t0 = t_begin + b * VW;
-        floatv acc[QPK];
-        for (int h = 0; h < QPK; h++)
-            acc[h] = (floatv)0.0f;
+        int t0 = base + b * VW;
+        long hb = t0 + VW > t_lo ? page_row(PAGES, kh, t0) : -1;
+        hbs[b] = hb;
+        if (hb < 0) {
+            for (int r = 0; r < ROWS; r++)
+                VSTORE((floatv)(-INFINITY), 0, sc + r * CHUNK + b * VW);
+            continue;
+        }
+        int o0 = t0 % block_size;
+        floatv acc[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            acc[r] = (floatv)0.0f;
 #if SCHEME == KVQ_SCHEME_KIVI /* keys: per-channel groups along tokens; t0 % VW == 0 */
-        int j0 = t0 % GROUP_SIZE;
+        int j0 = o0 % GROUP_SIZE;
         for (int c = 0; c < HEAD_DIM; c++) {
             __global const uint *w =
-                kc + kvq_channel_group_word(sh, t0, c, capacity, GROUP_SIZE, HEAD_DIM, K_GW);
+                kc + kvq_channel_group_word(hb, o0, c, block_size, GROUP_SIZE, HEAD_DIM, K_GW);
             uint lanes[VW];
             for (int l = 0; l < VW; l++) {
                 int j = j0 + l, wi = KVQ_WORD_OF(j, K_BITS);
@@ -149,138 +166,152 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
             }
             floatv code = CONVERT_FLOATV(VLOAD(0, lanes));
             float2 sz =
-                load_params(kp, kvq_channel_param(sh, t0, c, capacity, GROUP_SIZE, HEAD_DIM));
+                load_params(kp, kvq_channel_param(hb, o0, c, block_size, GROUP_SIZE, HEAD_DIM));
 #if ZERO_INT
             floatv kv = (code - sz.y) * sz.x;
 #else
             floatv kv = code * sz.x + sz.y;
 #endif
-            for (int h = 0; h < QPK; h++)
-                acc[h] += q[h * HEAD_DIM + c] * kv;
+            for (int r = 0; r < ROWS; r++)
+                acc[r] += q[r * HEAD_DIM + c] * kv;
         }
 #else
         for (int g = 0; g < NG; g++) {
-            __global const uint *gw = kc + kvq_token_group_word(PLANAR, sh, t0, g, capacity, NG, K_GW);
+            __global const uint *gw =
+                kc + kvq_token_group_word(PLANAR, hb, o0, g, block_size, NG, K_GW);
             uintv wv[K_GW];
             for (int w = 0; w < K_GW; w++)
-                wv[w] = VLOAD(0, gw + (size_t)w * capacity);
-            floatv dot[QPK];
-            for (int h = 0; h < QPK; h++)
-                dot[h] = (floatv)0.0f;
+                wv[w] = VLOAD(0, gw + (size_t)w * block_size);
+            floatv dot[ROWS];
+            for (int r = 0; r < ROWS; r++)
+                dot[r] = (floatv)0.0f;
             for (int j = 0; j < GROUP_SIZE; j++) {
                 floatv code = CONVERT_FLOATV(WORDS_CODE(wv, j, K_BITS));
-                for (int h = 0; h < QPK; h++)
-                    dot[h] += q[h * HEAD_DIM + g * GROUP_SIZE + j] * code;
+                for (int r = 0; r < ROWS; r++)
+                    dot[r] += q[r * HEAD_DIM + g * GROUP_SIZE + j] * code;
             }
             floatv scale, zero;
-            params_lanes(kp, kvq_token_param(PLANAR, sh, t0, g, capacity, NG), &scale, &zero);
-            for (int h = 0; h < QPK; h++) {
+            params_lanes(kp, kvq_token_param(PLANAR, hb, o0, g, block_size, NG), &scale, &zero);
+            for (int r = 0; r < ROWS; r++) {
 #if ZERO_INT
-                acc[h] += scale * (dot[h] - zero * qg[h * NG + g]);
+                acc[r] += scale * (dot[r] - zero * qg[r * NG + g]);
 #else
-                acc[h] += scale * dot[h] + zero * qg[h * NG + g];
+                acc[r] += scale * dot[r] + zero * qg[r * NG + g];
 #endif
             }
         }
 #endif
-        intv valid = (t0 + LANE_IDS) < (intv)(t_begin + n_valid);
-        for (int h = 0; h < QPK; h++)
-            VSTORE(select((floatv)(-INFINITY), acc[h], valid), 0, sc + h * CHUNK + b * VW);
+        intv t = t0 + LANE_IDS;
+        for (int r = 0; r < ROWS; r++) {
+            intv valid = t >= (intv)t_lo && t < (intv)lim[r];
+            VSTORE(select((floatv)(-INFINITY), acc[r], valid), 0, sc + r * CHUNK + b * VW);
+        }
     }
 
-    /* softmax over the chunk (masked lanes hold -inf: exp gives 0) */
-    float m[QPK], l[QPK];
-    for (int h = 0; h < QPK; h++) {
+    /* softmax over the chunk (masked lanes hold -inf: exp gives 0; a row
+     * with no token keeps m = -inf and zero weights) */
+    float m[ROWS], l[ROWS];
+    for (int r = 0; r < ROWS; r++) {
         floatv mv = (floatv)(-INFINITY);
         for (int b = 0; b < n_blocks; b++)
-            mv = fmax(mv, VLOAD(0, sc + h * CHUNK + b * VW));
-        m[h] = hmax(mv);
+            mv = fmax(mv, VLOAD(0, sc + r * CHUNK + b * VW));
+        m[r] = hmax(mv);
         floatv lv = (floatv)0.0f;
         for (int b = 0; b < n_blocks; b++) {
-            floatv p = exp(VLOAD(0, sc + h * CHUNK + b * VW) - m[h]);
-            VSTORE(p, 0, sc + h * CHUNK + b * VW);
+            floatv p = m[r] == -INFINITY ? (floatv)0.0f
+                                         : exp(VLOAD(0, sc + r * CHUNK + b * VW) - m[r]);
+            VSTORE(p, 0, sc + r * CHUNK + b * VW);
             lv += p;
         }
-        l[h] = hsum(lv);
+        l[r] = hsum(lv);
     }
 
     /* P.V: tokens before q_end(V) are packed; KIVI keeps later ones fp16 */
-    float out[QPK * HEAD_DIM];
-    for (int i = 0; i < QPK * HEAD_DIM; i++)
+    float out[ROWS * HEAD_DIM];
+    for (int i = 0; i < ROWS * HEAD_DIM; i++)
         out[i] = 0.0f;
     int qv = q_end_v(n, n_sink, window, residual);
-    int n_packed_v = clamp(qv - t_begin, 0, n_valid);
-    int n_vblocks = (n_packed_v + VW - 1) / VW;
-    /* Per group: p * scale for every token block once, then the codes in
-     * blocks of JB so that QPK x JB accumulators stay in registers. */
-    floatv ps[QPK * (CHUNK / VW)];
+    int v_hi = min(qv, t_hi);
+    int n_vblocks = v_hi > base ? (v_hi - base + VW - 1) / VW : 0;
+    /* Per group: p * scale for every token vector once, then the codes in
+     * blocks of JB so that ROWS x JB accumulators stay in registers. */
+    floatv ps[ROWS * NB];
     for (int g = 0; g < NG; g++) {
-        float zsum[QPK];
-        for (int h = 0; h < QPK; h++) {
+        float zsum[ROWS];
+        for (int r = 0; r < ROWS; r++) {
             floatv zacc = (floatv)0.0f;
             for (int b = 0; b < n_vblocks; b++) {
-                int t0 = t_begin + b * VW;
-                intv valid = (t0 + LANE_IDS) < (intv)(t_begin + n_packed_v);
-                floatv scale, zero;
-                params_lanes(vp, kvq_token_param(PLANAR, sh, t0, g, capacity, NG), &scale, &zero);
+                int t0 = base + b * VW;
+                intv t = t0 + LANE_IDS;
+                intv valid = t >= (intv)t_lo && t < (intv)v_hi;
+                floatv p = (floatv)0.0f, scale = (floatv)0.0f, zero = (floatv)0.0f;
+                if (hbs[b] >= 0) {
+                    params_lanes(vp, kvq_token_param(PLANAR, hbs[b], t0 % block_size, g,
+                                                     block_size, NG),
+                                 &scale, &zero);
+                    p = VLOAD(0, sc + r * CHUNK + b * VW);
+                }
                 /* lanes past the last token hold unwritten memory: mask after
                  * multiplying (0 * NaN would be NaN) */
-                floatv p = VLOAD(0, sc + h * CHUNK + b * VW);
-                ps[h * (CHUNK / VW) + b] = select((floatv)0.0f, p * scale, valid);
+                ps[r * NB + b] = select((floatv)0.0f, p * scale, valid);
 #if ZERO_INT
                 zacc -= select((floatv)0.0f, p * scale * zero, valid);
 #else
                 zacc += select((floatv)0.0f, p * zero, valid);
 #endif
             }
-            zsum[h] = hsum(zacc);
+            zsum[r] = hsum(zacc);
         }
-        __global const uint *gw = vc + kvq_token_group_word(PLANAR, sh, 0, g, capacity, NG, V_GW);
         for (int jb = 0; jb < GROUP_SIZE; jb += JB) {
             /* the words holding codes jb .. jb + JB - 1 (at most three for
              * widths up to 8 bits) */
             const int w0 = KVQ_WORD_OF(jb, V_BITS);
             const int w_last = KVQ_WORD_OF(jb + JB - 1, V_BITS) +
                                (KVQ_STRADDLES(jb + JB - 1, V_BITS) ? 1 : 0);
-            floatv acc[QPK * JB];
-            for (int i = 0; i < QPK * JB; i++)
+            floatv acc[ROWS * JB];
+            for (int i = 0; i < ROWS * JB; i++)
                 acc[i] = (floatv)0.0f;
             for (int b = 0; b < n_vblocks; b++) {
-                size_t t0 = (size_t)(t_begin + b * VW);
+                if (hbs[b] < 0)
+                    continue;
+                __global const uint *gw =
+                    vc + kvq_token_group_word(PLANAR, hbs[b], (base + b * VW) % block_size, g,
+                                              block_size, NG, V_GW);
                 uintv wv[3];
                 for (int i = 0; i < 3; i++)
-                    wv[i] = w0 + i <= w_last ? VLOAD(0, gw + (size_t)(w0 + i) * capacity + t0)
+                    wv[i] = w0 + i <= w_last ? VLOAD(0, gw + (size_t)(w0 + i) * block_size)
                                              : (uintv)0;
                 for (int jj = 0; jj < JB; jj++) {
                     int j = jb + jj, wi = KVQ_WORD_OF(j, V_BITS) - w0;
                     uintv raw = KVQ_CODE(wv[wi], KVQ_STRADDLES(j, V_BITS) ? wv[wi + 1] : (uintv)0,
                                          j, V_BITS);
                     floatv code = CONVERT_FLOATV(raw);
-                    for (int h = 0; h < QPK; h++)
-                        acc[h * JB + jj] += ps[h * (CHUNK / VW) + b] * code;
+                    for (int r = 0; r < ROWS; r++)
+                        acc[r * JB + jj] += ps[r * NB + b] * code;
                 }
             }
-            for (int h = 0; h < QPK; h++)
+            for (int r = 0; r < ROWS; r++)
                 for (int jj = 0; jj < JB; jj++)
-                    out[h * HEAD_DIM + g * GROUP_SIZE + jb + jj] += hsum(acc[h * JB + jj]) + zsum[h];
+                    out[r * HEAD_DIM + g * GROUP_SIZE + jb + jj] += hsum(acc[r * JB + jj]) + zsum[r];
         }
     }
 #if SCHEME == KVQ_SCHEME_KIVI
-    for (int i = n_packed_v; i < n_valid; i++) {
-        size_t row = fp_row(sh, t_begin + i, fp_slots, ring, n_sink);
+    for (int t = max(qv, t_lo); t < t_hi; t++) {
+        size_t row = (size_t)fp_row(PAGES, kh, t, fp_slots, ring, n_sink);
+        int i = t - base;
         for (int d = 0; d < HEAD_DIM; d++) {
             float v = vload_half(row + d, vfp);
-            for (int h = 0; h < QPK; h++)
-                out[h * HEAD_DIM + d] += sc[h * CHUNK + i] * v;
+            for (int r = 0; r < ROWS; r++)
+                out[r * HEAD_DIM + d] += sc[r * CHUNK + i] * v;
         }
     }
 #endif
-    for (int h = 0; h < QPK; h++) {
-        __global float *p = partial_of(partials, s, kh * QPK + h, chunk, n_q_heads, n_slots);
-        p[0] = m[h];
-        p[1] = l[h];
+    for (int r = 0; r < ROWS; r++) {
+        __global float *p = partial_of(partials, s, kh, r, chunk, n_q_heads, n_slots);
+        p[0] = m[r];
+        p[1] = l[r];
         for (int d = 0; d < HEAD_DIM; d++)
-            p[2 + d] = out[h * HEAD_DIM + d];
+            p[2 + d] = out[r * HEAD_DIM + d];
     }
 }
 #endif
@@ -290,8 +321,10 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
 __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void
 clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
                        __global const half *vfp, __global const int *seq_len,
-                       __global float *partials, int n_q_heads, int n_kv_heads, int fp_slots,
-                       int ring, int n_sink, int window, int residual, int slot0, int n_slots)
+                       __global const int *table, __global float *partials, int n_q_heads,
+                       int n_kv_heads, int block_size, int max_blocks, int n_pages,
+                       int fp_slots, int ring, int n_sink, int window, int residual, int slot0,
+                       int n_slots)
 {
     int chunk = (int)get_global_id(0), kh = (int)get_global_id(1), s = (int)get_global_id(2);
     int n = seq_len[s];
@@ -299,81 +332,92 @@ clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
     int n_fp = sink_end + (n - qk);
     int u_begin = chunk * CHUNK;
     if (u_begin >= n_fp) {
-        write_empty(partials, s, kh, slot0 + chunk, n_q_heads, n_slots);
+        write_empty(partials, s, kh, slot0 + chunk, n_q_heads, n_slots, 0);
         return;
     }
     int n_valid = min(CHUNK, n_fp - u_begin);
-    size_t sh = (size_t)s * n_kv_heads + kh;
-    floatv q[QPK * (HEAD_DIM / VW)];
-    size_t qbase = ((size_t)s * n_q_heads + kh * QPK) * HEAD_DIM;
-    for (int i = 0; i < QPK * (HEAD_DIM / VW); i++)
-        q[i] = VLOAD(i, qs + qbase);
+    floatv q[ROWS * (HEAD_DIM / VW)];
+    int lim[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        size_t row = row_index(s, kh, r, n_q_heads) * HEAD_DIM;
+        for (int dv = 0; dv < HEAD_DIM / VW; dv++)
+            q[r * (HEAD_DIM / VW) + dv] = VLOAD(dv, qs + row);
+        lim[r] = row_limit(n, r);
+    }
 
-    float sc[QPK * CHUNK];
-    float m[QPK], l[QPK];
-    for (int h = 0; h < QPK; h++)
-        m[h] = -INFINITY;
+    float sc[ROWS * CHUNK];
+    long rows[CHUNK];
+    float m[ROWS], l[ROWS];
+    for (int r = 0; r < ROWS; r++)
+        m[r] = -INFINITY;
     for (int i = 0; i < n_valid; i++) {
         int u = u_begin + i;
         int t = u < sink_end ? u : qk + (u - sink_end);
-        __global const half *row = kfp + fp_row(sh, t, fp_slots, ring, n_sink);
-        floatv acc[QPK];
-        for (int h = 0; h < QPK; h++)
-            acc[h] = (floatv)0.0f;
-        for (int dv = 0; dv < HEAD_DIM / VW; dv++) {
-            floatv k = VLOAD_HALF(dv, row);
-            for (int h = 0; h < QPK; h++)
-                acc[h] += q[h * (HEAD_DIM / VW) + dv] * k;
+        long row = fp_row(PAGES, kh, t, fp_slots, ring, n_sink);
+        rows[i] = row;
+        if (row < 0) {
+            for (int r = 0; r < ROWS; r++)
+                sc[r * CHUNK + i] = -INFINITY;
+            continue;
         }
-        for (int h = 0; h < QPK; h++) {
-            float score = hsum(acc[h]);
-            sc[h * CHUNK + i] = score;
-            m[h] = fmax(m[h], score);
+        __global const half *krow = kfp + row;
+        floatv acc[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            acc[r] = (floatv)0.0f;
+        for (int dv = 0; dv < HEAD_DIM / VW; dv++) {
+            floatv k = VLOAD_HALF(dv, krow);
+            for (int r = 0; r < ROWS; r++)
+                acc[r] += q[r * (HEAD_DIM / VW) + dv] * k;
+        }
+        for (int r = 0; r < ROWS; r++) {
+            float score = t < lim[r] ? hsum(acc[r]) : -INFINITY;
+            sc[r * CHUNK + i] = score;
+            m[r] = fmax(m[r], score);
         }
     }
-    for (int h = 0; h < QPK; h++) {
+    for (int r = 0; r < ROWS; r++) {
         float sum = 0.0f;
         for (int i = 0; i < n_valid; i++) {
-            float p = exp(sc[h * CHUNK + i] - m[h]);
-            sc[h * CHUNK + i] = p;
+            float p = m[r] == -INFINITY ? 0.0f : exp(sc[r * CHUNK + i] - m[r]);
+            sc[r * CHUNK + i] = p;
             sum += p;
         }
-        l[h] = sum;
+        l[r] = sum;
     }
-    floatv out[QPK * (HEAD_DIM / VW)];
-    for (int i = 0; i < QPK * (HEAD_DIM / VW); i++)
+    floatv out[ROWS * (HEAD_DIM / VW)];
+    for (int i = 0; i < ROWS * (HEAD_DIM / VW); i++)
         out[i] = (floatv)0.0f;
     for (int i = 0; i < n_valid; i++) {
-        int u = u_begin + i;
-        int t = u < sink_end ? u : qk + (u - sink_end);
-        __global const half *row = vfp + fp_row(sh, t, fp_slots, ring, n_sink);
+        if (rows[i] < 0)
+            continue;
+        __global const half *vrow = vfp + rows[i];
         for (int dv = 0; dv < HEAD_DIM / VW; dv++) {
-            floatv v = VLOAD_HALF(dv, row);
-            for (int h = 0; h < QPK; h++)
-                out[h * (HEAD_DIM / VW) + dv] += sc[h * CHUNK + i] * v;
+            floatv v = VLOAD_HALF(dv, vrow);
+            for (int r = 0; r < ROWS; r++)
+                out[r * (HEAD_DIM / VW) + dv] += sc[r * CHUNK + i] * v;
         }
     }
-    for (int h = 0; h < QPK; h++) {
-        __global float *p = partial_of(partials, s, kh * QPK + h, slot0 + chunk, n_q_heads, n_slots);
-        p[0] = m[h];
-        p[1] = l[h];
+    for (int r = 0; r < ROWS; r++) {
+        __global float *p = partial_of(partials, s, kh, r, slot0 + chunk, n_q_heads, n_slots);
+        p[0] = m[r];
+        p[1] = l[r];
         for (int dv = 0; dv < HEAD_DIM / VW; dv++)
-            VSTORE(out[h * (HEAD_DIM / VW) + dv], dv, p + 2);
+            VSTORE(out[r * (HEAD_DIM / VW) + dv], dv, p + 2);
     }
 }
 
-/* One work-item per (sequence, q head), channels in vector lanes: the
- * log-sum-exp merge reads each partial once (the per-channel merge makes
- * every work-item rescan the chunk maxima). */
+/* One work-item per (sequence, query, q head), channels in vector lanes:
+ * the log-sum-exp merge reads each partial once (the per-channel merge
+ * makes every work-item rescan the chunk maxima). n_rows = n_seqs * NQ. */
 __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void
 clkvq_attn_merge_serial(__global const float *partials, __global const int *perm_v,
-                        __global const int *seq_len, __global float *out, int n_seqs,
+                        __global const int *seq_len, __global float *out, int n_rows,
                         int n_q_heads, int n_slots)
 {
     int sq = (int)get_global_id(0);
-    if (sq >= n_seqs * n_q_heads)
+    if (sq >= n_rows * n_q_heads)
         return;
-    int s = sq / n_q_heads, kh = (sq % n_q_heads) / QPK;
+    int s = sq / n_q_heads / NQ, kh = (sq % n_q_heads) / QPK;
     __global const float *p = partials + (size_t)sq * n_slots * PARTIAL_STRIDE;
     float m = -INFINITY, l = 0.0f;
     for (int c = 0; c < n_slots; c++)

@@ -231,11 +231,26 @@ KVQ_FN int kvq_q_end(int scheme, int is_v, int n, int n_sink, int window, int re
  * lives in slot t < n_sink ? ring + t : t % ring, and never moves. */
 KVQ_FN int kvq_fp_slot(int t, int ring, int n_sink) { return t < n_sink ? ring + t : t % ring; }
 
+/* ------------------------------------------------------------ pages
+ * A layer's packed tokens (and the fp16 scheme's fp16 rows) live in a
+ * pool of pages of block_size tokens. Page p of kv head h is row hb = p *
+ * n_kv_heads + h of the placement formulas below, with stride =
+ * block_size and the token at offset t % block_size; token t of sequence
+ * s lives in page table[s * max_blocks + t / block_size]. The contiguous
+ * cache is the case of one page per sequence (block_size = the capacity
+ * rounded up to 256, table[s][0] = s). Sinks and recent tokens of the
+ * skvq/kivi schemes stay in per-sequence fp16 rings (kvq_fp_slot). */
+KVQ_FN int kvq_page_of(KVQ_GLOBAL const int *table, int seq, int max_blocks, int t,
+                       int block_size)
+{
+    return table[(size_t)seq * max_blocks + t / block_size];
+}
+
 /* ------------------------------------------------------------ placement
- * Packed groups of one row hb = seq * n_kv_heads + kv head, in 32-bit
- * words. `stride` is the token stride of the row (the cache's capacity
- * rounded up to 256: vector loads of up to 16 tokens past the last one
- * stay inside, and KIVI blocks of any group size divide it).
+ * Packed groups of one row hb = page * n_kv_heads + kv head, in 32-bit
+ * words, for tokens t at offsets 0 .. stride - 1 of the page (stride =
+ * block_size: a multiple of 16, so vectors of up to 16 aligned tokens stay
+ * in one page, and of the group size, so KIVI blocks never straddle).
  * Per-token groups (row_words = n_groups * group_words):
  *   TOKEN_MAJOR   word(t, g, w) = (hb * stride + t) * row_words + g * group_words + w
  *   GROUP_PLANAR  word(t, g, w) = (hb * row_words + g * group_words + w) * stride + t

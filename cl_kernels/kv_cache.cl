@@ -1,60 +1,92 @@
 /*
- * KV cache maintenance: staging tokens that leave the fp16 window, packing
- * them into the cache layout, fp16 stores, read-back and truncation.
- * Built after quant_common.cl; clkvq_packing.h defines the layouts.
+ * KV cache maintenance: quantizing tokens that leave the fp16 window into
+ * their pages, fp16 stores, read-back and truncation. Built after
+ * quant_common.cl; clkvq_packing.h defines pages, placement and regions.
  *
  * Extra build options:
  *   -D AXIS_CHANNEL=0|1  per-channel groups along tokens (KIVI keys)
  *   -D LAYOUT=0|1        KVQ_LAYOUT_TOKEN_MAJOR or _GROUP_PLANAR (token axis)
- * Every kernel takes the store geometry as the same run-time arguments.
+ *   -D FP_PAGED=0|1      fp16 rows in pages (the fp16 scheme) or in the
+ *                        per-sequence rings of sinks and recent tokens
+ * Every kernel takes the block table and the store geometry (GEOM_ARGS) as
+ * run-time arguments.
  */
 
 #define GEOM_ARGS                                                                          \
-    int n_heads, int head_dim, int capacity, int group_size, int group_words, int n_groups, \
-        int fp_slots, int ring, int n_sink, int seq
+    __global const int *table, int n_heads, int head_dim, int block_size, int group_size,  \
+        int group_words, int n_groups, int fp_slots, int ring, int n_sink, int seq,        \
+        int max_blocks
+#define GEOM()                                                                             \
+    geom_make(table, n_heads, head_dim, block_size, group_size, group_words, n_groups,     \
+              fp_slots, ring, n_sink, seq, max_blocks)
+
+typedef struct {
+    __global const int *table; /* [n_seqs][max_blocks] page ids */
+    int n_heads, head_dim, block_size, group_size, group_words, n_groups;
+    int fp_slots, ring, n_sink, seq, max_blocks;
+} cache_geom;
+
+inline cache_geom geom_make(__global const int *table, int n_heads, int head_dim,
+                            int block_size, int group_size, int group_words, int n_groups,
+                            int fp_slots, int ring, int n_sink, int seq, int max_blocks)
+{
+    cache_geom g = {table,    n_heads, head_dim, block_size, group_size, group_words,
+                    n_groups, fp_slots, ring,    n_sink,     seq,        max_blocks};
+    return g;
+}
 
 typedef struct {
     size_t base;   /* word index of word 0 of the group */
     size_t stride; /* words between consecutive words of the group */
 } group_ref;
 
-/* The packed group holding channel c of token t (packed channel order);
- * the formulas are clkvq_packing.h's. */
-inline group_ref locate_group(int h, int t, int c, int head_dim, int capacity, int group_size,
-                              int group_words, int n_groups, int seq, int n_heads, int *j)
+/* Row hb = page * n_heads + h of token t's page (clkvq_packing.h). */
+inline size_t page_row(cache_geom g, int h, int t)
 {
-    size_t hb = (size_t)seq * n_heads + h;
+    return (size_t)kvq_page_of(g.table, g.seq, g.max_blocks, t, g.block_size) * g.n_heads + h;
+}
+
+/* The packed group holding channel c of token t (packed channel order). */
+inline group_ref locate_group(cache_geom g, int h, int t, int c, int *j)
+{
+    size_t hb = page_row(g, h, t);
+    int o = t % g.block_size;
     group_ref ref;
 #if AXIS_CHANNEL
-    ref.base = kvq_channel_group_word(hb, t, c, capacity, group_size, head_dim, group_words);
+    ref.base = kvq_channel_group_word(hb, o, c, g.block_size, g.group_size, g.head_dim,
+                                      g.group_words);
     ref.stride = 1;
-    *j = t % group_size;
+    *j = o % g.group_size;
 #else
-    ref.base = kvq_token_group_word(LAYOUT, hb, t, c / group_size, capacity, n_groups,
-                                    group_words);
-    ref.stride = kvq_token_word_step(LAYOUT, capacity);
-    *j = c % group_size;
+    ref.base = kvq_token_group_word(LAYOUT, hb, o, c / g.group_size, g.block_size, g.n_groups,
+                                    g.group_words);
+    ref.stride = kvq_token_word_step(LAYOUT, g.block_size);
+    *j = c % g.group_size;
 #endif
     return ref;
 }
 
 /* Index of the parameter entry of the group holding (t, c). */
-inline size_t locate_param(int h, int t, int c, int head_dim, int capacity, int group_size,
-                           int n_groups, int seq, int n_heads)
+inline size_t locate_param(cache_geom g, int h, int t, int c)
 {
-    size_t hb = (size_t)seq * n_heads + h;
+    size_t hb = page_row(g, h, t);
+    int o = t % g.block_size;
 #if AXIS_CHANNEL
-    return kvq_channel_param(hb, t, c, capacity, group_size, head_dim);
+    return kvq_channel_param(hb, o, c, g.block_size, g.group_size, g.head_dim);
 #else
-    return kvq_token_param(LAYOUT, hb, t, c / group_size, capacity, n_groups);
+    return kvq_token_param(LAYOUT, hb, o, c / g.group_size, g.block_size, g.n_groups);
 #endif
 }
 
-/* fp16 row of token t. */
-inline size_t fp_row(int h, int t, int fp_slots, int ring, int n_sink, int seq, int n_heads,
-                     int head_dim)
+/* fp16 row of token t: in its page (fp16 scheme) or its ring slot. */
+inline size_t fp_row(cache_geom g, int h, int t)
 {
-    return (((size_t)seq * n_heads + h) * fp_slots + kvq_fp_slot(t, ring, n_sink)) * head_dim;
+#if FP_PAGED
+    return (page_row(g, h, t) * g.block_size + t % g.block_size) * g.head_dim;
+#else
+    return (((size_t)g.seq * g.n_heads + h) * g.fp_slots + kvq_fp_slot(t, g.ring, g.n_sink)) *
+           g.head_dim;
+#endif
 }
 
 /* Code j of a packed group (words may be strided). */
@@ -65,16 +97,12 @@ uint group_code(__global const uint *codes, group_ref ref, int j)
     return KVQ_CODE(codes[w], hi, j, BITS);
 }
 
-float packed_value(__global const uint *codes, __global const uchar *params, int h, int t,
-                   int c, int head_dim, int capacity, int group_size, int group_words,
-                   int n_groups, int seq, int n_heads)
+float packed_value(__global const uint *codes, __global const uchar *params, cache_geom g, int h,
+                   int t, int c)
 {
     int j;
-    group_ref ref = locate_group(h, t, c, head_dim, capacity, group_size, group_words, n_groups,
-                                 seq, n_heads, &j);
-    __global const uchar *param =
-        params + locate_param(h, t, c, head_dim, capacity, group_size, n_groups, seq, n_heads) *
-                     PARAM_BYTES;
+    group_ref ref = locate_group(g, h, t, c, &j);
+    __global const uchar *param = params + locate_param(g, h, t, c) * PARAM_BYTES;
     float2 sz = (float2)(get_param(param, 0), get_param(param, 1));
     return value_of(group_code(codes, ref, j), sz);
 }
@@ -93,12 +121,13 @@ typedef struct {
 } row_src;
 
 __attribute__((always_inline)) row_src stage_row(__global const half *fp, __global const float *in,
-                         __global const int *perm, int h, int t, int n_old, int n_in,
-                         int head_dim, int fp_slots, int ring, int n_sink, int seq, int n_heads)
+                                                 __global const int *perm, cache_geom g, int h,
+                                                 int t, int n_old, int n_in)
 {
+    int head_dim = g.head_dim;
     row_src r;
     if (t < n_old) {
-        r.fp = fp + fp_row(h, t, fp_slots, ring, n_sink, seq, n_heads, head_dim);
+        r.fp = fp + fp_row(g, h, t);
         r.x = (__global const float *)0;
         r.pr = (__global const int *)0;
     } else {
@@ -190,6 +219,7 @@ __kernel void clkvq_cache_quantize_token(__global const half *fp, __global const
                                          __global uchar *params, GEOM_ARGS, float alpha,
                                          int t_first, int n_stage, int n_old, int n_in)
 {
+    cache_geom g = GEOM();
     int n_all = n_heads * n_stage * n_groups;
     int g0 = (int)get_global_id(0) * 16;
     if (g0 >= n_all)
@@ -201,8 +231,7 @@ __kernel void clkvq_cache_quantize_token(__global const half *fp, __global const
     float lo[16], hi[16];
     int h = h0, r = r0, gr = gr0;
     for (int i = 0; i < count; i++) {
-        row_src src = stage_row(fp, in, perm, h, t_first + r, n_old, n_in, head_dim, fp_slots,
-                                ring, n_sink, seq, n_heads);
+        row_src src = stage_row(fp, in, perm, g, h, t_first + r, n_old, n_in);
         float2 lh = row_range(src, gr * group_size, group_size);
         lo[i] = lh.x;
         hi[i] = lh.y;
@@ -230,18 +259,15 @@ __kernel void clkvq_cache_quantize_token(__global const half *fp, __global const
     gr = gr0;
     for (int i = 0; i < count; i++) {
         int t = t_first + r, c0 = gr * group_size;
-        size_t pidx = locate_param(h, t, c0, head_dim, capacity, group_size, n_groups, seq,
-                                   n_heads);
+        size_t pidx = locate_param(g, h, t, c0);
 #if PARAM_FP8
         ((__global ushort *)params)[pidx] = (ushort)entry[i];
 #else
         ((__global uint *)params)[pidx] = entry[i];
 #endif
         int j0;
-        group_ref ref = locate_group(h, t, c0, head_dim, capacity, group_size, group_words,
-                                     n_groups, seq, n_heads, &j0);
-        row_src src = stage_row(fp, in, perm, h, t, n_old, n_in, head_dim, fp_slots, ring,
-                                n_sink, seq, n_heads);
+        group_ref ref = locate_group(g, h, t, c0, &j0);
+        row_src src = stage_row(fp, in, perm, g, h, t, n_old, n_in);
         row_pack(src, c0, group_size, group_words, (float2)(s[i], z[i]), codes, ref);
         if (++gr == n_groups) {
             gr = 0;
@@ -263,6 +289,7 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
                                            __global uchar *params, GEOM_ARGS, float alpha,
                                            int t_first, int n_stage, int n_old, int n_in)
 {
+    cache_geom g = GEOM();
     int gid = (int)get_global_id(0);
     int n_stage_blocks = n_stage / group_size;
     if (gid >= n_heads * n_stage_blocks)
@@ -277,23 +304,21 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
         hi[cc] = (float16)(-INFINITY);
     }
     for (int j = 0; j < group_size; j++) {
-        row_src src = stage_row(fp, in, perm, h, t0 + j, n_old, n_in, head_dim, fp_slots, ring,
-                                n_sink, seq, n_heads);
+        row_src src = stage_row(fp, in, perm, g, h, t0 + j, n_old, n_in);
         for (int cc = 0; cc < n_chunks; cc++) {
             float16 v = row_load16(src, cc * 16);
             lo[cc] = VMIN(lo[cc], v);
             hi[cc] = VMAX(hi[cc], v);
         }
     }
-    size_t p0 = locate_param(h, t0, 0, head_dim, capacity, group_size, n_groups, seq, n_heads);
+    size_t p0 = locate_param(g, h, t0, 0);
     for (int cc = 0; cc < n_chunks; cc++) {
         uint16 entry;
         group_params16(lo[cc], hi[cc], alpha, &entry, &s[cc], &z[cc]);
         store_params16(params + (p0 + cc * 16) * PARAM_BYTES, entry, 16);
     }
     int j0;
-    group_ref ref0 = locate_group(h, t0, 0, head_dim, capacity, group_size, group_words,
-                                  n_groups, seq, n_heads, &j0);
+    group_ref ref0 = locate_group(g, h, t0, 0, &j0);
     __global uint *words0 = codes + ref0.base; /* channel c's words at c * group_words */
 
     uint16 acc[16];
@@ -303,8 +328,7 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
     int n_bits = 0, w = 0;
 #endif
     for (int j = 0; j < group_size; j++) {
-        row_src src = stage_row(fp, in, perm, h, t0 + j, n_old, n_in, head_dim, fp_slots, ring,
-                                n_sink, seq, n_heads);
+        row_src src = stage_row(fp, in, perm, g, h, t0 + j, n_old, n_in);
 #if !TERNARY
         int full = n_bits + BITS >= 32;
 #else
@@ -338,7 +362,8 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
     }
 }
 
-/* New tokens that stay in fp16 (sinks and the recent window). */
+/* New tokens that stay in fp16 (sinks and the recent window; every token
+ * of the fp16 scheme). */
 __kernel void clkvq_cache_store_fp16(__global const float *in, __global const int *perm,
                                      __global half *fp, GEOM_ARGS, int n_old, int n_in,
                                      int q_end_new)
@@ -346,6 +371,7 @@ __kernel void clkvq_cache_store_fp16(__global const float *in, __global const in
     /* one work-item per (head, new token) row, 16 channels at a time with the
      * exact integer fp16 conversion (PoCL's vstore_half is scalar and slow,
      * and an item per element paid its overhead head_dim times) */
+    cache_geom g = GEOM();
     int gid = (int)get_global_id(0);
     if (gid >= n_heads * n_in)
         return;
@@ -354,8 +380,7 @@ __kernel void clkvq_cache_store_fp16(__global const float *in, __global const in
     if (t >= n_sink && t < q_end_new)
         return;
     __global const float *src = in + ((size_t)h * n_in + i) * head_dim;
-    __global ushort *dst =
-        (__global ushort *)fp + fp_row(h, t, fp_slots, ring, n_sink, seq, n_heads, head_dim);
+    __global ushort *dst = (__global ushort *)fp + fp_row(g, h, t);
     __global const int *hperm = perm ? perm + h * head_dim : 0;
     for (int c0 = 0; c0 < head_dim; c0 += 16) {
         float16 x;
@@ -377,18 +402,17 @@ __kernel void clkvq_cache_read(__global const uint *codes, __global const uchar 
                                __global float *out, GEOM_ARGS, int n_tokens, int q_end,
                                int t_from, int t_count)
 {
+    cache_geom g = GEOM();
     int gid = (int)get_global_id(0);
     if (gid >= n_heads * t_count * head_dim)
         return;
     int c = gid % head_dim, r = (gid / head_dim) % t_count, h = gid / (head_dim * t_count);
     int t = t_from + r;
-    int sink_end = min(n_tokens, n_sink);
     float value;
-    if (t < sink_end || t >= q_end)
-        value = vload_half(fp_row(h, t, fp_slots, ring, n_sink, seq, n_heads, head_dim) + c, fp);
+    if (t < kvq_sink_end(n_tokens, n_sink) || t >= q_end)
+        value = vload_half(fp_row(g, h, t) + c, fp);
     else
-        value = packed_value(codes, params, h, t, c, head_dim, capacity, group_size, group_words,
-                             n_groups, seq, n_heads);
+        value = packed_value(codes, params, g, h, t, c);
     int dst = perm ? perm[h * head_dim + c] : c;
     out[((size_t)h * t_count + r) * head_dim + dst] = value;
 }
@@ -397,12 +421,12 @@ __kernel void clkvq_cache_read(__global const uint *codes, __global const uchar 
 __kernel void clkvq_cache_refill_fp16(__global const uint *codes, __global const uchar *params,
                                       __global half *fp, GEOM_ARGS, int t_from, int t_count)
 {
+    cache_geom g = GEOM();
     int gid = (int)get_global_id(0);
     if (gid >= n_heads * t_count * head_dim)
         return;
     int c = gid % head_dim, r = (gid / head_dim) % t_count, h = gid / (head_dim * t_count);
     int t = t_from + r;
-    float value = packed_value(codes, params, h, t, c, head_dim, capacity, group_size,
-                               group_words, n_groups, seq, n_heads);
-    vstore_half_rte(value, fp_row(h, t, fp_slots, ring, n_sink, seq, n_heads, head_dim) + c, fp);
+    float value = packed_value(codes, params, g, h, t, c);
+    vstore_half_rte(value, fp_row(g, h, t) + c, fp);
 }

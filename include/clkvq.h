@@ -43,7 +43,8 @@ typedef enum {
     CLKVQ_ERR_BUFFER_TOO_SMALL,/* a caller buffer is smaller than required */
     CLKVQ_ERR_IO,              /* a file could not be read or written */
     CLKVQ_ERR_CORRUPT,         /* a file is malformed; it was not trusted */
-    CLKVQ_ERR_DEVICE_LIMIT     /* exceeds a device limit (work-group, memory) */
+    CLKVQ_ERR_DEVICE_LIMIT,    /* exceeds a device limit (work-group, memory) */
+    CLKVQ_ERR_OUT_OF_BLOCKS    /* the cache's page pool has too few free pages */
 } clkvq_status;
 
 /* A static string naming the status ("CLKVQ_ERR_NONFINITE: ..."). */
@@ -266,15 +267,32 @@ typedef struct {
  * clip 1), kivi residual 128, fp16 params, float zero, no permutation. */
 clkvq_layer_config clkvq_layer_config_default(clkvq_scheme scheme);
 
+/*
+ * Storage: every layer keeps its packed tokens (and the fp16 scheme its
+ * fp16 rows) in a pool of pages of block_size tokens; a sequence holds a
+ * block table of the pages its tokens live in, as vLLM's paged attention
+ * does. Sinks and recent tokens of skvq/kivi stay in small per-sequence
+ * fp16 rings. block_size 0 is the contiguous cache: one page of the whole
+ * capacity per sequence, owned from creation. With block_size > 0 pages
+ * are taken from the pool as tokens arrive and returned on truncation, and
+ * clkvq_cache_fork shares them between sequences (copy-on-write); with
+ * runtime_tables the runtime brings its own block manager and passes its
+ * block table to clkvq_cache_append_paged / clkvq_cache_decode_paged.
+ */
 typedef struct {
     int n_layers;
     int n_seqs;
-    int capacity;              /* tokens per sequence */
+    int capacity;              /* tokens per sequence, at most */
     int n_kv_heads;
     int n_q_heads;             /* a multiple of n_kv_heads (GQA) */
     int head_dim;
     clkvq_layout layout_k, layout_v;
     const clkvq_layer_config *layers; /* n_layers entries */
+    int block_size;            /* tokens per page: 0 = contiguous, else a multiple of 16
+                                  and of every KIVI layer's group size */
+    int n_blocks;              /* pages in each layer's pool; 0: n_seqs * ceil(capacity /
+                                  block_size), enough for every sequence at capacity */
+    int runtime_tables;        /* 1: the runtime manages pages (needs block_size > 0) */
 } clkvq_cache_config;
 
 typedef struct {
@@ -331,6 +349,63 @@ clkvq_status clkvq_cache_decode(clkvq_cache *cache, int layer, cl_mem q, cl_mem 
                                 float scale);
 clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, const float *q, float *out,
                                      float scale);
+
+/*
+ * Multi-query decode (speculative decoding verifies several draft tokens
+ * per step): n_queries (1..16) queries per sequence in one call, q and out
+ * fp32 [n_seqs][n_queries][n_q_heads][head_dim]. The drafts' K/V are
+ * appended first; query i of a sequence of length n attends causally to
+ * tokens 0 .. n - n_queries + i (a sequence shorter than that gives zeros
+ * for the queries that see no token). The same split-K kernels serve every
+ * query in one launch.
+ */
+clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int layer, int n_queries, cl_mem q,
+                                      cl_mem out, float scale);
+
+/* ---------------------------------------------------------------- pages */
+
+/*
+ * Starts seq_dst as a copy of seq_src in every layer (seq_dst must be
+ * empty): the pages are shared (reference counts) and the fp16 rings are
+ * copied; a later append to either sequence copies a shared page before
+ * writing it (copy-on-write), so neither ever changes the other. In the
+ * contiguous cache the page is copied; with runtime tables only the rings
+ * and lengths are (the runtime shares its pages and copies them with
+ * clkvq_cache_copy_blocks before writing).
+ */
+clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq_dst);
+
+/* Runtime tables: copies the contents of pages src[i] to dst[i] in every
+ * layer (K and V), the copy-on-write step of the runtime's manager. */
+clkvq_status clkvq_cache_copy_blocks(clkvq_cache *cache, const int *src, const int *dst, int n);
+
+typedef struct {
+    int block_size;            /* tokens per page */
+    int n_blocks;              /* pages in the pool */
+    int used_blocks;           /* pages some sequence holds */
+    int free_blocks;
+    int shared_blocks;         /* pages held by more than one sequence */
+    size_t block_bytes;        /* device bytes of one page (K and V) */
+} clkvq_pool_stats;
+
+/* The page pool of one layer (library-managed tables; with runtime tables
+ * used/free/shared are unknown to the library and reported as -1). */
+clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int layer, clkvq_pool_stats *out);
+
+/*
+ * The runtime's own block manager (runtime_tables): as clkvq_cache_append_mem
+ * and clkvq_cache_decode_multi, with the pages named by block_table, an
+ * int32 device buffer [n_seqs][max_blocks] of page ids (0 .. n_blocks - 1)
+ * that covers every token of the sequences touched. Append checks the ids
+ * it writes through (a bad one: CLKVQ_ERR_INVALID_ARG, nothing written);
+ * decode masks tokens whose page id is outside the pool rather than read
+ * out of bounds.
+ */
+clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int layer, int seq, int n_tokens,
+                                      cl_mem k, cl_mem v, cl_mem block_table, int max_blocks);
+clkvq_status clkvq_cache_decode_paged(clkvq_cache *cache, int layer, int n_queries, cl_mem q,
+                                      cl_mem out, float scale, cl_mem block_table,
+                                      int max_blocks);
 
 /* Tunables of the fused decode kernels (compile-time defines). 0 in a
  * field means "the default for this device" (the tuning database, else

@@ -14,6 +14,8 @@
 #include <string.h>
 
 #define MERGE_LOCAL_SIZE 64
+/* Queries per sequence a decode takes (speculative drafts). */
+#define CLKVQ_MAX_QUERIES 16
 
 static const char *const g_attn_sources[] = {"attention.cl", "attention_serial.cl"};
 
@@ -63,9 +65,9 @@ static void resolve_tuning(const clkvq_cache *cache, int l, const clkvq_attn_tun
 }
 
 static clkvq_status check_tuning(clkvq_context *ctx, const clkvq_cache *cache,
-                                 const clkvq_attn_tuning *t)
+                                 const clkvq_attn_tuning *t, int n_queries)
 {
-    clkvq_attn_fit_shape shape = {cache->cfg.n_q_heads / cache->cfg.n_kv_heads,
+    clkvq_attn_fit_shape shape = {cache->cfg.n_q_heads / cache->cfg.n_kv_heads, n_queries,
                                   cache->cfg.head_dim, 0, cache->cfg.layout_k,
                                   cache->cfg.layout_v};
     for (int l = 0; l < cache->cfg.n_layers; l++)
@@ -74,6 +76,32 @@ static clkvq_status check_tuning(clkvq_context *ctx, const clkvq_cache *cache,
     char why[512];
     clkvq_status st = clkvq_attn_tuning_check(t, &shape, &ctx->info, why, sizeof why);
     return st == CLKVQ_OK ? st : clkvq_fail(ctx, st, "%s", why);
+}
+
+/* Multi-query decode multiplies the rows a chunk keeps (scores, outputs):
+ * halve the chunk until they fit the variant's budget (private arrays of
+ * the serial variant, local memory of the cooperative one). */
+static void fit_chunk_to_rows(const clkvq_cache *cache, clkvq_attn_tuning *t, int n_queries)
+{
+    if (n_queries <= 1)
+        return;
+    int rows = cache->cfg.n_q_heads / cache->cfg.n_kv_heads * n_queries;
+    if (t->variant == CLKVQ_ATTN_SERIAL) {
+        while ((size_t)rows * t->chunk > 8192 && t->chunk / 2 >= t->vw &&
+               (t->chunk / 2) % t->vw == 0)
+            t->chunk /= 2;
+        return;
+    }
+    while (clkvq_attn_local_bytes(t, rows, cache->cfg.head_dim) >
+           cache->ctx->info.local_mem_bytes) {
+        if (t->chunk / 2 >= t->wgs && (t->chunk / 2) % t->wgs == 0)
+            t->chunk /= 2;
+        else if (t->wgs > 1 && t->chunk % 2 == 0) {
+            t->wgs /= 2;
+            t->chunk /= 2;
+        } else
+            break; /* check_tuning reports what does not fit */
+    }
 }
 
 clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning)
@@ -86,7 +114,7 @@ clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning 
     }
     clkvq_attn_tuning t;
     resolve_tuning(cache, 0, tuning, &t);
-    clkvq_status st = check_tuning(cache->ctx, cache, &t);
+    clkvq_status st = check_tuning(cache->ctx, cache, &t, 1);
     if (st == CLKVQ_OK)
         cache->tuning = *tuning;
     return st;
@@ -103,7 +131,7 @@ clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning 
 /* The program variant of a layer's decode: shape, tunables, scheme and
  * both formats' rows of the table. */
 static const char *attn_options(const clkvq_cache *cache, const clkvq_cache_layer *layer,
-                                const clkvq_attn_tuning *t, clkvq_defines *d)
+                                const clkvq_attn_tuning *t, int n_queries, clkvq_defines *d)
 {
     const clkvq_layer_config *lc = &layer->cfg;
     int fp16 = lc->scheme == CLKVQ_SCHEME_FP16;
@@ -111,6 +139,7 @@ static const char *attn_options(const clkvq_cache *cache, const clkvq_cache_laye
     clkvq_defines_int(d, "HEAD_DIM", cache->cfg.head_dim);
     clkvq_defines_int(d, "GROUP_SIZE", fp16 ? 32 : lc->group_size);
     clkvq_defines_int(d, "QPK", cache->cfg.n_q_heads / cache->cfg.n_kv_heads);
+    clkvq_defines_int(d, "NQ", n_queries);
     clkvq_defines_int(d, "CHUNK", t->chunk);
     clkvq_defines_int(d, "WGS", t->wgs);
     clkvq_defines_int(d, "VW", t->vw);
@@ -149,7 +178,9 @@ static clkvq_status ensure_buffer(clkvq_context *ctx, cl_mem *mem, size_t *have,
 
 static int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-/* Chunks the longest sequence needs, for packed and for fp16 tokens. */
+/* Chunks the longest sequence needs, for packed and for fp16 tokens.
+ * Packed chunks sit at multiples of the chunk (attention.cl), from the one
+ * holding the first packed token. */
 static void count_chunks(const clkvq_cache *cache, const clkvq_cache_layer *layer, int chunk,
                          int *n_packed, int *n_fp)
 {
@@ -158,7 +189,9 @@ static void count_chunks(const clkvq_cache *cache, const clkvq_cache_layer *laye
         int n = layer->length[s];
         int sink_end = clkvq_cache_n_sink_eff(layer, n);
         int qk = clkvq_cache_q_end(layer, 0, n);
-        int packed = layer->cfg.scheme == CLKVQ_SCHEME_FP16 ? 0 : ceil_div(qk - sink_end, chunk);
+        int packed = layer->cfg.scheme == CLKVQ_SCHEME_FP16 || qk <= sink_end
+                         ? 0
+                         : ceil_div(qk, chunk) - sink_end / chunk;
         int fp = ceil_div(sink_end + (n - qk), chunk);
         if (packed > *n_packed)
             *n_packed = packed;
@@ -185,9 +218,13 @@ static clkvq_status enqueue(clkvq_context *ctx, cl_kernel k, cl_uint dims, const
     return CLKVQ_OK;
 }
 
-/* The region arguments of both chunk kernels, in their order. */
-static void args_regions(clkvq_args *a, const clkvq_cache_layer *layer)
+/* The page and region arguments of both chunk kernels, in their order. */
+static void args_regions(clkvq_args *a, const clkvq_cache *cache, const clkvq_cache_layer *layer,
+                         int max_blocks)
 {
+    clkvq_args_int(a, cache->block_size);
+    clkvq_args_int(a, max_blocks);
+    clkvq_args_int(a, cache->n_pages);
     clkvq_args_int(a, layer->fp_slots);
     clkvq_args_int(a, layer->ring);
     clkvq_args_int(a, layer->cfg.n_sink);
@@ -195,23 +232,29 @@ static void args_regions(clkvq_args *a, const clkvq_cache_layer *layer)
     clkvq_args_int(a, layer->cfg.residual);
 }
 
-static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, float scale,
-                               event_list *events)
+static clkvq_status run_decode(clkvq_cache *cache, int l, int n_queries, cl_mem q, cl_mem out,
+                               float scale, event_list *events)
 {
     clkvq_context *ctx = cache->ctx;
     const clkvq_cache_config *cfg = &cache->cfg;
     clkvq_cache_layer *layer = &cache->layers[l];
     clkvq_attn_tuning t;
     resolve_tuning(cache, l, &cache->tuning, &t);
-    clkvq_status st = check_tuning(ctx, cache, &t);
+    fit_chunk_to_rows(cache, &t, n_queries);
+    clkvq_status st = check_tuning(ctx, cache, &t, n_queries);
     if (st != CLKVQ_OK)
+        return st;
+    cl_mem table;
+    int max_blocks;
+    if ((st = clkvq_cache_table(cache, l, &table, &max_blocks)) != CLKVQ_OK)
         return st;
     int fp16 = layer->cfg.scheme == CLKVQ_SCHEME_FP16;
     int group = fp16 ? 32 : layer->cfg.group_size, n_groups = cfg->head_dim / group;
     int n_packed, n_fp;
     count_chunks(cache, layer, t.chunk, &n_packed, &n_fp);
     int n_slots = n_packed + n_fp;
-    size_t n_q = (size_t)cfg->n_seqs * cfg->n_q_heads;
+    size_t n_rows = (size_t)cfg->n_seqs * n_queries; /* (sequence, query) pairs */
+    size_t n_q = n_rows * cfg->n_q_heads;
 
     size_t qs_bytes = n_q * cfg->head_dim * sizeof(float);
     size_t qsum_bytes = n_q * n_groups * sizeof(float);
@@ -233,7 +276,7 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         st = clkvq_cl_fail(ctx, err, "uploading sequence lengths");
 
     clkvq_defines defines;
-    const char *options = attn_options(cache, layer, &t, &defines);
+    const char *options = attn_options(cache, layer, &t, n_queries, &defines);
     if (st == CLKVQ_OK && !options)
         st = CLKVQ_ERR_BUILD;
     cl_kernel prep = NULL, packed = NULL, fpk = NULL, merge = NULL;
@@ -258,7 +301,7 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         clkvq_args_mem(&a, layer->k.perm);
         clkvq_args_mem(&a, qs);
         clkvq_args_mem(&a, qsum);
-        clkvq_args_int(&a, cfg->n_seqs);
+        clkvq_args_int(&a, (int)n_rows);
         clkvq_args_int(&a, cfg->n_q_heads);
         clkvq_args_float(&a, scale);
         size_t local = MERGE_LOCAL_SIZE, global = clkvq_round_up(n_q * n_groups, local);
@@ -277,11 +320,11 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         clkvq_args_mem(&a, layer->v.params);
         clkvq_args_mem(&a, layer->v.fp);
         clkvq_args_mem(&a, cache->seq_len);
+        clkvq_args_mem(&a, table);
         clkvq_args_mem(&a, cache->partials);
         clkvq_args_int(&a, cfg->n_q_heads);
         clkvq_args_int(&a, cfg->n_kv_heads);
-        clkvq_args_int(&a, clkvq_cache_stride(cfg->capacity));
-        args_regions(&a, layer);
+        args_regions(&a, cache, layer, max_blocks);
         clkvq_args_int(&a, n_slots);
         size_t global[3] = {(size_t)n_packed * wg, (size_t)cfg->n_kv_heads, (size_t)cfg->n_seqs};
         if ((st = clkvq_args_end(ctx, &a, "packed attention chunks")) == CLKVQ_OK)
@@ -293,10 +336,11 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         clkvq_args_mem(&a, layer->k.fp);
         clkvq_args_mem(&a, layer->v.fp);
         clkvq_args_mem(&a, cache->seq_len);
+        clkvq_args_mem(&a, table);
         clkvq_args_mem(&a, cache->partials);
         clkvq_args_int(&a, cfg->n_q_heads);
         clkvq_args_int(&a, cfg->n_kv_heads);
-        args_regions(&a, layer);
+        args_regions(&a, cache, layer, max_blocks);
         clkvq_args_int(&a, n_packed); /* the first fp16 slot */
         clkvq_args_int(&a, n_slots);
         size_t global[3] = {(size_t)n_fp * wg, (size_t)cfg->n_kv_heads, (size_t)cfg->n_seqs};
@@ -309,7 +353,7 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
         clkvq_args_mem(&a, layer->v.perm);
         clkvq_args_mem(&a, cache->seq_len);
         clkvq_args_mem(&a, out);
-        clkvq_args_int(&a, cfg->n_seqs);
+        clkvq_args_int(&a, (int)n_rows);
         clkvq_args_int(&a, cfg->n_q_heads);
         clkvq_args_int(&a, n_slots);
         size_t local = serial ? 1 : MERGE_LOCAL_SIZE;
@@ -325,32 +369,74 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, 
     return st;
 }
 
-clkvq_status clkvq_cache_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, float scale)
+static clkvq_status decode_impl(clkvq_cache *cache, int l, int n_queries, cl_mem q, cl_mem out,
+                                float scale)
 {
-    if (!cache)
-        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_decode: cache is NULL");
     clkvq_context *ctx = cache->ctx;
-    clkvq_clear_error(ctx);
     ctx->last_device_ms = -1.0;
     if (l < 0 || l >= cache->cfg.n_layers)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d is outside 0..%d", l,
                           cache->cfg.n_layers - 1);
+    if (n_queries < 1 || n_queries > CLKVQ_MAX_QUERIES)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "n_queries %d is outside 1..%d", n_queries,
+                          CLKVQ_MAX_QUERIES);
     if (!isfinite(scale) || scale == 0.0f)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "scale %g must be finite and non-zero",
                           (double)scale);
-    size_t need = (size_t)cache->cfg.n_seqs * cache->cfg.n_q_heads * cache->cfg.head_dim *
-                  sizeof(float);
+    size_t need = (size_t)cache->cfg.n_seqs * n_queries * cache->cfg.n_q_heads *
+                  cache->cfg.head_dim * sizeof(float);
     clkvq_status st;
     if ((st = clkvq_check_buffer(ctx, q, "q", need)) != CLKVQ_OK ||
         (st = clkvq_check_buffer(ctx, out, "out", need)) != CLKVQ_OK)
         return st;
     event_list events = {{0}, 0};
-    st = run_decode(cache, l, q, out, scale, &events);
+    st = run_decode(cache, l, n_queries, q, out, scale, &events);
     if (st == CLKVQ_OK)
         ctx->last_device_ms = clkvq_events_ms(events.ev, events.n);
     for (int i = 0; i < events.n; i++)
         clReleaseEvent(events.ev[i]);
     return st;
+}
+
+/* The library's own pages: the runtime-table calls are the others. */
+static clkvq_status own_pages(clkvq_cache *cache, const char *fn)
+{
+    if (!cache->cfg.runtime_tables)
+        return CLKVQ_OK;
+    return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
+                      "%s: this cache's pages belong to the runtime: decode with "
+                      "clkvq_cache_decode_paged and its block table",
+                      fn);
+}
+
+clkvq_status clkvq_cache_decode(clkvq_cache *cache, int l, cl_mem q, cl_mem out, float scale)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_decode: cache is NULL");
+    clkvq_clear_error(cache->ctx);
+    clkvq_status st = own_pages(cache, "clkvq_cache_decode");
+    return st == CLKVQ_OK ? decode_impl(cache, l, 1, q, out, scale) : st;
+}
+
+clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int l, int n_queries, cl_mem q,
+                                      cl_mem out, float scale)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_decode_multi: cache is NULL");
+    clkvq_clear_error(cache->ctx);
+    clkvq_status st = own_pages(cache, "clkvq_cache_decode_multi");
+    return st == CLKVQ_OK ? decode_impl(cache, l, n_queries, q, out, scale) : st;
+}
+
+clkvq_status clkvq_cache_decode_paged(clkvq_cache *cache, int l, int n_queries, cl_mem q,
+                                      cl_mem out, float scale, cl_mem block_table,
+                                      int max_blocks)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_decode_paged: cache is NULL");
+    clkvq_clear_error(cache->ctx);
+    clkvq_status st = clkvq_cache_use_table(cache, block_table, max_blocks);
+    return st == CLKVQ_OK ? decode_impl(cache, l, n_queries, q, out, scale) : st;
 }
 
 clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int l, const float *q, float *out,

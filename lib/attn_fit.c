@@ -2,6 +2,7 @@
 #include "attn_fit.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 
 static clkvq_status why_not(clkvq_status st, char *why, size_t why_size, const char *fmt, ...)
@@ -17,10 +18,13 @@ static clkvq_status why_not(clkvq_status st, char *why, size_t why_size, const c
 
 static int is_pow2(int x) { return x > 0 && (x & (x - 1)) == 0; }
 
-size_t clkvq_attn_local_bytes(const clkvq_attn_tuning *t, int qpk, int head_dim)
+size_t clkvq_attn_local_bytes(const clkvq_attn_tuning *t, int rows, int head_dim)
 {
-    /* queries and their group sums, the chunk's scores, the reduction */
-    return sizeof(float) * (size_t)qpk * ((size_t)head_dim * 2 + (size_t)t->chunk + (size_t)t->wgs);
+    /* queries and their group sums, the chunk's scores, the reduction per
+     * row; a page row per token */
+    return sizeof(float) * (size_t)rows *
+               ((size_t)head_dim * 2 + (size_t)t->chunk + (size_t)t->wgs) +
+           sizeof(int64_t) * (size_t)t->chunk;
 }
 
 clkvq_status clkvq_attn_tuning_check(const clkvq_attn_tuning *t, const clkvq_attn_fit_shape *s,
@@ -58,11 +62,12 @@ clkvq_status clkvq_attn_tuning_check(const clkvq_attn_tuning *t, const clkvq_att
     if ((size_t)t->wgs > dev->max_work_group_size)
         return why_not(CLKVQ_ERR_DEVICE_LIMIT, why, why_size, "wgs %d exceeds the device's %zu",
                        t->wgs, dev->max_work_group_size);
-    size_t local = clkvq_attn_local_bytes(t, s->qpk, s->head_dim);
+    int rows = s->qpk * (s->n_queries > 0 ? s->n_queries : 1);
+    size_t local = clkvq_attn_local_bytes(t, rows, s->head_dim);
     if (local > dev->local_mem_bytes)
         return why_not(CLKVQ_ERR_DEVICE_LIMIT, why, why_size,
-                       "chunk %d x %d query heads needs %zu bytes of local memory, the device "
+                       "chunk %d x %d query rows needs %zu bytes of local memory, the device "
                        "has %llu",
-                       t->chunk, s->qpk, local, (unsigned long long)dev->local_mem_bytes);
+                       t->chunk, rows, local, (unsigned long long)dev->local_mem_bytes);
     return CLKVQ_OK;
 }

@@ -14,6 +14,7 @@
 
 typedef struct {
     int qpk;                       /* query heads per kv head */
+    int n_queries;                 /* queries per sequence (multi-query decode; 0 means 1) */
     int head_dim;
     int packed;                    /* some layer stores packed tokens (not fp16 only) */
     clkvq_layout layout_k, layout_v;
@@ -28,7 +29,8 @@ typedef struct {
 clkvq_status clkvq_attn_tuning_check(const clkvq_attn_tuning *t, const clkvq_attn_fit_shape *s,
                                      const clkvq_device_info *dev, char *why, size_t why_size);
 
-/* Local memory (bytes) the cooperative variant needs. */
-size_t clkvq_attn_local_bytes(const clkvq_attn_tuning *t, int qpk, int head_dim);
+/* Local memory (bytes) the cooperative variant needs for rows = qpk x
+ * n_queries query rows. */
+size_t clkvq_attn_local_bytes(const clkvq_attn_tuning *t, int rows, int head_dim);
 
 #endif

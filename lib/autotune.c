@@ -128,8 +128,10 @@ static clkvq_status make_cache(tune_state *ts, clkvq_layout lk, clkvq_layout lv,
         lc.group_size = sh->group_size;
     if (sh->scheme == CLKVQ_SCHEME_KIVI)
         lc.residual = sh->group_size * ((128 + sh->group_size - 1) / sh->group_size);
-    clkvq_cache_config cfg = {1, sh->batch, sh->tokens, sh->n_kv_heads, sh->n_q_heads,
-                              sh->head_dim, lk, lv, &lc};
+    clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = sh->batch, .capacity = sh->tokens,
+                              .n_kv_heads = sh->n_kv_heads, .n_q_heads = sh->n_q_heads,
+                              .head_dim = sh->head_dim, .layout_k = lk, .layout_v = lv,
+                              .layers = &lc};
     clkvq_status st = clkvq_cache_create(ts->ctx, &cfg, out);
     if (st != CLKVQ_OK)
         return st;

@@ -177,9 +177,10 @@ clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg,
     if (st != CLKVQ_OK)
         return st;
 
-    clkvq_cache_config cc = {1,          1,         n_tokens,         n_kv_heads,
-                             n_q_heads,  head_dim,  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO,
-                             cfg};
+    clkvq_cache_config cc = {.n_layers = 1, .n_seqs = 1, .capacity = n_tokens,
+                             .n_kv_heads = n_kv_heads, .n_q_heads = n_q_heads,
+                             .head_dim = head_dim, .layout_k = CLKVQ_LAYOUT_AUTO,
+                             .layout_v = CLKVQ_LAYOUT_AUTO, .layers = cfg};
     clkvq_cache *cache = NULL;
     st = clkvq_cache_create(ctx, &cc, &cache);
     if (st != CLKVQ_OK)

@@ -4,6 +4,7 @@
 
 #include "kernel_args.h"
 #include "kernel_defines.h"
+#include "kv_pages.h"
 #include "program_cache.h"
 #include "quant_format.h"
 #include "quantize.h"
@@ -161,32 +162,87 @@ static clkvq_status validate_config(clkvq_context *ctx, const clkvq_cache_config
         if (st != CLKVQ_OK)
             return st;
     }
+    if (cfg->block_size < 0 || cfg->n_blocks < 0)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "block_size %d and n_blocks %d must not be "
+                          "negative", cfg->block_size, cfg->n_blocks);
+    if (cfg->block_size == 0 && (cfg->n_blocks != 0 || cfg->runtime_tables))
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "n_blocks and runtime_tables need pages: set block_size");
+    if (cfg->runtime_tables != 0 && cfg->runtime_tables != 1)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "runtime_tables %d is neither 0 nor 1",
+                          cfg->runtime_tables);
+    if (cfg->block_size > 0) {
+        /* aligned vectors of up to 16 tokens stay in one page */
+        if (cfg->block_size % 16 != 0)
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                              "block_size %d must be a multiple of 16", cfg->block_size);
+        for (int l = 0; l < cfg->n_layers; l++) {
+            const clkvq_layer_config *lc = &cfg->layers[l];
+            if (lc->scheme == CLKVQ_SCHEME_KIVI && cfg->block_size % lc->group_size != 0)
+                return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                                  "layer %d: block_size %d must be a multiple of the kivi group "
+                                  "size %d (key groups run along tokens inside a page)",
+                                  l, cfg->block_size, lc->group_size);
+        }
+        if ((long long)cfg->n_seqs * ((cfg->capacity + cfg->block_size - 1) / cfg->block_size) >
+            (1LL << 28))
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                              "%d sequences of %d tokens in pages of %d need too large a block "
+                              "table", cfg->n_seqs, cfg->capacity, cfg->block_size);
+    }
     return CLKVQ_OK;
 }
 
 /* ------------------------------------------------------------ geometry */
 
-static int ring_slots(const clkvq_layer_config *lc, int capacity)
+static int ring_slots(const clkvq_layer_config *lc)
 {
     switch (lc->scheme) {
-    case CLKVQ_SCHEME_FP16: return capacity;
     case CLKVQ_SCHEME_KIVI: return lc->residual;
     case CLKVQ_SCHEME_SKVQ: return lc->window > 0 ? lc->window : 1;
-    default: return 1; /* token: nothing stays fp16; one slot keeps indexing simple */
+    /* token: nothing stays fp16; fp16: every token is in pages. One slot
+     * keeps indexing simple. */
+    default: return 1;
     }
 }
 
-typedef struct {
-    size_t codes, params, fp;
-} store_bytes;
+static int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 
+typedef struct {
+    int block_size, max_blocks, n_pages;
+} page_geometry;
+
+/* The contiguous cache is one page per sequence: the capacity rounded up
+ * to 256 and to every kivi key group (groups never straddle). */
+static page_geometry page_geometry_of(const clkvq_cache_config *cfg)
+{
+    page_geometry pg;
+    if (cfg->block_size > 0) {
+        pg.block_size = cfg->block_size;
+        pg.max_blocks = (cfg->capacity + cfg->block_size - 1) / cfg->block_size;
+        pg.n_pages = cfg->n_blocks > 0 ? cfg->n_blocks : cfg->n_seqs * pg.max_blocks;
+        return pg;
+    }
+    int unit = 256;
+    for (int l = 0; l < cfg->n_layers; l++)
+        if (cfg->layers[l].scheme == CLKVQ_SCHEME_KIVI)
+            unit = unit / gcd(unit, cfg->layers[l].group_size) * cfg->layers[l].group_size;
+    pg.block_size = (int)clkvq_round_up((size_t)cfg->capacity, (size_t)unit);
+    pg.max_blocks = 1;
+    pg.n_pages = cfg->n_seqs;
+    return pg;
+}
+
+/* Placement and page sizes of one tensor (K or V) of a layer. */
 static void fill_store_geometry(const clkvq_cache_config *cfg, const clkvq_layer_config *lc,
-                                int is_v, clkvq_tensor_store *st)
+                                int is_v, int block_size, clkvq_tensor_store *st)
 {
     clkvq_quant_params qp = clkvq_layer_quant_params(lc, is_v);
+    memset(st, 0, sizeof *st);
+    st->layout = is_v ? cfg->layout_v : cfg->layout_k;
+    size_t heads = (size_t)cfg->n_kv_heads, dim = (size_t)cfg->head_dim;
     if (lc->scheme == CLKVQ_SCHEME_FP16) { /* nothing is packed: formats are not read */
-        memset(st, 0, sizeof *st);
-        st->layout = is_v ? cfg->layout_v : cfg->layout_k;
+        st->page_fp = heads * block_size * dim * 2;
         return;
     }
     st->format = qp.format;
@@ -195,25 +251,25 @@ static void fill_store_geometry(const clkvq_cache_config *cfg, const clkvq_layer
     st->group_words = clkvq_group_words(qp.format, qp.group_size);
     st->n_groups = qp.axis == CLKVQ_AXIS_TOKEN ? cfg->head_dim / qp.group_size : 0;
     st->row_words = st->n_groups * st->group_words;
-    st->layout = is_v ? cfg->layout_v : cfg->layout_k;
+    size_t groups = qp.axis == CLKVQ_AXIS_TOKEN
+                        ? heads * block_size * st->n_groups
+                        : heads * (size_t)(block_size / qp.group_size) * dim;
+    st->page_codes = groups * st->group_words * 4;
+    st->page_params = groups * clkvq_param_bytes(lc->param_type);
 }
 
-static store_bytes store_size(const clkvq_cache_config *cfg, const clkvq_layer_config *lc,
-                              const clkvq_tensor_store *st, int fp_slots)
+typedef struct {
+    size_t codes, params, fp;
+} store_bytes;
+
+static store_bytes store_size(const clkvq_cache_config *cfg, const clkvq_tensor_store *st,
+                              int n_pages, int fp_slots)
 {
-    store_bytes b = {0, 0, 0};
-    size_t sh = (size_t)cfg->n_seqs * cfg->n_kv_heads;
-    b.fp = sh * (size_t)fp_slots * cfg->head_dim * 2;
-    if (lc->scheme == CLKVQ_SCHEME_FP16)
-        return b;
-    size_t pb = clkvq_param_bytes(lc->param_type);
-    size_t groups;
-    if (st->axis == CLKVQ_AXIS_TOKEN)
-        groups = sh * (size_t)clkvq_cache_stride(cfg->capacity) * st->n_groups;
-    else
-        groups = sh * (size_t)(clkvq_cache_stride(cfg->capacity) / lc->group_size) * cfg->head_dim;
-    b.codes = groups * st->group_words * 4;
-    b.params = groups * pb;
+    store_bytes b;
+    b.codes = st->page_codes * n_pages;
+    b.params = st->page_params * n_pages;
+    b.fp = st->page_fp ? st->page_fp * n_pages
+                       : (size_t)cfg->n_seqs * cfg->n_kv_heads * fp_slots * cfg->head_dim * 2;
     return b;
 }
 
@@ -228,18 +284,22 @@ clkvq_status clkvq_cache_plan(clkvq_context *ctx, const clkvq_cache_config *cfg,
     if (!out)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "memory plan output is NULL");
     memset(out, 0, sizeof *out);
+    page_geometry pg = page_geometry_of(cfg);
     for (int l = 0; l < cfg->n_layers; l++) {
         const clkvq_layer_config *lc = &cfg->layers[l];
-        int fp_slots = ring_slots(lc, cfg->capacity) + lc->n_sink;
+        int fp_slots = ring_slots(lc) + lc->n_sink;
         for (int is_v = 0; is_v < 2; is_v++) {
             clkvq_tensor_store ts;
-            fill_store_geometry(cfg, lc, is_v, &ts);
-            store_bytes b = store_size(cfg, lc, &ts, fp_slots);
+            fill_store_geometry(cfg, lc, is_v, pg.block_size, &ts);
+            store_bytes b = store_size(cfg, &ts, pg.n_pages, fp_slots);
             out->quantized_bytes += b.codes + b.params;
             out->fp16_bytes += b.fp;
         }
     }
-    out->device_bytes = out->quantized_bytes + out->fp16_bytes;
+    /* the block tables (one per layer) */
+    size_t tables = cfg->runtime_tables ? 0
+                                        : (size_t)cfg->n_layers * cfg->n_seqs * pg.max_blocks * 4;
+    out->device_bytes = out->quantized_bytes + out->fp16_bytes + tables;
     double elements = 2.0 * cfg->n_layers * (double)cfg->n_seqs * cfg->capacity *
                       cfg->n_kv_heads * cfg->head_dim;
     out->bits_per_element = 8.0 * (double)out->device_bytes / elements;
@@ -279,13 +339,14 @@ static clkvq_status create_store(clkvq_cache *cache, clkvq_cache_layer *layer, i
     clkvq_context *ctx = cache->ctx;
     const clkvq_cache_config *cfg = &cache->cfg;
     clkvq_tensor_store *st = is_v ? &layer->v : &layer->k;
-    fill_store_geometry(cfg, &layer->cfg, is_v, st);
-    store_bytes b = store_size(cfg, &layer->cfg, st, layer->fp_slots);
-    clkvq_status s = create_buffer(ctx, b.fp, NULL, &st->fp, "fp16 store");
+    fill_store_geometry(cfg, &layer->cfg, is_v, cache->block_size, st);
+    store_bytes b = store_size(cfg, st, cache->n_pages, layer->fp_slots);
+    clkvq_status s = create_buffer(ctx, b.fp, NULL, &st->fp,
+                                   st->page_fp ? "fp16 page pool" : "fp16 rings");
     if (s == CLKVQ_OK && b.codes)
-        s = create_buffer(ctx, b.codes, NULL, &st->codes, "packed codes");
+        s = create_buffer(ctx, b.codes, NULL, &st->codes, "packed code pages");
     if (s == CLKVQ_OK && b.params)
-        s = create_buffer(ctx, b.params, NULL, &st->params, "packed params");
+        s = create_buffer(ctx, b.params, NULL, &st->params, "packed parameter pages");
     if (s == CLKVQ_OK && perm) {
         size_t n = (size_t)cfg->n_kv_heads * cfg->head_dim;
         st->perm_host = malloc(n * sizeof(int32_t));
@@ -315,11 +376,13 @@ void clkvq_cache_release(clkvq_cache *cache)
         for (int l = 0; l < cache->cfg.n_layers; l++) {
             release_store(&cache->layers[l].k);
             release_store(&cache->layers[l].v);
+            clkvq_pages_release(&cache->layers[l].pages);
             free(cache->layers[l].length);
         }
         free(cache->layers);
     }
     release_mem(&cache->seq_len);
+    release_mem(&cache->rt_table);
     release_mem(&cache->partials);
     release_mem(&cache->q_scratch);
     release_mem(&cache->qsum_scratch);
@@ -348,6 +411,11 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
     cache->ctx = ctx;
     cache->cfg = *cfg;
     cache->cfg.layers = NULL;
+    page_geometry pg = page_geometry_of(cfg);
+    cache->block_size = pg.block_size;
+    cache->max_blocks = pg.max_blocks;
+    cache->n_pages = pg.n_pages;
+    cache->paged = cfg->block_size > 0;
     cache->tuned = calloc((size_t)cfg->n_layers, sizeof *cache->tuned);
     if (!cache->tuned) {
         clkvq_cache_release(cache);
@@ -390,7 +458,7 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
         clkvq_cache_layer *layer = &cache->layers[l];
         layer->cfg = cfg->layers[l];
         layer->cfg.perm_k = layer->cfg.perm_v = NULL;
-        layer->ring = ring_slots(&layer->cfg, cfg->capacity);
+        layer->ring = ring_slots(&layer->cfg);
         layer->fp_slots = layer->ring + layer->cfg.n_sink;
         layer->length = calloc((size_t)cfg->n_seqs, sizeof(int));
         if (!layer->length)
@@ -399,6 +467,8 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
             st = create_store(cache, layer, 0, cfg->layers[l].perm_k);
         if (st == CLKVQ_OK)
             st = create_store(cache, layer, 1, cfg->layers[l].perm_v);
+        if (st == CLKVQ_OK)
+            st = clkvq_pages_init(cache, l);
     }
     if (st == CLKVQ_OK)
         st = create_buffer(ctx, (size_t)cfg->n_seqs * sizeof(cl_int), NULL, &cache->seq_len,
@@ -429,20 +499,29 @@ static clkvq_status store_kernel(clkvq_cache *cache, const clkvq_cache_layer *la
     clkvq_defines_params(&d, layer->cfg.param_type, layer->cfg.zero_mode);
     clkvq_defines_int(&d, "AXIS_CHANNEL", store->axis == CLKVQ_AXIS_CHANNEL);
     clkvq_defines_int(&d, "LAYOUT", (int)store->layout);
+    clkvq_defines_int(&d, "FP_PAGED", layer->cfg.scheme == CLKVQ_SCHEME_FP16);
     const char *options = clkvq_defines_get(cache->ctx, &d);
     if (!options)
         return CLKVQ_ERR_BUILD;
     return clkvq_kernel_get(cache->ctx, g_cache_sources, 2, options, name, out);
 }
 
-/* The geometry every cache kernel takes, in GEOM_ARGS order (kv_cache.cl). */
-static void args_geometry(clkvq_args *a, const clkvq_cache *cache, const clkvq_cache_layer *layer,
-                          const clkvq_tensor_store *store, int seq)
+/* The geometry every cache kernel takes, in GEOM_ARGS order (kv_cache.cl),
+ * with the layer's block table. */
+static clkvq_status args_geometry(clkvq_args *a, clkvq_cache *cache,
+                                  const clkvq_cache_layer *layer,
+                                  const clkvq_tensor_store *store, int seq)
 {
     const clkvq_cache_config *cfg = &cache->cfg;
+    cl_mem table;
+    int max_blocks;
+    clkvq_status st = clkvq_cache_table(cache, (int)(layer - cache->layers), &table, &max_blocks);
+    if (st != CLKVQ_OK)
+        return st;
+    clkvq_args_mem(a, table);
     clkvq_args_int(a, cfg->n_kv_heads);
     clkvq_args_int(a, cfg->head_dim);
-    clkvq_args_int(a, clkvq_cache_stride(cfg->capacity));
+    clkvq_args_int(a, cache->block_size);
     clkvq_args_int(a, layer->cfg.group_size);
     clkvq_args_int(a, store->group_words);
     clkvq_args_int(a, store->n_groups);
@@ -450,6 +529,8 @@ static void args_geometry(clkvq_args *a, const clkvq_cache *cache, const clkvq_c
     clkvq_args_int(a, layer->ring);
     clkvq_args_int(a, layer->cfg.n_sink);
     clkvq_args_int(a, seq);
+    clkvq_args_int(a, max_blocks);
+    return CLKVQ_OK;
 }
 
 static clkvq_status run_1d(clkvq_context *ctx, cl_kernel k, size_t items, const char *what)
@@ -497,7 +578,8 @@ static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_mem(&a, store->perm);
     clkvq_args_mem(&a, store->codes);
     clkvq_args_mem(&a, store->params);
-    args_geometry(&a, cache, layer, store, seq);
+    if ((st = args_geometry(&a, cache, layer, store, seq)) != CLKVQ_OK)
+        return st;
     clkvq_args_float(&a, store->clip);
     clkvq_args_int(&a, q0);
     clkvq_args_int(&a, n_stage);
@@ -525,7 +607,8 @@ static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_mem(&a, in);
     clkvq_args_mem(&a, store->perm);
     clkvq_args_mem(&a, store->fp);
-    args_geometry(&a, cache, layer, store, seq);
+    if ((st = args_geometry(&a, cache, layer, store, seq)) != CLKVQ_OK)
+        return st;
     clkvq_args_int(&a, n_old);
     clkvq_args_int(&a, n_in);
     clkvq_args_int(&a, q_end_new);
@@ -534,13 +617,61 @@ static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
     return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n_in, "fp16 store");
 }
 
-clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
-                                    cl_mem v)
+/* The tokens an append from n_old to n_new writes into pages: what it
+ * quantizes, and every new token of the fp16 scheme. */
+static void page_writes(const clkvq_cache_layer *layer, int n_old, int n_new, int *t0, int *t1)
 {
-    if (!cache)
-        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_append: cache is NULL");
+    if (layer->cfg.scheme == CLKVQ_SCHEME_FP16) {
+        *t0 = n_old;
+        *t1 = n_new;
+        return;
+    }
+    *t0 = n_new;
+    *t1 = 0;
+    for (int i = 0; i < 2; i++) {
+        int q0 = clkvq_cache_pack_from(layer, i, n_old, n_new);
+        int q1 = clkvq_cache_q_end(layer, i, n_new);
+        if (q1 > q0) {
+            *t0 = q0 < *t0 ? q0 : *t0;
+            *t1 = q1 > *t1 ? q1 : *t1;
+        }
+    }
+}
+
+/* Runtime tables: the page ids an append writes through must name pages
+ * of the pool (a bad one would write out of bounds). */
+static clkvq_status check_runtime_pages(clkvq_cache *cache, int seq, int t0, int t1)
+{
+    if (t1 <= t0)
+        return CLKVQ_OK;
+    int b0 = t0 / cache->block_size, b1 = (t1 - 1) / cache->block_size;
+    if (b1 >= cache->rt_max_blocks)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
+                          "token %d of sequence %d needs block %d, the block table has %d per "
+                          "sequence; nothing was appended",
+                          t1 - 1, seq, b1, cache->rt_max_blocks);
+    int ids[64];
+    for (int b = b0; b <= b1; b += 64) {
+        int n = b1 - b + 1 < 64 ? b1 - b + 1 : 64;
+        cl_int err = clEnqueueReadBuffer(cache->ctx->queue, cache->rt_table, CL_TRUE,
+                                         ((size_t)seq * cache->rt_max_blocks + b) * sizeof(int),
+                                         (size_t)n * sizeof(int), ids, 0, NULL, NULL);
+        if (err != CL_SUCCESS)
+            return clkvq_cl_fail(cache->ctx, err, "reading the block table");
+        for (int i = 0; i < n; i++)
+            if (ids[i] < 0 || ids[i] >= cache->n_pages)
+                return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
+                                  "block table entry [%d][%d] = %d is not a page of the pool "
+                                  "(0..%d); nothing was appended",
+                                  seq, b + i, ids[i], cache->n_pages - 1);
+    }
+    return CLKVQ_OK;
+}
+
+static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
+                                cl_mem v)
+{
     clkvq_context *ctx = cache->ctx;
-    clkvq_clear_error(ctx);
     clkvq_status st = check_seq(cache, l, seq);
     if (st != CLKVQ_OK)
         return st;
@@ -579,6 +710,16 @@ clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_to
         q0[i] = clkvq_cache_pack_from(layer, i, n_old, n_new);
         q1[i] = clkvq_cache_q_end(layer, i, n_new);
     }
+    int w0, w1;
+    page_writes(layer, n_old, n_new, &w0, &w1);
+    clkvq_page_undo undo;
+    memset(&undo, 0, sizeof undo);
+    if (cfg->runtime_tables)
+        st = check_runtime_pages(cache, seq, w0, w1);
+    else
+        st = clkvq_pages_reserve(cache, l, seq, w0, w1, &undo);
+    if (st != CLKVQ_OK)
+        return st;
     for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
         clkvq_tensor_store *store = i ? &layer->v : &layer->k;
         /* quantizing reads old fp16 rows that the new tokens may overwrite:
@@ -594,9 +735,61 @@ clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_to
         if (err != CL_SUCCESS)
             st = clkvq_cl_fail(ctx, err, "finishing the append");
     }
+    if (!cfg->runtime_tables) {
+        if (st != CLKVQ_OK)
+            clkvq_pages_rollback(cache, &undo);
+        clkvq_pages_undo_free(&undo);
+    }
     if (st == CLKVQ_OK)
         layer->length[seq] = n_new;
     return st;
+}
+
+clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
+                                    cl_mem v)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_append: cache is NULL");
+    clkvq_clear_error(cache->ctx);
+    if (cache->cfg.runtime_tables)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
+                          "this cache's pages belong to the runtime: append with "
+                          "clkvq_cache_append_paged and its block table");
+    return append_impl(cache, l, seq, n_tokens, k, v);
+}
+
+/* Runtime tables: takes the runtime's block table for this and later
+ * calls (read, truncate, prefill use the last one given). */
+clkvq_status clkvq_cache_use_table(clkvq_cache *cache, cl_mem table, int max_blocks)
+{
+    if (!cache->cfg.runtime_tables)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
+                          "this cache manages its own pages (runtime_tables is 0)");
+    if (max_blocks <= 0 || (long long)max_blocks * cache->block_size < cache->cfg.capacity)
+        return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
+                          "max_blocks %d x block_size %d does not cover the capacity %d",
+                          max_blocks, cache->block_size, cache->cfg.capacity);
+    clkvq_status st = clkvq_check_buffer(cache->ctx, table, "block_table",
+                                         (size_t)cache->cfg.n_seqs * max_blocks * sizeof(int));
+    if (st != CLKVQ_OK)
+        return st;
+    if (table != cache->rt_table) {
+        clRetainMemObject(table);
+        release_mem(&cache->rt_table);
+        cache->rt_table = table;
+    }
+    cache->rt_max_blocks = max_blocks;
+    return CLKVQ_OK;
+}
+
+clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
+                                      cl_mem v, cl_mem block_table, int max_blocks)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_append_paged: cache is NULL");
+    clkvq_clear_error(cache->ctx);
+    clkvq_status st = clkvq_cache_use_table(cache, block_table, max_blocks);
+    return st == CLKVQ_OK ? append_impl(cache, l, seq, n_tokens, k, v) : st;
 }
 
 clkvq_status clkvq_cache_append(clkvq_cache *cache, int layer, int seq, int n_tokens,
@@ -646,7 +839,8 @@ static clkvq_status refill(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_mem(&a, store->codes);
     clkvq_args_mem(&a, store->params);
     clkvq_args_mem(&a, store->fp);
-    args_geometry(&a, cache, layer, store, seq);
+    if ((st = args_geometry(&a, cache, layer, store, seq)) != CLKVQ_OK)
+        return st;
     clkvq_args_int(&a, t_from);
     clkvq_args_int(&a, t_count);
     if ((st = clkvq_args_end(cache->ctx, &a, "refill")) != CLKVQ_OK)
@@ -685,8 +879,109 @@ clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens)
             st = clkvq_cl_fail(cache->ctx, err, "finishing the truncation");
     }
     if (st == CLKVQ_OK)
-        for (int l = 0; l < cache->cfg.n_layers; l++)
-            cache->layers[l].length[seq] = n_tokens;
+        for (int l = 0; l < cache->cfg.n_layers; l++) {
+            clkvq_cache_layer *layer = &cache->layers[l];
+            /* pages left with no packed token go back to the pool */
+            int keep = n_tokens;
+            if (layer->cfg.scheme != CLKVQ_SCHEME_FP16) {
+                int qk = clkvq_cache_q_end(layer, 0, n_tokens);
+                int qv = clkvq_cache_q_end(layer, 1, n_tokens);
+                keep = qk > qv ? qk : qv;
+            }
+            clkvq_pages_drop_from(cache, l, seq, keep);
+            layer->length[seq] = n_tokens;
+        }
+    return st;
+}
+
+/* ------------------------------------------------------------ fork */
+
+/* Copies seq_src's fp16 ring rows (every kv head) over seq_dst's. */
+static clkvq_status copy_rings(clkvq_cache *cache, clkvq_cache_layer *layer, int src, int dst)
+{
+    for (int i = 0; i < 2; i++) {
+        clkvq_tensor_store *ts = i ? &layer->v : &layer->k;
+        if (ts->page_fp) /* the fp16 scheme keeps its rows in pages */
+            continue;
+        size_t bytes = (size_t)cache->cfg.n_kv_heads * layer->fp_slots * cache->cfg.head_dim * 2;
+        cl_int err = clEnqueueCopyBuffer(cache->ctx->queue, ts->fp, ts->fp, (size_t)src * bytes,
+                                         (size_t)dst * bytes, bytes, 0, NULL, NULL);
+        if (err != CL_SUCCESS)
+            return clkvq_cl_fail(cache->ctx, err, "copying fp16 rings");
+    }
+    return CLKVQ_OK;
+}
+
+clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq_dst)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_fork: cache is NULL");
+    clkvq_context *ctx = cache->ctx;
+    clkvq_clear_error(ctx);
+    clkvq_status st = check_seq(cache, 0, seq_src);
+    if (st == CLKVQ_OK)
+        st = check_seq(cache, 0, seq_dst);
+    if (st != CLKVQ_OK)
+        return st;
+    if (seq_src == seq_dst)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "cannot fork sequence %d into itself",
+                          seq_src);
+    for (int l = 0; l < cache->cfg.n_layers; l++)
+        if (cache->layers[l].length[seq_dst] != 0)
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                              "fork target sequence %d holds %d tokens in layer %d: truncate it "
+                              "to 0 first",
+                              seq_dst, cache->layers[l].length[seq_dst], l);
+    for (int l = 0; l < cache->cfg.n_layers && st == CLKVQ_OK; l++) {
+        clkvq_cache_layer *layer = &cache->layers[l];
+        st = copy_rings(cache, layer, seq_src, seq_dst);
+        /* the contiguous cache's pages belong to their sequences: copy */
+        if (st == CLKVQ_OK && !cache->paged)
+            st = clkvq_pages_copy(cache, l, seq_src, seq_dst);
+    }
+    if (st == CLKVQ_OK) {
+        cl_int err = clFinish(ctx->queue);
+        if (err != CL_SUCCESS)
+            st = clkvq_cl_fail(ctx, err, "finishing the fork");
+    }
+    if (st != CLKVQ_OK)
+        return st;
+    for (int l = 0; l < cache->cfg.n_layers; l++) {
+        if (cache->paged && !cache->cfg.runtime_tables)
+            clkvq_pages_share(cache, l, seq_src, seq_dst);
+        cache->layers[l].length[seq_dst] = cache->layers[l].length[seq_src];
+    }
+    return CLKVQ_OK;
+}
+
+clkvq_status clkvq_cache_copy_blocks(clkvq_cache *cache, const int *src, const int *dst, int n)
+{
+    if (!cache)
+        return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_copy_blocks: cache is NULL");
+    clkvq_context *ctx = cache->ctx;
+    clkvq_clear_error(ctx);
+    if (!cache->cfg.runtime_tables)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "this cache manages its own pages: clkvq_cache_fork shares them");
+    if (n < 0 || (n > 0 && (!src || !dst)))
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "copy_blocks: %d pages, src or dst NULL",
+                          n);
+    for (int i = 0; i < n; i++)
+        if (src[i] < 0 || src[i] >= cache->n_pages || dst[i] < 0 || dst[i] >= cache->n_pages ||
+            src[i] == dst[i])
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                              "copy_blocks: pair %d (%d -> %d) is not two different pages of "
+                              "0..%d; nothing was copied",
+                              i, src[i], dst[i], cache->n_pages - 1);
+    clkvq_status st = CLKVQ_OK;
+    for (int l = 0; l < cache->cfg.n_layers && st == CLKVQ_OK; l++)
+        for (int i = 0; i < n && st == CLKVQ_OK; i++)
+            st = clkvq_pages_copy(cache, l, src[i], dst[i]);
+    if (st == CLKVQ_OK) {
+        cl_int err = clFinish(ctx->queue);
+        if (err != CL_SUCCESS)
+            st = clkvq_cl_fail(ctx, err, "finishing the page copies");
+    }
     return st;
 }
 
@@ -707,7 +1002,8 @@ static clkvq_status read_tensor(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_mem(&a, store->fp);
     clkvq_args_mem(&a, store->perm);
     clkvq_args_mem(&a, out);
-    args_geometry(&a, cache, layer, store, seq);
+    if ((st = args_geometry(&a, cache, layer, store, seq)) != CLKVQ_OK)
+        return st;
     clkvq_args_int(&a, n);
     clkvq_args_int(&a, clkvq_cache_q_end(layer, is_v, n));
     clkvq_args_int(&a, 0);

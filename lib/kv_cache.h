@@ -4,11 +4,10 @@
  *
  * The token regions of a sequence (sinks / quantized / recent), the fp16
  * store's slots and the packed layouts are defined once, in
- * cl_kernels/clkvq_packing.h, which the kernels compile too. `capacity` in
- * every kernel argument so named is the token stride clkvq_cache_stride():
- * the capacity rounded up to 256, so vector loads of up to 16 tokens past
- * the last one stay inside the buffer and KIVI blocks of any group size
- * divide it. Channels in both stores are in packed (permuted) order.
+ * cl_kernels/clkvq_packing.h, which the kernels compile too, as are the
+ * pages: every kernel that touches packed tokens reads a block table
+ * (lib/kv_pages.c owns the pools). Channels in both stores are in packed
+ * (permuted) order.
  */
 #ifndef CLKVQ_KV_CACHE_H
 #define CLKVQ_KV_CACHE_H
@@ -24,11 +23,22 @@ typedef struct {
     int n_groups;         /* per-token groups per row (token axis) */
     int row_words;        /* n_groups * group_words (token axis) */
     clkvq_layout layout;  /* token axis only */
-    cl_mem codes, params; /* NULL when the scheme stores no packed tokens */
-    cl_mem fp;            /* fp16 store */
+    cl_mem codes, params; /* page pools; NULL when the scheme stores no packed tokens */
+    cl_mem fp;            /* fp16 rings, or the fp16 scheme's page pool */
+    size_t page_codes, page_params, page_fp; /* bytes of one page in each pool */
     cl_mem perm;          /* int32 [n_kv_heads][head_dim] or NULL */
     int32_t *perm_host;
 } clkvq_tensor_store;
+
+/* The page pool of one layer, shared by K and V (a page id names both). */
+typedef struct {
+    int *table;           /* [n_seqs][max_blocks] page ids, -1: none (NULL: runtime tables) */
+    int *refs;            /* [n_pages] sequences holding each page */
+    int *free_ids;        /* stack of free page ids */
+    int n_free;
+    cl_mem table_mem;     /* the device copy of table */
+    int dirty;            /* table changed since the last upload */
+} clkvq_page_pool;
 
 typedef struct {
     clkvq_layer_config cfg; /* perm pointers cleared: see the stores */
@@ -36,12 +46,19 @@ typedef struct {
     int fp_slots;           /* ring + n_sink */
     clkvq_tensor_store k, v;
     int *length;            /* per sequence */
+    clkvq_page_pool pages;
 } clkvq_cache_layer;
 
 struct clkvq_cache {
     clkvq_context *ctx;
     clkvq_cache_config cfg; /* layers pointer cleared */
     clkvq_cache_layer *layers;
+    int block_size;         /* tokens per page (the contiguous cache: the capacity, rounded) */
+    int max_blocks;         /* pages one sequence can hold */
+    int n_pages;            /* pages per layer pool */
+    int paged;              /* pages taken and returned as tokens come and go */
+    cl_mem rt_table;        /* runtime tables: the block table last given (retained) */
+    int rt_max_blocks;      /* its width */
     cl_mem seq_len;         /* int32 [n_seqs], lengths of the layer last decoded */
     cl_mem partials;        /* decode split-K partial results */
     size_t partials_bytes;
@@ -55,8 +72,6 @@ struct clkvq_cache {
     int *host_len;          /* staging for seq_len uploads */
 };
 
-static inline int clkvq_cache_stride(int capacity) { return (capacity + 255) / 256 * 256; }
-
 /* First quantized token (see above) for one tensor of a layer. */
 int clkvq_cache_q_end(const clkvq_cache_layer *layer, int is_v, int n_tokens);
 /* First token an append from n_old to n_new tokens packs: the old q_end,
@@ -66,6 +81,14 @@ static inline int clkvq_cache_n_sink_eff(const clkvq_cache_layer *layer, int n_t
 {
     return n_tokens < layer->cfg.n_sink ? n_tokens : layer->cfg.n_sink;
 }
+
+/* Runtime tables: takes the runtime's block table (retained) for this and
+ * later calls. */
+clkvq_status clkvq_cache_use_table(clkvq_cache *cache, cl_mem table, int max_blocks);
+
+/* The block table kernels read for layer l and its width: the runtime's
+ * last one (runtime tables) or the layer's own, uploaded if it changed. */
+clkvq_status clkvq_cache_table(clkvq_cache *cache, int l, cl_mem *table, int *max_blocks);
 
 /*
  * Reads seq of layer into device buffers as fp32 [n_kv_heads][length]

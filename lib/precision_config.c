@@ -250,8 +250,10 @@ clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
         layers[l] = cfg->layers[l].cfg;
     }
     if (st == CLKVQ_OK) {
-        clkvq_cache_config cc = {cfg->n_layers, n_seqs,   capacity, n_kv_heads, n_q_heads,
-                                 head_dim,       layout_k, layout_v, layers};
+        clkvq_cache_config cc = {.n_layers = cfg->n_layers, .n_seqs = n_seqs,
+                                 .capacity = capacity, .n_kv_heads = n_kv_heads,
+                                 .n_q_heads = n_q_heads, .head_dim = head_dim,
+                                 .layout_k = layout_k, .layout_v = layout_v, .layers = layers};
         st = clkvq_cache_create(ctx, &cc, out);
     }
     free(layers);

@@ -182,8 +182,10 @@ static void measure_latency(clkvq_context *ctx, clkvq_search_result *res,
         if (clkvq_tuning_lookup(ctx, &shape, &tp, &source) != CLKVQ_OK ||
             (source != CLKVQ_TUNED_EXACT && source != CLKVQ_TUNED_NEAREST))
             continue;
-        clkvq_cache_config cfg = {1, 1, info->n_tokens, info->n_kv_heads, info->n_q_heads,
-                                  info->head_dim, tp.layout_k, tp.layout_v, &lc};
+        clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = 1, .capacity = info->n_tokens,
+                                  .n_kv_heads = info->n_kv_heads, .n_q_heads = info->n_q_heads,
+                                  .head_dim = info->head_dim, .layout_k = tp.layout_k,
+                                  .layout_v = tp.layout_v, .layers = &lc};
         clkvq_cache *cache = NULL;
         if (clkvq_cache_create(ctx, &cfg, &cache) != CLKVQ_OK)
             continue;

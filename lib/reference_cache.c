@@ -146,3 +146,11 @@ void clkvq_ref_cache_read(const clkvq_ref_cache *rc, float *k, float *v)
                        rc->val[i] + (size_t)h * rc->capacity * rc->dim,
                        sizeof(float) * (size_t)rc->length * rc->dim);
 }
+
+void clkvq_ref_cache_copy(clkvq_ref_cache *dst, const clkvq_ref_cache *src)
+{
+    size_t n = (size_t)src->heads * src->capacity * src->dim;
+    for (int i = 0; i < 2; i++)
+        memcpy(dst->val[i], src->val[i], n * sizeof(float));
+    dst->length = src->length;
+}

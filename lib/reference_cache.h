@@ -21,6 +21,8 @@ void clkvq_ref_cache_free(clkvq_ref_cache *rc);
 void clkvq_ref_cache_append(clkvq_ref_cache *rc, int n_tokens, const float *k, const float *v);
 void clkvq_ref_cache_truncate(clkvq_ref_cache *rc, int n_tokens);
 int clkvq_ref_cache_length(const clkvq_ref_cache *rc);
+/* dst becomes a copy of src's tokens (a fork); same config and shape. */
+void clkvq_ref_cache_copy(clkvq_ref_cache *dst, const clkvq_ref_cache *src);
 /* [n_kv_heads][length][head_dim], model order. */
 void clkvq_ref_cache_read(const clkvq_ref_cache *rc, float *k, float *v);
 

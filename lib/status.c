@@ -22,6 +22,7 @@ const char *clkvq_status_string(clkvq_status status)
     case CLKVQ_ERR_IO: return "CLKVQ_ERR_IO: file read/write failed";
     case CLKVQ_ERR_CORRUPT: return "CLKVQ_ERR_CORRUPT: malformed file";
     case CLKVQ_ERR_DEVICE_LIMIT: return "CLKVQ_ERR_DEVICE_LIMIT: exceeds a device limit";
+    case CLKVQ_ERR_OUT_OF_BLOCKS: return "CLKVQ_ERR_OUT_OF_BLOCKS: no free page in the pool";
     }
     return "CLKVQ_ERR_?: unknown status";
 }

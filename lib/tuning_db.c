@@ -180,7 +180,7 @@ static int check_shape(const clkvq_tune_shape *s, char *why, size_t why_size)
 static int check_params(const clkvq_tune_params *p, const clkvq_tune_shape *s, char *why,
                         size_t why_size)
 {
-    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, s->head_dim,
+    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, 1, s->head_dim,
                                 s->scheme != CLKVQ_SCHEME_FP16, p->layout_k, p->layout_v};
     return clkvq_attn_tuning_check(&p->attn, &fit, NULL, why, why_size) == CLKVQ_OK;
 }
@@ -204,7 +204,7 @@ static int check_entry(const clkvq_tune_result *e, char *why, size_t why_size)
 static int params_fit(const clkvq_context *ctx, const clkvq_tune_params *p,
                       const clkvq_tune_shape *s)
 {
-    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, s->head_dim,
+    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, 1, s->head_dim,
                                 s->scheme != CLKVQ_SCHEME_FP16, p->layout_k, p->layout_v};
     char why[256];
     return clkvq_attn_tuning_check(&p->attn, &fit, &ctx->info, why, sizeof why) == CLKVQ_OK;

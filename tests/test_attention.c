@@ -51,9 +51,10 @@ static const attn_case g_cases[] = {
      256, 0, 0, 0, 32, 32, 0, 0, CLKVQ_PARAM_FP8_E4M3, 0, 0, 1},
 };
 
-/* variant CLKVQ_ATTN_SERIAL forces group-planar layouts (which it needs). */
-static clkvq_cache *cache_for(const attn_case *c, clkvq_attn_variant variant, int vw,
-                              int32_t **perm_k, int32_t **perm_v)
+/* variant CLKVQ_ATTN_SERIAL forces group-planar layouts (which it needs);
+ * block_size 0 is the contiguous cache, else pages of that many tokens. */
+static clkvq_cache *cache_for_paged(const attn_case *c, clkvq_attn_variant variant, int vw,
+                                    int block_size, int32_t **perm_k, int32_t **perm_v)
 {
     clkvq_layer_config lc = clkvq_layer_config_default(c->scheme);
     lc.format_k = c->fk;
@@ -74,9 +75,12 @@ static clkvq_cache *cache_for(const attn_case *c, clkvq_attn_variant variant, in
         lc.perm_v = *perm_v;
     }
     int serial = variant == CLKVQ_ATTN_SERIAL;
-    clkvq_cache_config cfg = {1, N_SEQS, CAPACITY, KV_HEADS, KV_HEADS * c->qpk, c->head_dim,
-                              serial ? CLKVQ_LAYOUT_GROUP_PLANAR : c->layout_k,
-                              serial ? CLKVQ_LAYOUT_GROUP_PLANAR : c->layout_v, &lc};
+    clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = N_SEQS, .capacity = CAPACITY,
+                              .n_kv_heads = KV_HEADS, .n_q_heads = KV_HEADS * c->qpk,
+                              .head_dim = c->head_dim,
+                              .layout_k = serial ? CLKVQ_LAYOUT_GROUP_PLANAR : c->layout_k,
+                              .layout_v = serial ? CLKVQ_LAYOUT_GROUP_PLANAR : c->layout_v,
+                              .layers = &lc, .block_size = block_size};
     clkvq_cache *cache = NULL;
     clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
     ck_assert_msg(st == CLKVQ_OK, "%s: create: %s", c->name, clkvq_last_error(test_ctx()));
@@ -84,6 +88,12 @@ static clkvq_cache *cache_for(const attn_case *c, clkvq_attn_variant variant, in
     st = clkvq_cache_set_tuning(cache, &tuning);
     ck_assert_msg(st == CLKVQ_OK, "%s: tuning: %s", c->name, clkvq_last_error(test_ctx()));
     return cache;
+}
+
+static clkvq_cache *cache_for(const attn_case *c, clkvq_attn_variant variant, int vw,
+                              int32_t **perm_k, int32_t **perm_v)
+{
+    return cache_for_paged(c, variant, vw, 0, perm_k, perm_v);
 }
 
 /* Appends n tokens to seq: a prefill chunk, then single decode tokens. */
@@ -108,42 +118,71 @@ static void fill_sequence(clkvq_cache *cache, int seq, int n, int d, uint64_t se
     free(v);
 }
 
-/* Worst relative error over (sequence, query head) of decode vs reference. */
-static double decode_error(clkvq_cache *cache, int qpk, int d, const int *lengths)
+/* Worst relative error over (sequence, query, query head) of decode with
+ * nq queries per sequence (1: clkvq_cache_decode) vs the causal reference. */
+static double decode_error_nq(clkvq_cache *cache, int qpk, int d, const int *lengths, int nq)
 {
     int n_q = KV_HEADS * qpk;
-    size_t q_count = (size_t)N_SEQS * n_q * d;
+    size_t q_count = (size_t)N_SEQS * nq * n_q * d;
     float *q = malloc(sizeof(float) * q_count), *out = malloc(sizeof(float) * q_count);
     test_fill_normal(99, q, q_count, 1.0f);
     float scale = 1.0f / sqrtf((float)d);
-    clkvq_status st = clkvq_cache_decode_host(cache, 0, q, out, scale);
+    clkvq_status st;
+    if (nq == 1) {
+        st = clkvq_cache_decode_host(cache, 0, q, out, scale);
+    } else {
+        clkvq_context *ctx = test_ctx();
+        cl_int err;
+        cl_mem qm = clCreateBuffer(clkvq_context_cl_context(ctx), CL_MEM_COPY_HOST_PTR,
+                                   q_count * 4, q, &err);
+        cl_mem om = clCreateBuffer(clkvq_context_cl_context(ctx), 0, q_count * 4, NULL, &err);
+        st = clkvq_cache_decode_multi(cache, 0, nq, qm, om, scale);
+        clEnqueueReadBuffer(clkvq_context_cl_queue(ctx), om, CL_TRUE, 0, q_count * 4, out, 0,
+                            NULL, NULL);
+        clReleaseMemObject(qm);
+        clReleaseMemObject(om);
+    }
     ck_assert_msg(st == CLKVQ_OK, "decode: %s", clkvq_last_error(test_ctx()));
     double worst = 0.0;
-    double *ref = malloc(sizeof(double) * (size_t)n_q * d);
+    double *ref = malloc(sizeof(double) * (size_t)n_q * nq * d);
+    float *qt = malloc(sizeof(float) * (size_t)n_q * nq * d);
     for (int s = 0; s < N_SEQS; s++) {
         int n = lengths[s];
         size_t kv_count = (size_t)KV_HEADS * (n > 0 ? n : 1) * d;
         float *k = malloc(sizeof(float) * kv_count), *v = malloc(sizeof(float) * kv_count);
         ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
-        clkvq_ref_attn_shape rs = {n_q, KV_HEADS, d, n, (size_t)n * d, 1, (size_t)d, scale};
-        clkvq_ref_attention(&rs, q + (size_t)s * n_q * d, k, v, ref);
-        for (int h = 0; h < n_q; h++) {
+        /* [query][head] -> the reference's [head][query] */
+        for (int i = 0; i < nq; i++)
+            for (int h = 0; h < n_q; h++)
+                memcpy(qt + ((size_t)h * nq + i) * d, q + (((size_t)s * nq + i) * n_q + h) * d,
+                       sizeof(float) * d);
+        clkvq_ref_attn_shape rs = {n_q, KV_HEADS, d, n, (size_t)n * d, nq, (size_t)nq * d, scale};
+        clkvq_ref_attention(&rs, qt, k, v, ref);
+        for (int r = 0; r < n_q * nq; r++) {
+            int h = r % n_q, i = r / n_q;
             double num = 0.0, den = 0.0;
             for (int c = 0; c < d; c++) {
-                double r = ref[(size_t)h * d + c], o = out[((size_t)s * n_q + h) * d + c];
-                num += (o - r) * (o - r);
-                den += r * r;
+                double rr = ref[((size_t)h * nq + i) * d + c];
+                double o = out[(((size_t)s * nq + i) * n_q + h) * d + c];
+                num += (o - rr) * (o - rr);
+                den += rr * rr;
             }
-            double err = n > 0 ? sqrt(num / den) : sqrt(num);
-            worst = err > worst ? err : worst;
+            double err = den > 0 ? sqrt(num / den) : sqrt(num);
+            worst = err > worst || isnan(err) ? err : worst;
         }
         free(k);
         free(v);
     }
     free(ref);
+    free(qt);
     free(q);
     free(out);
     return worst;
+}
+
+static double decode_error(clkvq_cache *cache, int qpk, int d, const int *lengths)
+{
+    return decode_error_nq(cache, qpk, d, lengths, 1);
 }
 
 /* Both variants: cooperative on the case's layouts, serial on planar ones
@@ -256,6 +295,65 @@ START_TEST(decode_ignores_unwritten_memory)
 }
 END_TEST
 
+/* Pages of 32 and 64 tokens (the kivi case's groups fit both), every
+ * fourth case, both variants: the same results as the contiguous cache's
+ * reference, with sinks shifting the first chunk off a page boundary. */
+START_TEST(decode_paged_matches_reference)
+{
+    const int blocks[] = {32, 64};
+    for (int variant = CLKVQ_ATTN_COOPERATIVE; variant <= CLKVQ_ATTN_SERIAL; variant++)
+        for (int ci = 0; ci < (int)(sizeof g_cases / sizeof g_cases[0]); ci++) {
+            const attn_case *c = &g_cases[ci];
+            if (ci % 4 != 3 && c->n_sink == 0)
+                continue;
+            int block = blocks[ci % 2];
+            if (c->scheme == CLKVQ_SCHEME_KIVI && block % c->group != 0)
+                block = c->group;
+            int32_t *pk, *pv;
+            clkvq_cache *cache =
+                cache_for_paged(c, (clkvq_attn_variant)variant, 8, block, &pk, &pv);
+            poison(cache);
+            int lengths[N_SEQS] = {517, 140};
+            for (int s = 0; s < N_SEQS; s++)
+                fill_sequence(cache, s, lengths[s], c->head_dim, 31 + (uint64_t)s);
+            double err = decode_error(cache, c->qpk, c->head_dim, lengths);
+            ck_assert_msg(err <= TOLERANCE, "%s variant %d pages of %d: %.3g", c->name, variant,
+                          block, err);
+            clkvq_cache_release(cache);
+            free(pk);
+            free(pv);
+        }
+}
+END_TEST
+
+/* Multi-query decode: query i of n_queries attends causally up to its own
+ * position; 1, 3 and 16 queries, both variants, short and long sequences
+ * (a sequence shorter than n_queries gives zeros to the queries that see
+ * nothing, as the reference does). */
+START_TEST(decode_multi_query_matches_reference)
+{
+    const int cases[] = {2, 7, 10};
+    const int nqs[] = {3, 16};
+    for (int variant = CLKVQ_ATTN_COOPERATIVE; variant <= CLKVQ_ATTN_SERIAL; variant++)
+        for (int ci = 0; ci < 3; ci++)
+            for (int k = 0; k < 2; k++) {
+                const attn_case *c = &g_cases[cases[ci]];
+                int32_t *pk, *pv;
+                clkvq_cache *cache = cache_for_paged(c, (clkvq_attn_variant)variant, 8,
+                                                     ci == 1 ? 64 : 0, &pk, &pv);
+                int lengths[N_SEQS] = {300, k ? 9 : 40};
+                for (int s = 0; s < N_SEQS; s++)
+                    fill_sequence(cache, s, lengths[s], c->head_dim, 77 + (uint64_t)s);
+                double err = decode_error_nq(cache, c->qpk, c->head_dim, lengths, nqs[k]);
+                ck_assert_msg(err <= TOLERANCE, "%s variant %d %d queries: %.3g", c->name,
+                              variant, nqs[k], err);
+                clkvq_cache_release(cache);
+                free(pk);
+                free(pv);
+            }
+}
+END_TEST
+
 START_TEST(decode_bad_arguments)
 {
     const attn_case *c = &g_cases[1];
@@ -268,9 +366,17 @@ START_TEST(decode_bad_arguments)
     ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "layer 3"));
     ck_assert_int_eq(clkvq_cache_decode_host(cache, 0, NULL, out, 1.0f), CLKVQ_ERR_INVALID_ARG);
     ck_assert_int_eq(clkvq_cache_decode_host(cache, 0, q, out, NAN), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_decode_host(cache, 0, q, out, INFINITY), CLKVQ_ERR_INVALID_ARG);
     cl_int err;
     cl_mem small = clCreateBuffer(clkvq_context_cl_context(ctx), 0, 16, NULL, &err);
     ck_assert_int_eq(clkvq_cache_decode(cache, 0, small, small, 1.0f), CLKVQ_ERR_BUFFER_TOO_SMALL);
+    ck_assert_int_eq(clkvq_cache_decode_multi(cache, 0, 0, small, small, 1.0f),
+                     CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_decode_multi(cache, 0, 17, small, small, 1.0f),
+                     CLKVQ_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "n_queries"));
+    ck_assert_int_eq(clkvq_cache_decode_paged(cache, 0, 1, small, small, 1.0f, small, 1),
+                     CLKVQ_ERR_INVALID_ARG); /* this cache manages its own pages */
     clReleaseMemObject(small);
     clkvq_attn_tuning bad = {CLKVQ_ATTN_COOPERATIVE, 48, 96, 0};
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
@@ -303,5 +409,10 @@ int main(void)
     tcase_add_test(tc, decode_after_truncate);
     tcase_add_test(tc, decode_ignores_unwritten_memory);
     suite_add_tcase(s, tc);
+    TCase *pages = tcase_create("pages");
+    tcase_set_timeout(pages, 900);
+    tcase_add_test(pages, decode_paged_matches_reference);
+    tcase_add_test(pages, decode_multi_query_matches_reference);
+    suite_add_tcase(s, pages);
     return test_run_suite(s);
 }

@@ -38,8 +38,10 @@ static clkvq_cache *cache_for_shape(const clkvq_tune_shape *sh, clkvq_layout lay
     lc.format_k = sh->format_k;
     lc.format_v = sh->format_v;
     lc.group_size = sh->group_size;
-    clkvq_cache_config cfg = {1, sh->batch, sh->tokens, sh->n_kv_heads, sh->n_q_heads,
-                              sh->head_dim, layout, layout, &lc};
+    clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = sh->batch, .capacity = sh->tokens,
+                              .n_kv_heads = sh->n_kv_heads, .n_q_heads = sh->n_q_heads,
+                              .head_dim = sh->head_dim, .layout_k = layout, .layout_v = layout,
+                              .layers = &lc};
     clkvq_cache *cache = NULL;
     clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
     ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(test_ctx()));

@@ -48,14 +48,23 @@ static int make_cases(scheme_case *cases, int dim, int32_t *perm_k, int32_t *per
     return n;
 }
 
-static clkvq_cache *make_cache(const clkvq_layer_config *lc, int n_seqs, int capacity, int dim,
-                               clkvq_layout layout)
+static clkvq_cache *make_paged_cache(const clkvq_layer_config *lc, int n_seqs, int capacity,
+                                     int dim, clkvq_layout layout, int block_size, int n_blocks)
 {
-    clkvq_cache_config cfg = {1, n_seqs, capacity, HEADS, HEADS * 2, dim, layout, layout, lc};
+    clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = n_seqs, .capacity = capacity,
+                              .n_kv_heads = HEADS, .n_q_heads = HEADS * 2, .head_dim = dim,
+                              .layout_k = layout, .layout_v = layout, .layers = lc,
+                              .block_size = block_size, .n_blocks = n_blocks};
     clkvq_cache *cache = NULL;
     clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
     ck_assert_msg(st == CLKVQ_OK, "create: %s", clkvq_last_error(test_ctx()));
     return cache;
+}
+
+static clkvq_cache *make_cache(const clkvq_layer_config *lc, int n_seqs, int capacity, int dim,
+                               clkvq_layout layout)
+{
+    return make_paged_cache(lc, n_seqs, capacity, dim, layout, 0, 0);
 }
 
 static void fill_chunk(uint64_t seed, float *k, float *v, int n_tokens, int dim)
@@ -98,9 +107,24 @@ static void expect_equal(clkvq_cache *cache, clkvq_ref_cache **model, int n_seqs
     }
 }
 
-/* Random appends (prefill chunks and single decode tokens) and truncations
- * over three sequences, for every scheme and both layouts. */
-static void run_state_test(int dim, clkvq_layout layout)
+static void snapshot_seq(clkvq_cache *cache, int seq, float *k, float *v, int *len)
+{
+    ck_assert_int_eq(clkvq_cache_length(cache, 0, seq, len), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_cache_read(cache, 0, seq, k, v), CLKVQ_OK);
+}
+
+static void snapshot(clkvq_cache *cache, int dim, float *k, float *v, int *len)
+{
+    ck_assert_int_eq(clkvq_cache_length(cache, 0, 0, len), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_cache_read(cache, 0, 0, k, v), CLKVQ_OK);
+    (void)dim;
+}
+
+/* Random appends (prefill chunks and single decode tokens), truncations
+ * and forks over three sequences, for every scheme and both layouts, in
+ * the contiguous cache (block_size 0) or in pages. Paged: the pool ends
+ * empty once every sequence is cleared. */
+static void run_state_test_paged(int dim, clkvq_layout layout, int block_size)
 {
     const int n_seqs = 3, capacity = 300;
     int32_t *perm_k = test_random_perm(3, HEADS, dim), *perm_v = test_random_perm(4, HEADS, dim);
@@ -109,7 +133,8 @@ static void run_state_test(int dim, clkvq_layout layout)
     float *k = malloc(sizeof(float) * HEADS * capacity * dim);
     float *v = malloc(sizeof(float) * HEADS * capacity * dim);
     for (int ci = 0; ci < n_cases; ci++) {
-        clkvq_cache *cache = make_cache(&cases[ci].cfg, n_seqs, capacity, dim, layout);
+        clkvq_cache *cache =
+            make_paged_cache(&cases[ci].cfg, n_seqs, capacity, dim, layout, block_size, 0);
         clkvq_ref_cache *model[3];
         for (int s = 0; s < n_seqs; s++)
             model[s] = clkvq_ref_cache_create(&cases[ci].cfg, HEADS, dim, capacity);
@@ -118,7 +143,16 @@ static void run_state_test(int dim, clkvq_layout layout)
             int s = (int)(test_uniform(&rng) * n_seqs);
             int len = clkvq_ref_cache_length(model[s]);
             double pick = test_uniform(&rng);
-            if (pick < 0.12 && len > 0) {
+            if (pick > 0.94 && len > 0) {
+                /* fork s into another sequence, cleared first */
+                int d = (s + 1 + (int)(test_uniform(&rng) * (n_seqs - 1))) % n_seqs;
+                ck_assert_int_eq(clkvq_cache_truncate(cache, d, 0), CLKVQ_OK);
+                clkvq_ref_cache_truncate(model[d], 0);
+                clkvq_status st = clkvq_cache_fork(cache, s, d);
+                ck_assert_msg(st == CLKVQ_OK, "%s: fork: %s", cases[ci].name,
+                              clkvq_last_error(test_ctx()));
+                clkvq_ref_cache_copy(model[d], model[s]);
+            } else if (pick < 0.12 && len > 0) {
                 int to = (int)(test_uniform(&rng) * len);
                 ck_assert_int_eq(clkvq_cache_truncate(cache, s, to), CLKVQ_OK);
                 clkvq_ref_cache_truncate(model[s], to);
@@ -137,14 +171,29 @@ static void run_state_test(int dim, clkvq_layout layout)
                      (int)layout, step);
             expect_equal(cache, model, n_seqs, dim, label);
         }
-        for (int s = 0; s < n_seqs; s++)
+        clkvq_pool_stats ps;
+        ck_assert_int_eq(clkvq_cache_pool_stats(cache, 0, &ps), CLKVQ_OK);
+        ck_assert_int_eq(ps.used_blocks + ps.free_blocks, ps.n_blocks);
+        for (int s = 0; s < n_seqs; s++) {
+            ck_assert_int_eq(clkvq_cache_truncate(cache, s, 0), CLKVQ_OK);
             clkvq_ref_cache_free(model[s]);
+        }
+        ck_assert_int_eq(clkvq_cache_pool_stats(cache, 0, &ps), CLKVQ_OK);
+        if (block_size)
+            ck_assert_msg(ps.used_blocks == 0 && ps.shared_blocks == 0,
+                          "%s: %d pages (%d shared) still held with every sequence empty",
+                          cases[ci].name, ps.used_blocks, ps.shared_blocks);
         clkvq_cache_release(cache);
     }
     free(k);
     free(v);
     free(perm_k);
     free(perm_v);
+}
+
+static void run_state_test(int dim, clkvq_layout layout)
+{
+    run_state_test_paged(dim, layout, 0);
 }
 
 START_TEST(state_matches_model_token_major)
@@ -157,6 +206,222 @@ END_TEST
 START_TEST(state_matches_model_group_planar)
 {
     run_state_test(128, CLKVQ_LAYOUT_GROUP_PLANAR);
+}
+END_TEST
+
+/* The same random walk in pages of 32 and 64 tokens (both layouts): pages
+ * come and go, forks share them, copy-on-write keeps sequences apart. */
+START_TEST(state_matches_model_paged)
+{
+    run_state_test_paged(64, CLKVQ_LAYOUT_GROUP_PLANAR, 64);
+    run_state_test_paged(64, CLKVQ_LAYOUT_TOKEN_MAJOR, 32);
+}
+END_TEST
+
+/* A fork shares every page; the first append to either side copies only
+ * the page it writes, and the other side reads what it had. */
+START_TEST(fork_shares_pages_until_written)
+{
+    const int dim = 64, capacity = 256, block = 32;
+    clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    clkvq_cache *cache =
+        make_paged_cache(&lc, 2, capacity, dim, CLKVQ_LAYOUT_GROUP_PLANAR, block, 0);
+    clkvq_ref_cache *model[2] = {clkvq_ref_cache_create(&lc, HEADS, dim, capacity),
+                                 clkvq_ref_cache_create(&lc, HEADS, dim, capacity)};
+    size_t big = (size_t)HEADS * capacity * dim;
+    float *k = malloc(big * sizeof(float)), *v = malloc(big * sizeof(float));
+    fill_chunk(21, k, v, 100, dim); /* 100 tokens: 4 pages, the last partial */
+    ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 100, k, v), CLKVQ_OK);
+    clkvq_ref_cache_append(model[0], 100, k, v);
+    ck_assert_int_eq(clkvq_cache_fork(cache, 0, 1), CLKVQ_OK);
+    clkvq_ref_cache_copy(model[1], model[0]);
+    clkvq_pool_stats ps;
+    ck_assert_int_eq(clkvq_cache_pool_stats(cache, 0, &ps), CLKVQ_OK);
+    ck_assert_int_eq(ps.used_blocks, 4);
+    ck_assert_int_eq(ps.shared_blocks, 4);
+    ck_assert_int_eq(ps.block_size, block);
+    expect_equal(cache, model, 2, dim, "after fork");
+
+    fill_chunk(22, k, v, 1, dim);
+    ck_assert_int_eq(clkvq_cache_append(cache, 0, 1, 1, k, v), CLKVQ_OK);
+    clkvq_ref_cache_append(model[1], 1, k, v);
+    ck_assert_int_eq(clkvq_cache_pool_stats(cache, 0, &ps), CLKVQ_OK);
+    ck_assert_int_eq(ps.used_blocks, 5); /* the partial page was copied */
+    ck_assert_int_eq(ps.shared_blocks, 3);
+    fill_chunk(23, k, v, 40, dim);
+    ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 40, k, v), CLKVQ_OK);
+    clkvq_ref_cache_append(model[0], 40, k, v);
+    expect_equal(cache, model, 2, dim, "after appends to both sides");
+    /* the copy of a fork is independent of its source's later truncation */
+    ck_assert_int_eq(clkvq_cache_truncate(cache, 0, 10), CLKVQ_OK);
+    clkvq_ref_cache_truncate(model[0], 10);
+    expect_equal(cache, model, 2, dim, "after truncating the source");
+    ck_assert_int_eq(clkvq_cache_fork(cache, 0, 1), CLKVQ_ERR_INVALID_ARG); /* not empty */
+    ck_assert_int_eq(clkvq_cache_fork(cache, 0, 0), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_fork(cache, 0, 2), CLKVQ_ERR_INVALID_ARG);
+    for (int s = 0; s < 2; s++)
+        clkvq_ref_cache_free(model[s]);
+    clkvq_cache_release(cache);
+    free(k);
+    free(v);
+}
+END_TEST
+
+/* Out of pages: a clear error, and the cache exactly as before. */
+START_TEST(out_of_blocks_changes_nothing)
+{
+    const int dim = 64, capacity = 512, block = 64;
+    scheme_case cases[8];
+    int32_t *perm = test_random_perm(2, HEADS, dim);
+    int n_cases = make_cases(cases, dim, perm, perm);
+    size_t big = (size_t)HEADS * capacity * dim;
+    float *k = malloc(big * sizeof(float)), *v = malloc(big * sizeof(float));
+    float *k0 = malloc(big * sizeof(float)), *v0 = malloc(big * sizeof(float));
+    float *k1 = malloc(big * sizeof(float)), *v1 = malloc(big * sizeof(float));
+    for (int ci = 0; ci < n_cases; ci++) {
+        clkvq_context *ctx = test_ctx();
+        /* 3 pages of 64 tokens for two sequences */
+        clkvq_cache *cache =
+            make_paged_cache(&cases[ci].cfg, 2, capacity, dim, CLKVQ_LAYOUT_GROUP_PLANAR, block, 3);
+        fill_chunk(5, k, v, 150, dim);
+        ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 150, k, v), CLKVQ_OK);
+        int len0, len1;
+        clkvq_pool_stats before, after;
+        ck_assert_int_eq(clkvq_cache_pool_stats(cache, 0, &before), CLKVQ_OK);
+        snapshot(cache, dim, k0, v0, &len0);
+        fill_chunk(6, k, v, 250, dim);
+        clkvq_status st = clkvq_cache_append(cache, 0, 0, 250, k, v);
+        if (st == CLKVQ_OK) /* schemes that keep these tokens in fp16 need no page */
+            ck_assert_int_eq(cases[ci].cfg.scheme, CLKVQ_SCHEME_SKVQ);
+        else {
+            ck_assert_int_eq(st, CLKVQ_ERR_OUT_OF_BLOCKS);
+            ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "free"));
+            snapshot(cache, dim, k1, v1, &len1);
+            ck_assert_int_eq(len1, len0);
+            ck_assert(memcmp(k0, k1, sizeof(float) * HEADS * len0 * dim) == 0);
+            ck_assert(memcmp(v0, v1, sizeof(float) * HEADS * len0 * dim) == 0);
+            ck_assert_int_eq(clkvq_cache_pool_stats(cache, 0, &after), CLKVQ_OK);
+            ck_assert_int_eq(after.used_blocks, before.used_blocks);
+            /* the other sequence cannot take more than what is left either */
+            st = clkvq_cache_append(cache, 0, 1, 250, k, v);
+            ck_assert_int_eq(st, CLKVQ_ERR_OUT_OF_BLOCKS);
+        }
+        clkvq_cache_release(cache);
+    }
+    free(k);
+    free(v);
+    free(k0);
+    free(v0);
+    free(k1);
+    free(v1);
+    free(perm);
+}
+END_TEST
+
+/* The runtime's own block manager: its table (pages in a scrambled order)
+ * gives exactly the library-managed cache's read-back and decode; a bad
+ * page id is refused before anything is written. */
+START_TEST(runtime_tables_match_library_pages)
+{
+    clkvq_context *ctx = test_ctx();
+    const int dim = 64, capacity = 256, block = 32, n_seqs = 2;
+    const int max_blocks = capacity / block, n_pages = n_seqs * max_blocks;
+    clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_KIVI);
+    lc.residual = 32;
+    clkvq_cache *own = make_paged_cache(&lc, n_seqs, capacity, dim, CLKVQ_LAYOUT_GROUP_PLANAR,
+                                        block, 0);
+    clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = n_seqs, .capacity = capacity,
+                              .n_kv_heads = HEADS, .n_q_heads = HEADS * 2, .head_dim = dim,
+                              .layout_k = CLKVQ_LAYOUT_GROUP_PLANAR,
+                              .layout_v = CLKVQ_LAYOUT_GROUP_PLANAR, .layers = &lc,
+                              .block_size = block, .runtime_tables = 1};
+    clkvq_cache *rt = NULL;
+    ck_assert_int_eq(clkvq_cache_create(ctx, &cfg, &rt), CLKVQ_OK);
+    int table[16];
+    for (int i = 0; i < n_pages; i++)
+        table[i] = (i * 7 + 3) % n_pages; /* a permutation of the pool */
+    cl_int err;
+    cl_mem tmem = clCreateBuffer(clkvq_context_cl_context(ctx), CL_MEM_COPY_HOST_PTR,
+                                 sizeof table, table, &err);
+    ck_assert_int_eq(err, CL_SUCCESS);
+    size_t big = (size_t)HEADS * capacity * dim;
+    float *k = malloc(big * sizeof(float)), *v = malloc(big * sizeof(float));
+    float *ka = malloc(big * sizeof(float)), *va = malloc(big * sizeof(float));
+    float *kb = malloc(big * sizeof(float)), *vb = malloc(big * sizeof(float));
+    cl_mem km = clCreateBuffer(clkvq_context_cl_context(ctx), 0, big * 4, NULL, &err);
+    cl_mem vm = clCreateBuffer(clkvq_context_cl_context(ctx), 0, big * 4, NULL, &err);
+    ck_assert_int_eq(clkvq_cache_append_mem(rt, 0, 0, 1, km, vm), CLKVQ_ERR_INVALID_ARG);
+    const int chunks[] = {70, 1, 1, 57, 33};
+    for (int i = 0; i < 5; i++) {
+        int s = i % n_seqs;
+        fill_chunk(40 + (uint64_t)i, k, v, chunks[i], dim);
+        ck_assert_int_eq(clkvq_cache_append(own, 0, s, chunks[i], k, v), CLKVQ_OK);
+        size_t bytes = (size_t)HEADS * chunks[i] * dim * sizeof(float);
+        clEnqueueWriteBuffer(clkvq_context_cl_queue(ctx), km, CL_TRUE, 0, bytes, k, 0, NULL, NULL);
+        clEnqueueWriteBuffer(clkvq_context_cl_queue(ctx), vm, CL_TRUE, 0, bytes, v, 0, NULL, NULL);
+        clkvq_status st = clkvq_cache_append_paged(rt, 0, s, chunks[i], km, vm, tmem, max_blocks);
+        ck_assert_msg(st == CLKVQ_OK, "append_paged: %s", clkvq_last_error(ctx));
+    }
+    for (int s = 0; s < n_seqs; s++) {
+        int la, lb;
+        snapshot_seq(own, s, ka, va, &la);
+        snapshot_seq(rt, s, kb, vb, &lb);
+        ck_assert_int_eq(la, lb);
+        ck_assert(memcmp(ka, kb, sizeof(float) * HEADS * la * dim) == 0);
+        ck_assert(memcmp(va, vb, sizeof(float) * HEADS * la * dim) == 0);
+    }
+    size_t qn = (size_t)n_seqs * HEADS * 2 * dim;
+    float *q = malloc(qn * sizeof(float)), *oa = malloc(qn * sizeof(float));
+    float *ob = malloc(qn * sizeof(float));
+    test_fill_normal(9, q, qn, 1.0f);
+    ck_assert_int_eq(clkvq_cache_decode_host(own, 0, q, oa, 0.125f), CLKVQ_OK);
+    cl_mem qm = clCreateBuffer(clkvq_context_cl_context(ctx), CL_MEM_COPY_HOST_PTR, qn * 4, q, &err);
+    cl_mem om = clCreateBuffer(clkvq_context_cl_context(ctx), 0, qn * 4, NULL, &err);
+    ck_assert_int_eq(clkvq_cache_decode(rt, 0, qm, om, 0.125f), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_decode_paged(rt, 0, 1, qm, om, 0.125f, tmem, max_blocks),
+                     CLKVQ_OK);
+    clEnqueueReadBuffer(clkvq_context_cl_queue(ctx), om, CL_TRUE, 0, qn * 4, ob, 0, NULL, NULL);
+    ck_assert(memcmp(oa, ob, qn * sizeof(float)) == 0);
+
+    /* a page id outside the pool: refused, nothing written */
+    int la, lb;
+    snapshot_seq(rt, 1, ka, va, &la);
+    table[max_blocks + 2] = n_pages + 5;
+    clEnqueueWriteBuffer(clkvq_context_cl_queue(ctx), tmem, CL_TRUE, 0, sizeof table, table, 0,
+                         NULL, NULL);
+    ck_assert_int_eq(clkvq_cache_append_paged(rt, 0, 1, 40, km, vm, tmem, max_blocks),
+                     CLKVQ_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "not a page"));
+    snapshot_seq(rt, 1, kb, vb, &lb);
+    ck_assert_int_eq(la, lb);
+    ck_assert(memcmp(ka, kb, sizeof(float) * HEADS * la * dim) == 0);
+    ck_assert_int_eq(clkvq_cache_append_paged(rt, 0, 1, 1, km, vm, tmem, 1),
+                     CLKVQ_ERR_INVALID_ARG); /* a table too narrow for the capacity */
+    /* copy-on-write pages of the runtime: contents move */
+    int src = table[0], dst = table[max_blocks + 7];
+    ck_assert_int_eq(clkvq_cache_copy_blocks(rt, &src, &dst, 1), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_cache_copy_blocks(rt, &src, &src, 1), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_copy_blocks(own, &src, &dst, 1), CLKVQ_ERR_INVALID_ARG);
+    clkvq_pool_stats ps;
+    ck_assert_int_eq(clkvq_cache_pool_stats(rt, 0, &ps), CLKVQ_OK);
+    ck_assert_int_eq(ps.used_blocks, -1);
+    ck_assert_int_eq(ps.n_blocks, n_pages);
+    clReleaseMemObject(qm);
+    clReleaseMemObject(om);
+    clReleaseMemObject(km);
+    clReleaseMemObject(vm);
+    clReleaseMemObject(tmem);
+    clkvq_cache_release(own);
+    clkvq_cache_release(rt);
+    free(q);
+    free(oa);
+    free(ob);
+    free(k);
+    free(v);
+    free(ka);
+    free(va);
+    free(kb);
+    free(vb);
 }
 END_TEST
 
@@ -184,13 +449,6 @@ START_TEST(window_transitions_one_token_at_a_time)
     free(perm);
 }
 END_TEST
-
-static void snapshot(clkvq_cache *cache, int dim, float *k, float *v, int *len)
-{
-    ck_assert_int_eq(clkvq_cache_length(cache, 0, 0, len), CLKVQ_OK);
-    ck_assert_int_eq(clkvq_cache_read(cache, 0, 0, k, v), CLKVQ_OK);
-    (void)dim;
-}
 
 /* A failed append leaves the cache exactly as it was. */
 START_TEST(failed_appends_change_nothing)
@@ -254,8 +512,10 @@ START_TEST(bad_configs_are_reported)
 {
     clkvq_context *ctx = test_ctx();
     clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_KIVI);
-    clkvq_cache_config cfg = {1, 1, 256, 2, 4, 64, CLKVQ_LAYOUT_TOKEN_MAJOR,
-                              CLKVQ_LAYOUT_TOKEN_MAJOR, &lc};
+    clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = 1, .capacity = 256, .n_kv_heads = 2,
+                              .n_q_heads = 4, .head_dim = 64,
+                              .layout_k = CLKVQ_LAYOUT_TOKEN_MAJOR,
+                              .layout_v = CLKVQ_LAYOUT_TOKEN_MAJOR, .layers = &lc};
     clkvq_cache *cache = NULL;
     clkvq_cache_memory mem;
     ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_OK);
@@ -302,6 +562,10 @@ int main(void)
     tcase_add_test(tc, window_transitions_one_token_at_a_time);
     tcase_add_test(tc, state_matches_model_token_major);
     tcase_add_test(tc, state_matches_model_group_planar);
+    tcase_add_test(tc, state_matches_model_paged);
+    tcase_add_test(tc, fork_shares_pages_until_written);
+    tcase_add_test(tc, out_of_blocks_changes_nothing);
+    tcase_add_test(tc, runtime_tables_match_library_pages);
     suite_add_tcase(s, tc);
     return test_run_suite(s);
 }

@@ -173,7 +173,7 @@ static void check_rejected_and_healed(void) {
 /* ------------------------------------------------------------ status, context */
 
 START_TEST(test_status_strings) {
-    for (int a = CLKVQ_OK; a <= CLKVQ_ERR_DEVICE_LIMIT; a++) {
+    for (int a = CLKVQ_OK; a <= CLKVQ_ERR_OUT_OF_BLOCKS; a++) {
         const char *sa = clkvq_status_string((clkvq_status)a);
         ck_assert_ptr_nonnull(sa);
         ck_assert_msg(strncmp(sa, "CLKVQ_", 6) == 0, "status %d: \"%s\"", a, sa);

@@ -537,9 +537,10 @@ int main(int argc, char **argv)
      * head_dim, residual vs group, ...) is a usage error: say so before an
      * hour of evaluation, with the cache's own reason. */
     for (int i = 0; i < n_rows; i++) {
-        clkvq_cache_config plan = {1,  1, info.n_tokens, info.n_kv_heads, info.n_q_heads,
-                                   info.head_dim, CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO,
-                                   &rows[i].base};
+        clkvq_cache_config plan = {.n_layers = 1, .n_seqs = 1, .capacity = info.n_tokens,
+                                   .n_kv_heads = info.n_kv_heads, .n_q_heads = info.n_q_heads,
+                                   .head_dim = info.head_dim, .layout_k = CLKVQ_LAYOUT_AUTO,
+                                   .layout_v = CLKVQ_LAYOUT_AUTO, .layers = &rows[i].base};
         clkvq_cache_memory mem;
         if (clkvq_cache_plan(ctx, &plan, &mem) != CLKVQ_OK) {
             fprintf(stderr, "clkvq-eval: scheme '%s': %s\n", rows[i].name, clkvq_last_error(ctx));
