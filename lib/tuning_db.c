@@ -599,13 +599,18 @@ static cJSON *entry_json(const clkvq_tune_result *r)
 
 char *clkvq_tuning_serialize(const clkvq_context *ctx, const clkvq_tune_result *entries, int n)
 {
-    if (!ctx || n < 0 || (n > 0 && !entries)) return NULL;
+    return ctx ? clkvq_tuning_serialize_device(&ctx->info, entries, n) : NULL;
+}
+
+char *clkvq_tuning_serialize_device(const clkvq_device_info *info, const clkvq_tune_result *entries,
+                                    int n)
+{
+    if (!info || n < 0 || (n > 0 && !entries)) return NULL;
     /* what the parser would refuse is not written: the output always reads
      * back (and NaN has no JSON spelling) */
     char why[WHY_MAX];
     for (int i = 0; i < n; i++)
         if (!check_entry(&entries[i], why, sizeof why)) return NULL;
-    const clkvq_device_info *info = &ctx->info;
     cJSON *root = cJSON_CreateObject(), *dev = cJSON_CreateObject(), *list = cJSON_CreateArray();
     int ok = root && dev && list;
     if (!ok) {
