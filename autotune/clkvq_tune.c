@@ -6,6 +6,7 @@
  * Exit codes: 0 success, 1 runtime failure (device, tuning, file), 2 usage.
  */
 #include "clkvq.h"
+#include "cli_parse.h"
 
 #include <cjson/cJSON.h>
 #include <getopt.h>
@@ -112,8 +113,9 @@ static int parse_format_pair(const char *text, clkvq_tune_shape *sh)
         return 0;
     }
     char k[16], v[16];
-    if (sscanf(text, "k%15[0-9.]v%15[0-9.]", k, v) != 2)
-        return -1;
+    int used = -1;
+    if (sscanf(text, "k%15[0-9.]v%15[0-9.]%n", k, v, &used) != 2 || used < 0 || text[used])
+        return -1; /* "k4v4x" is not k4v4 */
     sh->scheme = CLKVQ_SCHEME_TOKEN;
     return clkvq_format_parse(k, &sh->format_k) == CLKVQ_OK &&
                    clkvq_format_parse(v, &sh->format_v) == CLKVQ_OK
@@ -121,21 +123,22 @@ static int parse_format_pair(const char *text, clkvq_tune_shape *sh)
                : -1;
 }
 
+/* "4096,32768": every item an integer in [1, 2^24], none empty. */
 static int parse_int_list(const char *text, int *out, int max)
 {
+    char buf[256];
+    if (snprintf(buf, sizeof buf, "%s", text) >= (int)sizeof buf || !*buf ||
+        buf[strlen(buf) - 1] == ',')
+        return -1;
     int n = 0;
-    const char *p = text;
-    while (*p && n < max) {
-        char *end;
-        long v = strtol(p, &end, 10);
-        if (end == p || v <= 0 || v > (1 << 24))
+    for (char *p = buf, *next; p; p = next) {
+        next = strchr(p, ',');
+        if (next)
+            *next++ = '\0';
+        long v;
+        if (n == max || cli_long(p, 1, 1 << 24, &v))
             return -1;
         out[n++] = (int)v;
-        if (*end == ',')
-            end++;
-        else if (*end)
-            return -1;
-        p = end;
     }
     return n;
 }
@@ -248,7 +251,7 @@ static void precision_usage(FILE *out)
             "fit the budget. Assumes the layers' errors add up.\n\n"
             "options:\n"
             "  --calib FILE      calibration dump (required)\n"
-            "  --budget BITS     average bits per element, e.g. 3.25 (required)\n"
+            "  --budget BITS     average bits (k+v)/2 in [1.5, 8], e.g. 3.25 (required)\n"
             "  --pairs LIST      default K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5\n"
             "  --scheme S        token | kivi | skvq (default token)\n"
             "  --group G         group size (default 32; skvq 128)\n"
@@ -281,7 +284,9 @@ static int parse_pairs(const char *text, clkvq_bit_pair *pairs, int max)
     int n = 0;
     for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         char k[16], v[16];
-        if (n >= max || sscanf(t, "%*[Kk]%15[0-9.]%*[Vv]%15[0-9.]", k, v) != 2 ||
+        int used = -1;
+        if (n >= max || sscanf(t, "%*[Kk]%15[0-9.]%*[Vv]%15[0-9.]%n", k, v, &used) != 2 ||
+            used < 0 || t[used] ||
             clkvq_format_parse(k, &pairs[n].format_k) != CLKVQ_OK ||
             clkvq_format_parse(v, &pairs[n].format_v) != CLKVQ_OK)
             return -1;
@@ -303,6 +308,7 @@ static int precision_main(int argc, char **argv)
         {0, 0, 0, 0}};
     const char *calib = NULL, *device = NULL, *output = "clkvq-precision.yaml";
     const char *pairs_text = "K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5";
+    static const char prog[] = "clkvq-tune precision";
     double budget = -1;
     clkvq_scheme scheme = CLKVQ_SCHEME_TOKEN;
     int group = 0, window = 128, sinks = 5, residual = 128, calibrate = 1, queries = 16;
@@ -311,7 +317,9 @@ static int precision_main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "o:", longopts, NULL)) != -1) {
         switch (c) {
         case 'c': calib = optarg; break;
-        case 'B': budget = atof(optarg); break;
+        case 'B': /* KVTuner's average bits, (k + v) / 2 */
+            if (cli_parse_double(prog, "--budget", optarg, 1.5, 8.0, &budget)) return EXIT_USAGE;
+            break;
         case 'p': pairs_text = optarg; break;
         case 's':
             if (clkvq_scheme_parse(optarg, &scheme) != CLKVQ_OK || scheme == CLKVQ_SCHEME_FP16) {
@@ -319,13 +327,25 @@ static int precision_main(int argc, char **argv)
                 return EXIT_USAGE;
             }
             break;
-        case 'g': group = atoi(optarg); break;
-        case 'w': window = atoi(optarg); break;
-        case 'k': sinks = atoi(optarg); break;
-        case 'r': residual = atoi(optarg); break;
+        case 'g':
+            if (cli_parse_int(prog, "--group", optarg, 32, 1 << 16, &group)) return EXIT_USAGE;
+            break;
+        case 'w':
+            if (cli_parse_int(prog, "--window", optarg, 0, 1 << 24, &window)) return EXIT_USAGE;
+            break;
+        case 'k':
+            if (cli_parse_int(prog, "--sinks", optarg, 0, 1 << 24, &sinks)) return EXIT_USAGE;
+            break;
+        case 'r':
+            if (cli_parse_int(prog, "--residual", optarg, 0, 1 << 24, &residual)) return EXIT_USAGE;
+            break;
         case 'N': calibrate = 0; break;
-        case 'q': queries = atoi(optarg); break;
-        case 'K': clusters = atoi(optarg); break;
+        case 'q':
+            if (cli_parse_int(prog, "--queries", optarg, 1, 1 << 24, &queries)) return EXIT_USAGE;
+            break;
+        case 'K':
+            if (cli_parse_int(prog, "--clusters", optarg, 0, 1 << 16, &clusters)) return EXIT_USAGE;
+            break;
         case 'd': device = optarg; break;
         case 'j': json = 1; break;
         case 'o': output = optarg; break;
@@ -335,9 +355,13 @@ static int precision_main(int argc, char **argv)
     }
     clkvq_bit_pair pairs[32];
     int n_pairs = parse_pairs(pairs_text, pairs, 32);
-    if (!calib || budget <= 0 || n_pairs <= 0 || queries <= 0 || clusters < 0) {
-        fprintf(stderr, "clkvq-tune precision: need --calib FILE, --budget BITS > 0 and valid "
-                        "--pairs (e.g. K4V4,K2V1.5)\n");
+    if (n_pairs <= 0) {
+        fprintf(stderr, "clkvq-tune precision: --pairs '%s' is not a list of KxVy pairs "
+                        "(e.g. K4V4,K2V1.5)\n", pairs_text);
+        return EXIT_USAGE;
+    }
+    if (!calib || budget < 0) {
+        fprintf(stderr, "clkvq-tune precision: need --calib FILE and --budget BITS\n");
         return EXIT_USAGE;
     }
     clkvq_layer_config defaults = clkvq_layer_config_default(scheme);
@@ -453,6 +477,7 @@ typedef struct {
 
 static int parse_args(int argc, char **argv, cli_options *o, int *show, int *list)
 {
+    static const char prog[] = "clkvq-tune";
     static const struct option longopts[] = {
         {"device", required_argument, 0, 'd'}, {"shape", required_argument, 0, 's'},
         {"tokens", required_argument, 0, 't'}, {"formats", required_argument, 0, 'f'},
@@ -482,16 +507,28 @@ static int parse_args(int argc, char **argv, cli_options *o, int *show, int *lis
         case 't':
             o->n_tokens = parse_int_list(optarg, o->tokens, 16);
             if (o->n_tokens <= 0) {
-                fprintf(stderr, "clkvq-tune: bad --tokens '%s'\n", optarg);
+                fprintf(stderr,
+                        "clkvq-tune: --tokens '%s' is not a list of up to 16 integers in "
+                        "[1, %d]\n",
+                        optarg, 1 << 24);
                 return EXIT_USAGE;
             }
             break;
         case 'f': snprintf(o->formats, sizeof o->formats, "%s", optarg); break;
-        case 'g': o->group = atoi(optarg); break;
-        case 'b': o->batch = atoi(optarg); break;
-        case 'B': o->budget = atof(optarg); break;
+        case 'g':
+            if (cli_parse_int(prog, "--group", optarg, 32, 1 << 16, &o->group)) return EXIT_USAGE;
+            break;
+        case 'b':
+            if (cli_parse_int(prog, "--batch", optarg, 1, 1 << 16, &o->batch)) return EXIT_USAGE;
+            break;
+        case 'B': /* a week is more than any search needs */
+            if (cli_parse_double(prog, "--budget", optarg, 0.0, 7 * 86400.0, &o->budget))
+                return EXIT_USAGE;
+            break;
         case 'q': o->quick = 1; break;
-        case 'r': o->reps = atoi(optarg); break;
+        case 'r':
+            if (cli_parse_int(prog, "--reps", optarg, 0, 100000, &o->reps)) return EXIT_USAGE;
+            break;
         case 'n': o->store = 0; break;
         case 'j': o->json = 1; break;
         case 'S': *show = 1; break;
@@ -504,9 +541,8 @@ static int parse_args(int argc, char **argv, cli_options *o, int *show, int *lis
         fprintf(stderr, "clkvq-tune: unexpected argument '%s'\n", argv[optind]);
         return EXIT_USAGE;
     }
-    if (o->group <= 0 || o->group % 32 != 0 || o->batch <= 0 || o->budget < 0 || o->reps < 0) {
-        fprintf(stderr, "clkvq-tune: --group must be a multiple of 32, --batch positive, "
-                        "--budget and --reps not negative\n");
+    if (o->group % 32 != 0) {
+        fprintf(stderr, "clkvq-tune: --group %d is not a multiple of 32\n", o->group);
         return EXIT_USAGE;
     }
     return 0;

@@ -1,6 +1,6 @@
 #include "bench_util.h"
+#include "cli_parse.h"
 
-#include <errno.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,13 +18,7 @@ double bench_median(double *values, int n) {
 }
 
 int bench_parse_int(const char *text, long lo, long hi, long *out) {
-    if (!text || !*text) return -1;
-    char *end = NULL;
-    errno = 0;
-    long v = strtol(text, &end, 10);
-    if (errno || *end != '\0' || v < lo || v > hi) return -1;
-    *out = v;
-    return 0;
+    return cli_long(text, lo, hi, out);
 }
 
 struct bench_table {

@@ -3,6 +3,7 @@
 #include "program_cache.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -209,22 +210,43 @@ clkvq_status clkvq_atomic_write(clkvq_context *ctx, const char *path, const void
     return st == CLKVQ_OK ? st : clkvq_fail(ctx, st, "%s", why);
 }
 
-/* Whole file into memory; NULL when missing or unreadable. */
-static unsigned char *read_file(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
+typedef enum { FILE_READ, FILE_MISSING, FILE_REFUSED } file_result;
+
+/* Whole file into memory. Only a regular file of at most
+ * CLKVQ_PROGRAM_FILE_MAX bytes is read: a directory or device where an entry
+ * should be (which stdio "opens" and reports as LONG_MAX bytes long), or a
+ * huge stray file, is refused before anything is allocated. O_NONBLOCK keeps
+ * a FIFO at that path from blocking the open; it does nothing to regular
+ * files. */
+static file_result read_file(const char *path, unsigned char **data_out, size_t *size_out) {
+    *data_out = NULL;
+    *size_out = 0;
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT ? FILE_MISSING : FILE_REFUSED;
+    struct stat sb;
+    file_result rc = FILE_REFUSED;
     unsigned char *data = NULL;
-    long len = -1;
-    if (fseek(f, 0, SEEK_END) == 0 && (len = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        data = malloc(len > 0 ? (size_t)len : 1);
-        if (data && fread(data, 1, (size_t)len, f) != (size_t)len) {
-            free(data);
-            data = NULL;
+    if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size >= 0 &&
+        (uint64_t)sb.st_size <= CLKVQ_PROGRAM_FILE_MAX &&
+        (data = malloc(sb.st_size > 0 ? (size_t)sb.st_size : 1))) {
+        size_t want = (size_t)sb.st_size, got = 0;
+        while (got < want) {
+            ssize_t n = read(fd, data + got, want - got);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) break; /* an error, or the file shrank under us */
+            got += (size_t)n;
+        }
+        if (got == want) {
+            rc = FILE_READ;
+            *size_out = want;
         }
     }
-    fclose(f);
-    *size = len > 0 ? (size_t)len : 0;
-    return data;
+    close(fd);
+    if (rc == FILE_READ)
+        *data_out = data;
+    else
+        free(data);
+    return rc;
 }
 
 /* Little-endian on disk whatever the host, so a cache dir can be shared. */
@@ -427,12 +449,13 @@ static int parse_entry(const unsigned char *data, size_t size, const build_reque
 /* NULL on a miss or a reject; rejects are counted, never reported as errors. */
 static cl_program load_from_disk(clkvq_context *ctx, const char *path, const build_request *req) {
     size_t size = 0;
-    unsigned char *data = read_file(path, &size);
-    if (!data) return NULL;
+    unsigned char *data = NULL;
+    file_result got = read_file(path, &data, &size);
+    if (got == FILE_MISSING) return NULL;
     const unsigned char *binary = NULL;
     size_t binary_size = 0;
     cl_program program = NULL;
-    if (parse_entry(data, size, req, &binary, &binary_size)) {
+    if (got == FILE_READ && parse_entry(data, size, req, &binary, &binary_size)) {
         cl_int err, binary_status = CL_SUCCESS;
         program = clCreateProgramWithBinary(ctx->cl_ctx, 1, &ctx->device, &binary_size, &binary,
                                             &binary_status, &err);
@@ -461,6 +484,8 @@ static void store_to_disk(const char *path, cl_program program, const build_requ
         binary_size == 0)
         return;
     size_t key_len = strlen(req->key), header = HEADER_FIXED + key_len;
+    /* a file the reader would refuse only costs a write */
+    if (binary_size > CLKVQ_PROGRAM_FILE_MAX - header) return;
     unsigned char *file = malloc(header + binary_size);
     if (!file) return;
     unsigned char *binary = file + header;

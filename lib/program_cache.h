@@ -11,7 +11,9 @@
  * the full key string length + key string, binary size, FNV-1a of the
  * binary) followed by the binary. An entry whose magic, key string, size or
  * checksum does not match, or that the driver refuses, is rebuilt from
- * source and rewritten, never trusted.
+ * source and rewritten, never trusted. So is anything at that path that is
+ * not a regular file of at most CLKVQ_PROGRAM_FILE_MAX bytes (a directory
+ * cannot be replaced, so it costs every process a build, nothing more).
  * Concurrency: a writer writes <name>.tmp.<pid>.<counter> and renames it
  * over <name>; rename is atomic, so a reader sees a whole old or a whole new
  * file, and two racing writers only lose one identical copy.
@@ -20,6 +22,14 @@
 #define CLKVQ_PROGRAM_CACHE_H
 
 #include "internal.h"
+
+/* The largest program file read or written. Our biggest programs compile to
+ * well under 1 MiB on PoCL; drivers that store IR next to machine code for
+ * several targets run bigger. 256 MiB leaves more than two orders of
+ * magnitude of room while bounding what a stray file at an entry's path can
+ * make us allocate (the tuning loader's bound is 16 MiB, for the same
+ * reason). A program whose binary exceeds it is simply not cached. */
+#define CLKVQ_PROGRAM_FILE_MAX ((uint64_t)256 << 20)
 
 /* The embedded text of cl_kernels/<name> (e.g. "quantize.cl"), or NULL. */
 const char *clkvq_kernel_source(const char *name);

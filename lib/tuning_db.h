@@ -29,8 +29,15 @@
 clkvq_status clkvq_tuning_parse(clkvq_context *ctx, const char *text, clkvq_tune_result **entries,
                                 int *n_entries, clkvq_device_info *device_out);
 
-/* Serializes entries for ctx's device (malloc'd text; free() it). */
+/* Serializes entries for ctx's device (malloc'd text; free() it). NULL on
+ * allocation failure or an entry the parser would refuse. */
 char *clkvq_tuning_serialize(const clkvq_context *ctx, const clkvq_tune_result *entries, int n);
+
+/* The same for a device described by info (only vendor, name,
+ * driver_version, compute_units and is_gpu are written): what a parsed
+ * file's device_out reproduces, with no OpenCL context (the fuzz target). */
+char *clkvq_tuning_serialize_device(const clkvq_device_info *info, const clkvq_tune_result *entries,
+                                    int n);
 
 /* Distance between shapes for "nearest": 0 = equal; big penalties for
  * head_dim / GQA group / scheme / format mismatches, small for tokens. */

@@ -18,6 +18,7 @@
  * a usage error.
  */
 #include "clkvq.h"
+#include "cli_parse.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -105,22 +106,20 @@ static int cmd_write(char **argv)
     const char *dump_path = argv[0], *dtype = argv[1];
     clkvq_dump_info info;
     memset(&info, 0, sizeof info);
-    info.n_layers = atoi(argv[2]);
-    info.n_q_heads = atoi(argv[3]);
-    info.n_kv_heads = atoi(argv[4]);
-    info.n_tokens = atoi(argv[5]);
-    info.head_dim = atoi(argv[6]);
-    uint64_t seed = strtoull(argv[7], NULL, 10);
+    uint64_t seed;
+    /* sizes only need to be positive here: the writer checks the rest */
+    if (cli_parse_int("dump_check", "LAYERS", argv[2], 1, 1 << 16, &info.n_layers) ||
+        cli_parse_int("dump_check", "Q_HEADS", argv[3], 1, 1 << 16, &info.n_q_heads) ||
+        cli_parse_int("dump_check", "KV_HEADS", argv[4], 1, 1 << 16, &info.n_kv_heads) ||
+        cli_parse_int("dump_check", "TOKENS", argv[5], 1, 1 << 24, &info.n_tokens) ||
+        cli_parse_int("dump_check", "HEAD_DIM", argv[6], 1, 1 << 16, &info.head_dim) ||
+        cli_parse_u64("dump_check", "SEED", argv[7], &seed))
+        return 2;
     snprintf(info.model, sizeof info.model, "%s", argv[8]);
     const char *raw_path = argv[9];
     int as_f16 = strcmp(dtype, "f16") == 0;
     if (!as_f16 && strcmp(dtype, "f32") != 0) {
-        fprintf(stderr, "dtype must be f32 or f16\n");
-        return 2;
-    }
-    if (info.n_layers <= 0 || info.n_kv_heads <= 0 || info.n_q_heads <= 0 || info.n_tokens <= 0 ||
-        info.head_dim <= 0) {
-        fprintf(stderr, "sizes must be positive\n");
+        fprintf(stderr, "dump_check: dtype '%s' is not f32 or f16\n", dtype);
         return 2;
     }
     size_t L = (size_t)info.n_layers, per_head = (size_t)info.n_tokens * info.head_dim;

@@ -15,7 +15,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#define KVTUNER_DIR CLKVQ_SHARED_DATA "/kvtuner"
+/* configs/kvtuner/: KVTuner's published files as shipped, and the README
+ * that lists what each must load as */
+#define KVTUNER_DIR CLKVQ_PRESET_DIR
 #define MAX_ROWS 64
 #define REPORT_MAX 8192
 
@@ -76,7 +78,7 @@ static readme_row *find_row(readme_row *rows, int n, const char *file)
 
 /* ------------------------------------------------------------ KVTuner */
 
-/* A file the README does not list (the k8_v4 files in config/): every pair is K8V4,
+/* A file the README does not list (the two k8_v4 files): every pair is K8V4,
  * as its name says, so the average is 6 and per-head layers have 8 heads
  * (Llama-3-8B's kv heads). */
 static void check_unlisted(report *r, const char *name, const clkvq_precision_config *cfg)
@@ -132,32 +134,21 @@ static void check_file(report *r, readme_row *rows, int n_rows, const char *dir,
     clkvq_config_free(cfg);
 }
 
-/* Every .yaml under kvtuner/ (one folder level down), whatever is there. */
+/* Every .yaml in configs/kvtuner/, whatever is there. */
 static int check_folder(report *r, readme_row *rows, int n_rows)
 {
-    DIR *top = opendir(KVTUNER_DIR);
-    ck_assert_msg(top != NULL, "cannot open %s", KVTUNER_DIR);
+    DIR *dir = opendir(KVTUNER_DIR);
+    ck_assert_msg(dir != NULL, "cannot open %s", KVTUNER_DIR);
     int files = 0;
-    struct dirent *e;
-    while ((e = readdir(top))) {
-        if (e->d_name[0] == '.')
-            continue;
-        char dir[1024];
-        snprintf(dir, sizeof dir, "%s/%s", KVTUNER_DIR, e->d_name);
-        DIR *sub = opendir(dir);
-        if (!sub)
-            continue; /* README.md */
-        struct dirent *f;
-        while ((f = readdir(sub))) {
-            size_t len = strlen(f->d_name);
-            if (len > 5 && !strcmp(f->d_name + len - 5, ".yaml")) {
-                check_file(r, rows, n_rows, dir, f->d_name);
-                files++;
-            }
+    struct dirent *f;
+    while ((f = readdir(dir))) {
+        size_t len = strlen(f->d_name);
+        if (len > 5 && !strcmp(f->d_name + len - 5, ".yaml")) {
+            check_file(r, rows, n_rows, KVTUNER_DIR, f->d_name);
+            files++;
         }
-        closedir(sub);
     }
-    closedir(top);
+    closedir(dir);
     return files;
 }
 
@@ -170,7 +161,7 @@ START_TEST(kvtuner_files_load_as_published)
     for (int i = 0; i < n_rows; i++)
         if (!rows[i].seen)
             note(&r, "%s: listed in the README, not found or not loaded", rows[i].file);
-    /* 32 presets in the README, plus config/: the per-head and per-layer files */
+    /* the README's 32 presets, plus the k8_v4 per-head and per-layer files */
     ck_assert_msg(n_rows == 32 && files == 34 && r.n == 0,
                   "%d README rows, %d files, %d problems:\n%s", n_rows, files, r.n, r.text);
 }
@@ -516,8 +507,7 @@ START_TEST(file_and_model_errors)
     unlink(path);
 
     clkvq_context *ctx = test_ctx();
-    st = clkvq_config_load(ctx, KVTUNER_DIR "/calibration_presets/"
-                                "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml", NULL, &c);
+    st = clkvq_config_load(ctx, KVTUNER_DIR "/Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml", NULL, &c);
     ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
     st = clkvq_config_check_model(ctx, c, 32);
     ck_assert_msg(st == CLKVQ_ERR_INVALID_ARG && strstr(clkvq_last_error(ctx), "28 layers") &&
@@ -889,7 +879,7 @@ START_TEST(kvtuner_preset_builds_a_cache)
     kivi.residual = 32;
     clkvq_precision_config *c = NULL;
     clkvq_status st = clkvq_config_load(
-        ctx, KVTUNER_DIR "/calibration_presets/Qwen2.5-7B-Instruct_kivi_KVTuner4_1.yaml", &kivi,
+        ctx, KVTUNER_DIR "/Qwen2.5-7B-Instruct_kivi_KVTuner4_1.yaml", &kivi,
         &c);
     ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
     clkvq_cache *cache = NULL;
@@ -958,7 +948,7 @@ START_TEST(per_head_bits)
 
     /* KVTuner's per-head file: all heads K8V4, Llama-3-8B's 8 kv heads */
     st = clkvq_config_load(
-        ctx, KVTUNER_DIR "/config/meta-llama_Meta-Llama-3-8B-Instruct_k8_v4._per_head.yaml", NULL,
+        ctx, KVTUNER_DIR "/meta-llama_Meta-Llama-3-8B-Instruct_k8_v4._per_head.yaml", NULL,
         &c);
     ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
     st = clkvq_cache_create_from_config(ctx, c, 1, 32, 8, 32, 64, CLKVQ_LAYOUT_TOKEN_MAJOR,

@@ -469,6 +469,68 @@ START_TEST(test_cache_driver_rejects) {
 }
 END_TEST
 
+/* A directory where the entry should be: not read (stdio would report it as
+ * LONG_MAX bytes, and an ASan build aborts on that allocation), counted as a
+ * reject, rebuilt; a directory cannot be replaced, so every process pays a
+ * build, and it stays as it was. */
+START_TEST(test_cache_directory_entry) {
+    populate_cache();
+    char path[512];
+    program_file(path, sizeof path);
+    ck_assert_int_eq(remove(path), 0);
+    ck_assert_int_eq(mkdir(path, 0755), 0);
+    for (int round = 0; round < 2; round++) {
+        clkvq_context *ctx = fresh_ctx();
+        check_selftest_runs(ctx);
+        clkvq_program_stats s = stats_of(ctx);
+        ck_assert_int_eq(s.disk_rejects, 1);
+        ck_assert_int_eq(s.disk_hits, 0);
+        ck_assert_int_eq(s.builds, 1);
+        clkvq_context_release(ctx);
+    }
+    struct stat sb;
+    ck_assert(stat(path, &sb) == 0 && S_ISDIR(sb.st_mode));
+}
+END_TEST
+
+/* A FIFO there must not block the open (nobody will ever write to it). */
+START_TEST(test_cache_fifo_entry) {
+    populate_cache();
+    char path[512];
+    program_file(path, sizeof path);
+    ck_assert_int_eq(remove(path), 0);
+    ck_assert_int_eq(mkfifo(path, 0644), 0);
+    check_rejected_and_healed();
+}
+END_TEST
+
+/* A file past CLKVQ_PROGRAM_FILE_MAX is refused by its size, unread, and
+ * replaced by a good entry: one just past the cap, and one (8 TiB, where the
+ * file system allows it) that no allocation could hold, which a reader that
+ * tried would take for a missing file or, under ASan, abort on. Sparse:
+ * they cost no disk. */
+START_TEST(test_cache_oversized_entry) {
+    populate_cache();
+    char path[512];
+    program_file(path, sizeof path);
+    struct stat sb;
+    ck_assert_int_eq(stat(path, &sb), 0);
+    const off_t good_size = sb.st_size;
+    const off_t sizes[] = {(off_t)CLKVQ_PROGRAM_FILE_MAX + 1, (off_t)1 << 43};
+    for (int i = 0; i < 2; i++) {
+        FILE *f = fopen(path, "r+b");
+        ck_assert_ptr_nonnull(f);
+        int cut = ftruncate(fileno(f), sizes[i]);
+        fclose(f);
+        if (cut != 0 && i > 0) continue; /* the file system's limit is lower */
+        ck_assert_int_eq(cut, 0);
+        ck_assert(stat(path, &sb) == 0 && sb.st_size == sizes[i]);
+        check_rejected_and_healed();
+        ck_assert(stat(path, &sb) == 0 && sb.st_size == good_size);
+    }
+}
+END_TEST
+
 START_TEST(test_cache_unwritable_dir) {
     /* A cache path under a regular file can never be created. */
     char file[512], dir[600];
@@ -594,6 +656,9 @@ static Suite *device_suite(void) {
     tcase_add_test(tc, test_cache_garbage);
     tcase_add_test(tc, test_cache_wrong_key);
     tcase_add_test(tc, test_cache_driver_rejects);
+    tcase_add_test(tc, test_cache_directory_entry);
+    tcase_add_test(tc, test_cache_fifo_entry);
+    tcase_add_test(tc, test_cache_oversized_entry);
     tcase_add_test(tc, test_cache_unwritable_dir);
     tcase_add_test(tc, test_build_errors);
     tcase_add_test(tc, test_cache_dir_precedence);

@@ -870,6 +870,34 @@ START_TEST(corrupt_file_falls_back_and_is_reported)
 }
 END_TEST
 
+/* Not a regular file where this device's file belongs: a directory (stdio
+ * would call it LONG_MAX bytes long) or a FIFO (an open that waits for a
+ * writer would hang every lookup). Reported and ignored, never read. */
+START_TEST(non_regular_file_is_ignored)
+{
+    clkvq_context *ctx = test_ctx();
+    char path[1024];
+    device_path(path, sizeof path);
+    clkvq_tune_shape s = base_shape();
+    clkvq_tune_params p, want = builtin();
+    char dir[1100];
+    snprintf(dir, sizeof dir, "%s/tuning", g_dir);
+    mkdir(dir, 0755); /* may exist */
+    for (int kind = 0; kind < 2; kind++) {
+        ck_assert_int_eq(kind ? mkfifo(path, 0644) : mkdir(path, 0755), 0);
+        ck_assert(lookup(&s, &p) == CLKVQ_TUNED_BUILTIN && params_equal(&p, &want));
+        ck_assert_msg(strstr(clkvq_last_error(ctx), "not a regular file") &&
+                          strstr(clkvq_last_error(ctx), path),
+                      "message: %s", clkvq_last_error(ctx));
+        char *shown = show_text();
+        ck_assert_msg(strstr(shown, "IGNORED") && strstr(shown, "not a regular file"), "%s",
+                      shown);
+        free(shown);
+        ck_assert_int_eq(remove(path), 0);
+    }
+}
+END_TEST
+
 START_TEST(foreign_device_file_is_not_trusted)
 {
     clkvq_context *ctx = test_ctx();
@@ -993,6 +1021,7 @@ static Suite *suite(void)
     tcase_add_test(tc, lookup_vendor_level);
     tcase_add_test(tc, lookup_skips_params_beyond_the_device);
     tcase_add_test(tc, corrupt_file_falls_back_and_is_reported);
+    tcase_add_test(tc, non_regular_file_is_ignored);
     tcase_add_test(tc, foreign_device_file_is_not_trusted);
     tcase_add_test(tc, show_lists_the_entries);
     tcase_add_test(tc, lookup_cost);

@@ -18,8 +18,8 @@
  * Exit status: 0 done, 1 a library/IO failure, 2 a usage error.
  */
 #include "clkvq.h"
+#include "cli_parse.h"
 
-#include <errno.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
@@ -88,12 +88,10 @@ static void usage(FILE *f)
 
 static int parse_positive(const char *text, const char *spec, const char *what, int *out)
 {
-    char *end;
-    errno = 0;
-    long v = strtol(text, &end, 10);
-    if (errno || end == text || *end || v <= 0 || v > (1L << 24)) {
-        fprintf(stderr, "clkvq-eval: scheme '%s': %s '%s' is not a positive integer\n", spec,
-                what, text);
+    long v;
+    if (cli_long(text, 1, 1L << 24, &v)) {
+        fprintf(stderr, "clkvq-eval: scheme '%s': %s '%s' is not an integer in [1, %ld]\n", spec,
+                what, text, 1L << 24);
         return -1;
     }
     *out = (int)v;
@@ -184,9 +182,8 @@ static int parse_spec(const char *spec, clkvq_layer_config *out, int *calib)
                 return -1;
             *(field[0] == 'r' ? &lc.residual : field[0] == 'w' ? &lc.window : &lc.n_sink) = n;
         } else if (field[0] == 'a') {
-            char *end;
-            double a = strtod(field + 1, &end);
-            if (end == field + 1 || *end || !(a > 0.0 && a <= 1.0)) {
+            double a;
+            if (cli_double(field + 1, 0.0, 1.0, &a) || a == 0.0) {
                 fprintf(stderr, "clkvq-eval: scheme '%s': clip '%s' must be in (0, 1]\n", spec,
                         field + 1);
                 return -1;
@@ -467,18 +464,10 @@ int main(int argc, char **argv)
                 configs[n_configs++] = optarg;
             break;
         case OPT_CONFIG_SCHEME: config_scheme = optarg; break;
-        case OPT_QUERIES: {
-            char *end;
-            errno = 0;
-            long m = strtol(optarg, &end, 10);
-            if (errno || end == optarg || *end || m < 1 || m > (1L << 24)) {
-                fprintf(stderr, "clkvq-eval: --queries '%s' must be a positive integer\n",
-                        optarg);
+        case OPT_QUERIES:
+            if (cli_parse_int("clkvq-eval", "--queries", optarg, 1, 1 << 24, &n_queries))
                 return 2;
-            }
-            n_queries = (int)m;
             break;
-        }
         case OPT_PER_LAYER: per_layer = 1; break;
         case OPT_JSON: json = 1; break;
         case OPT_DEVICE: device = optarg; break;

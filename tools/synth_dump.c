@@ -46,8 +46,8 @@
  * the reasons that rank them on real data, but are not a model's accuracy.
  */
 #include "clkvq.h"
+#include "cli_parse.h"
 
-#include <errno.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
@@ -113,16 +113,7 @@ static void usage(FILE *f)
 
 static int parse_int(const char *text, const char *what, long lo, long hi, int *out)
 {
-    char *end;
-    errno = 0;
-    long v = strtol(text, &end, 10);
-    if (errno || end == text || *end || v < lo || v > hi) {
-        fprintf(stderr, "clkvq-synth-dump: %s '%s' must be an integer in [%ld, %ld]\n", what,
-                text, lo, hi);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
+    return cli_parse_int("clkvq-synth-dump", what, text, (int)lo, (int)hi, out);
 }
 
 /* Scales key outlier channels (and the sink's channels on token 0) of every
@@ -311,26 +302,14 @@ int main(int argc, char **argv)
             if (parse_int(optarg, "--tokens", 1, 1 << 20, &n_tokens))
                 return 2;
             break;
-        case OPT_SEED: {
-            char *end;
-            errno = 0;
-            unsigned long long v = strtoull(optarg, &end, 10);
-            if (errno || end == optarg || *end) {
-                fprintf(stderr, "clkvq-synth-dump: --seed '%s' is not an integer\n", optarg);
+        case OPT_SEED:
+            if (cli_parse_u64("clkvq-synth-dump", "--seed", optarg, &seed))
                 return 2;
-            }
-            seed = v;
             break;
-        }
-        case OPT_PEAK: {
-            char *end;
-            peak = strtod(optarg, &end);
-            if (end == optarg || *end || !(peak >= 0.0 && peak <= 30.0)) {
-                fprintf(stderr, "clkvq-synth-dump: --peak '%s' must be in [0, 30]\n", optarg);
+        case OPT_PEAK:
+            if (cli_parse_double("clkvq-synth-dump", "--peak", optarg, 0.0, 30.0, &peak))
                 return 2;
-            }
             break;
-        }
         case OPT_SENSITIVE: {
             char *list = strdup(optarg), *save = NULL;
             for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
