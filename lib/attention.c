@@ -135,10 +135,6 @@ static void attn_options(const clkvq_cache *cache, const clkvq_cache_layer *laye
              fp16 ? 1 : layer->k.group_words, fp16 ? 1 : layer->v.group_words,
              lc->param_type == CLKVQ_PARAM_FP8_E4M3, lc->zero_mode == CLKVQ_ZERO_INT,
              (int)layer->k.layout, (int)layer->v.layout, t->vw);
-    if (cache->planted_bug) {
-        size_t used = strlen(buf);
-        snprintf(buf + used, size - used, " -D CLKVQ_PLANTED_BUG=1");
-    }
 }
 
 static clkvq_status ensure_buffer(clkvq_context *ctx, cl_mem *mem, size_t *have, size_t need,

@@ -11,6 +11,9 @@
 #include "internal.h"
 #include "kv_cache.h"
 #include "program_cache.h"
+#ifdef CLKVQ_TESTING
+#include "test_hooks.h"
+#endif
 
 #include <clblast_c.h>
 
@@ -23,10 +26,14 @@
 #define SOFTMAX_LOCAL_MAX 64
 /* Most bytes of prefill scores (one query chunk) held at once: bounds the
  * scratch for long prompts; the queries are processed in chunks under it.
- * Not static and not in a header: tests/test_prefill.c lowers it (extern)
- * to exercise the chunking on small shapes. */
-extern size_t clkvq_prefill_score_budget;
-size_t clkvq_prefill_score_budget = (size_t)256 << 20;
+ * The test library makes it a variable that tests lower (test_hooks.h). */
+#define SCORE_BUDGET_DEFAULT ((size_t)256 << 20)
+#ifdef CLKVQ_TESTING
+size_t clkvq_prefill_score_budget = SCORE_BUDGET_DEFAULT;
+#define SCORE_BUDGET clkvq_prefill_score_budget
+#else
+#define SCORE_BUDGET SCORE_BUDGET_DEFAULT
+#endif
 
 static const char *const g_softmax_sources[] = {"softmax.cl"};
 
@@ -533,8 +540,7 @@ clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq, in
                           kv_elems, max_alloc);
     /* queries per chunk: the scores of a chunk ([H][chunk][<= n]) stay
      * under the budget and CLBlast's int indexing */
-    size_t budget = clkvq_prefill_score_budget < max_alloc ? clkvq_prefill_score_budget
-                                                            : max_alloc;
+    size_t budget = SCORE_BUDGET < max_alloc ? SCORE_BUDGET : max_alloc;
     size_t per_query = H * (size_t)n; /* score floats of one query over all heads */
     size_t chunk = budget / sizeof(float) / per_query;
     if (chunk > (size_t)INT_MAX / per_query)

@@ -1,6 +1,7 @@
 /* The tuning database (lib/tuning_db.c): the file format's parser and
  * writer, merge-on-store under concurrent writers, the lookup chain and
  * what clkvq_tuning_show reports. Each test has its own cache directory. */
+#include "test_hooks.h"
 #include "test_util.h"
 #include "tuning_db.h"
 
@@ -13,9 +14,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-/* lib/tuning_db.c, tests only (see there) */
-void clkvq_tuning_set_shipped(const char *const *names, const char *const *texts, int n);
 
 /* the build's embedded results/tuning/ files (cmake/embed_tuning.cmake) */
 typedef struct {
