@@ -37,6 +37,24 @@ size_t clkvq_prefill_score_budget = SCORE_BUDGET_DEFAULT;
 
 static const char *const g_softmax_sources[] = {"softmax.cl"};
 
+/*
+ * CLBlast keeps the programs it builds, per (cl_context, device), in one
+ * process-wide cache that retains them, and through them the cl_context,
+ * until CLBlastClearCache() or the process exits. Left there, a released
+ * context stays alive to the end, and its programs are released by
+ * CLBlast's static destructor, when the OpenCL implementation may already
+ * be torn down (Oclgrind aborts there, "corrupted double-linked list").
+ * CLBlast's API can only evict everything, so a context that ran CLBlast
+ * clears the whole cache when it is released: another CLBlast user in the
+ * process rebuilds its programs on next use, which is correct, only slower.
+ */
+void clkvq_blas_context_release(clkvq_context *ctx)
+{
+    if (ctx->used_clblast)
+        CLBlastClearCache();
+    ctx->used_clblast = 0;
+}
+
 /* ------------------------------------------------------------ helpers */
 
 /*
@@ -329,6 +347,7 @@ clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads
     const size_t hd = (size_t)head_dim, n = (size_t)n_tokens;
     cl_command_queue queue = ctx->queue;
     char what[128];
+    ctx->used_clblast = 1; /* see clkvq_blas_context_release */
     if ((st = zero_fill(ctx, &events, scores, s_elems * sizeof(float), "zeroing scores")) ==
         CLKVQ_OK)
         st = zero_fill(ctx, &events, out, q_elems * sizeof(float), "zeroing out");
@@ -448,6 +467,7 @@ static clkvq_status prefill_chunk(clkvq_context *ctx, const prefill_job *job,
         return st;
 
     /* S = scale * Q_group K^T per kv head */
+    ctx->used_clblast = 1; /* see clkvq_blas_context_release */
     CLBlastStatusCode s = CLBlastSgemmStridedBatched(
         CLBlastLayoutRowMajor, CLBlastTransposeNo, CLBlastTransposeYes, rows, n_cols, hd,
         job->scale, sc->q, 0, hd, rows * hd, sc->k, 0, hd, n * hd, 0.0f, sc->s, 0, n_cols,

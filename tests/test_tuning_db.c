@@ -630,7 +630,7 @@ START_TEST(concurrent_stores_keep_every_entry)
         ck_assert_int_ge(pids[c], 0);
         if (pids[c] == 0) {
             /* the child touches no OpenCL: store reads ctx->info only.
-             * _exit skips the parent's atexit context release. */
+             * _exit: nothing of the parent is torn down twice. */
             int bad = 0;
             for (int i = 0; i < ROUNDS && !bad; i++) {
                 clkvq_tune_shape s = base_shape();

@@ -6,8 +6,6 @@
 
 static clkvq_context *g_ctx;
 
-static void release_ctx(void) { clkvq_context_release(g_ctx); }
-
 clkvq_context *test_ctx(void)
 {
     if (!g_ctx) {
@@ -17,7 +15,6 @@ clkvq_context *test_ctx(void)
                     clkvq_last_error(NULL));
             exit(1);
         }
-        atexit(release_ctx);
     }
     return g_ctx;
 }
@@ -72,5 +69,11 @@ int test_run_suite(Suite *suite)
     srunner_run_all(runner, CK_NORMAL);
     int failed = srunner_ntests_failed(runner);
     srunner_free(runner);
+    /* Released here, not from an atexit handler: exit handlers registered
+     * after ours (the OpenCL implementation's lazily created statics; e.g.
+     * the LLVM state of Oclgrind's programs) would run first, and releasing
+     * programs after them aborts ("free(): corrupted unsorted chunks"). */
+    clkvq_context_release(g_ctx);
+    g_ctx = NULL;
     return failed == 0 ? 0 : 1;
 }
