@@ -50,35 +50,6 @@ static const attn_case g_cases[] = {
      256, 0, 0, 0, 32, 32, 0, 0, CLKVQ_PARAM_FP8_E4M3, 0, 0, 1},
 };
 
-/* softmax(scale q.K^T) V in double for one sequence; k, v [kv][n][d]. */
-static void reference_attention(const float *q, const float *k, const float *v, int n,
-                                int n_q, int qpk, int d, float scale, double *out)
-{
-    double *p = malloc(sizeof(double) * (size_t)(n > 0 ? n : 1));
-    for (int qh = 0; qh < n_q; qh++) {
-        int kh = qh / qpk;
-        const float *qv = q + (size_t)qh * d;
-        double m = -INFINITY, l = 0.0;
-        for (int t = 0; t < n; t++) {
-            const float *kt = k + ((size_t)kh * n + t) * d;
-            double s = 0.0;
-            for (int c = 0; c < d; c++)
-                s += (double)qv[c] * kt[c];
-            p[t] = s * scale;
-            m = p[t] > m ? p[t] : m;
-        }
-        for (int t = 0; t < n; t++)
-            l += p[t] = exp(p[t] - m);
-        for (int c = 0; c < d; c++) {
-            double acc = 0.0;
-            for (int t = 0; t < n; t++)
-                acc += p[t] * v[((size_t)kh * n + t) * d + c];
-            out[(size_t)qh * d + c] = n > 0 ? acc / l : 0.0;
-        }
-    }
-    free(p);
-}
-
 /* variant CLKVQ_ATTN_SERIAL forces group-planar layouts (which it needs). */
 static clkvq_cache *cache_for(const attn_case *c, clkvq_attn_variant variant, int vw,
                               int32_t **perm_k, int32_t **perm_v)
@@ -153,7 +124,7 @@ static double decode_error(clkvq_cache *cache, int qpk, int d, const int *length
         size_t kv_count = (size_t)KV_HEADS * (n > 0 ? n : 1) * d;
         float *k = malloc(sizeof(float) * kv_count), *v = malloc(sizeof(float) * kv_count);
         ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
-        reference_attention(q + (size_t)s * n_q * d, k, v, n, n_q, qpk, d, scale, ref);
+        test_attention_reference(q + (size_t)s * n_q * d, k, v, n, n_q, qpk, d, scale, ref);
         for (int h = 0; h < n_q; h++) {
             double num = 0.0, den = 0.0;
             for (int c = 0; c < d; c++) {

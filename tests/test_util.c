@@ -62,6 +62,34 @@ int32_t *test_random_perm(uint64_t seed, int n_heads, int head_dim)
     return perm;
 }
 
+void test_attention_reference(const float *q, const float *k, const float *v, int n, int n_q,
+                              int qpk, int d, float scale, double *out)
+{
+    double *p = malloc(sizeof(double) * (size_t)(n > 0 ? n : 1));
+    for (int qh = 0; qh < n_q; qh++) {
+        int kh = qh / qpk;
+        const float *qv = q + (size_t)qh * d;
+        double m = -INFINITY, l = 0.0;
+        for (int t = 0; t < n; t++) {
+            const float *kt = k + ((size_t)kh * n + t) * d;
+            double s = 0.0;
+            for (int c = 0; c < d; c++)
+                s += (double)qv[c] * kt[c];
+            p[t] = s * scale;
+            m = p[t] > m ? p[t] : m;
+        }
+        for (int t = 0; t < n; t++)
+            l += p[t] = exp(p[t] - m);
+        for (int c = 0; c < d; c++) {
+            double acc = 0.0;
+            for (int t = 0; t < n; t++)
+                acc += p[t] * v[((size_t)kh * n + t) * d + c];
+            out[(size_t)qh * d + c] = n > 0 ? acc / l : 0.0;
+        }
+    }
+    free(p);
+}
+
 int test_run_suite(Suite *suite)
 {
     SRunner *runner = srunner_create(suite);
