@@ -45,8 +45,8 @@
  *   it;
  * - it then reports "Controlflow depends on uninitialized value" on vector
  *   halves (v.lo, v.hi) of a vload16 from a buffer written whole from the
- *   host, which a 7-line kernel reproduces: a false positive, in
- *   clkvq_check_input's and the quantize kernels' min/max reductions.
+ *   host, which a 7-line kernel reproduces: a false positive, in the
+ *   min/max reductions of clkvq_check_input and clkvq_quantize_token.
  * A gate on it needs an Oclgrind newer than 21.10 (built from source on
  * Debian 12) and a check that those reports are gone there.
  */
