@@ -470,8 +470,5 @@ __kernel void clkvq_attn_merge(__global const float *partials, __global const in
             acc += p[(size_t)c * PARTIAL_STRIDE + 2 + d] * w;
         }
     int dst = perm_v ? perm_v[kh * HEAD_DIM + d] : d;
-#ifdef CLKVQ_PLANTED_BUG /* the autotuner's own test: this variant must be rejected */
-    acc *= 1.01f;
-#endif
     out[(size_t)sq * HEAD_DIM + dst] = l > 0.0f ? acc / l : 0.0f;
 }

@@ -437,9 +437,6 @@ clkvq_attn_merge_serial(__global const float *partials, __global const int *perm
         }
     for (int dv = 0; dv < HEAD_DIM / VW; dv++) {
         float lanes[VW];
-#ifdef CLKVQ_PLANTED_BUG /* the autotuner's own test: this variant must be rejected */
-        acc[dv] *= 1.01f;
-#endif
         VSTORE(l > 0.0f ? acc[dv] / l : (floatv)0.0f, 0, lanes);
         for (int i = 0; i < VW; i++) {
             int d = dv * VW + i;

@@ -65,7 +65,9 @@ float2 group_params(float lo, float hi, float alpha, __global uchar *param)
     scale = put_param(param, 0, scale);
 #if ZERO_INT
     float zero = rint(-lo / scale);
-    zero = fmin(fmax(zero, 0.0f), (float)(LEVELS - 1));
+    /* a select, not fmax: fmax(-0, +0) is -0 on some devices (OpenCL's
+     * "x unless x < y"), +0 on others; the stored zero must be +0 */
+    zero = zero > 0.0f ? fmin(zero, (float)(LEVELS - 1)) : 0.0f;
     put_param(param, 1, zero);
 #else
     float zero = put_param(param, 1, lo);
@@ -182,7 +184,7 @@ void group_params16(float16 lo, float16 hi, float alpha, uint16 *entry, float16 
         scale = kvq_e4m3_to_f32(se);
 #if ZERO_INT
         float zero = rint(-lo1 / scale);
-        zero = fmin(fmax(zero, 0.0f), (float)(LEVELS - 1));
+        zero = zero > 0.0f ? fmin(zero, (float)(LEVELS - 1)) : 0.0f; /* +0, as above */
         uchar ze = kvq_f32_to_e4m3(zero);
 #else
         uchar ze = kvq_f32_to_e4m3(lo1);
@@ -204,7 +206,7 @@ void group_params16(float16 lo, float16 hi, float alpha, uint16 *entry, float16 
     scale = f16_bits_to_f32_16(sb);
 #if ZERO_INT
     float16 zero = rint(-lo / scale);
-    zero = fmin(fmax(zero, 0.0f), (float)(LEVELS - 1));
+    zero = select((float16)0.0f, fmin(zero, (float)(LEVELS - 1)), zero > 0.0f); /* +0 */
     uint16 zb = f32_to_f16_bits16(zero);
 #else
     uint16 zb = f32_to_f16_bits16(lo);

@@ -25,6 +25,29 @@
 extern "C" {
 #endif
 
+/*
+ * CLKVQ_API marks every function of the public API, and nothing else: the
+ * library is built with hidden visibility by default (-fvisibility=hidden),
+ * so internal helpers, tables and test hooks are not exported
+ * (scripts/check_exports.sh holds the build to that). On Windows, define
+ * CLKVQ_DLL_EXPORT when building the DLL and CLKVQ_DLL_IMPORT when linking
+ * it; a static library needs neither. A user may predefine CLKVQ_API.
+ */
+#ifndef CLKVQ_API
+#if defined(__GNUC__) && __GNUC__ >= 4 && !defined(_WIN32)
+#define CLKVQ_VISIBLE __attribute__((visibility("default")))
+#else
+#define CLKVQ_VISIBLE
+#endif
+#if defined(_WIN32) && defined(CLKVQ_DLL_EXPORT)
+#define CLKVQ_API __declspec(dllexport) CLKVQ_VISIBLE
+#elif defined(_WIN32) && defined(CLKVQ_DLL_IMPORT)
+#define CLKVQ_API __declspec(dllimport) CLKVQ_VISIBLE
+#else
+#define CLKVQ_API CLKVQ_VISIBLE
+#endif
+#endif
+
 #define CLKVQ_VERSION_MAJOR 0
 #define CLKVQ_VERSION_MINOR 1
 #define CLKVQ_VERSION_PATCH 0
@@ -48,7 +71,7 @@ typedef enum {
 } clkvq_status;
 
 /* A static string naming the status ("CLKVQ_ERR_NONFINITE: ..."). */
-const char *clkvq_status_string(clkvq_status status);
+CLKVQ_API const char *clkvq_status_string(clkvq_status status);
 
 /* ---------------------------------------------------------------- context */
 
@@ -61,26 +84,26 @@ typedef struct clkvq_context clkvq_context;
  * substring of "<platform> <device name>". Default: the first GPU, else the
  * first device. The queue has profiling enabled.
  */
-clkvq_status clkvq_context_create(clkvq_context **out, const char *device_spec);
+CLKVQ_API clkvq_status clkvq_context_create(clkvq_context **out, const char *device_spec);
 
 /*
  * Wraps a runtime's own OpenCL objects; they are retained, not copied, and
  * released again by clkvq_context_release. Profiling on the queue is
  * optional (only the autotuner and benchmarks need it).
  */
-clkvq_status clkvq_context_wrap(clkvq_context **out, cl_context cl_ctx,
-                                cl_device_id device, cl_command_queue queue);
+CLKVQ_API clkvq_status clkvq_context_wrap(clkvq_context **out, cl_context cl_ctx,
+                                          cl_device_id device, cl_command_queue queue);
 
-void clkvq_context_release(clkvq_context *ctx);
+CLKVQ_API void clkvq_context_release(clkvq_context *ctx);
 
 /* The detail of the last failing call on ctx ("" if none). ctx may be NULL:
  * then the message of the last failure of a call given a NULL context on
  * this thread is returned. */
-const char *clkvq_last_error(const clkvq_context *ctx);
+CLKVQ_API const char *clkvq_last_error(const clkvq_context *ctx);
 
-cl_context clkvq_context_cl_context(const clkvq_context *ctx);
-cl_device_id clkvq_context_cl_device(const clkvq_context *ctx);
-cl_command_queue clkvq_context_cl_queue(const clkvq_context *ctx);
+CLKVQ_API cl_context clkvq_context_cl_context(const clkvq_context *ctx);
+CLKVQ_API cl_device_id clkvq_context_cl_device(const clkvq_context *ctx);
+CLKVQ_API cl_command_queue clkvq_context_cl_queue(const clkvq_context *ctx);
 
 typedef struct {
     char platform[128];
@@ -98,21 +121,22 @@ typedef struct {
     char device_key[384];
 } clkvq_device_info;
 
-clkvq_status clkvq_context_device_info(const clkvq_context *ctx, clkvq_device_info *out);
+CLKVQ_API clkvq_status clkvq_context_device_info(const clkvq_context *ctx, clkvq_device_info *out);
 
 /* Device time in milliseconds (from OpenCL profiling events) of the kernels
  * the last call on ctx enqueued; -1 when the queue has no profiling. */
-double clkvq_last_device_ms(const clkvq_context *ctx);
+CLKVQ_API double clkvq_last_device_ms(const clkvq_context *ctx);
 
 /*
  * Measures copy bandwidth (GB/s, bytes read + bytes written per second) of
  * a plain device copy kernel over a buffer of `bytes`, median of `reps`
  * runs after a warm-up: the roof that benchmarks quote ratios against.
  */
-clkvq_status clkvq_copy_bandwidth(clkvq_context *ctx, size_t bytes, int reps, double *gbps);
+CLKVQ_API clkvq_status clkvq_copy_bandwidth(clkvq_context *ctx, size_t bytes, int reps,
+                                            double *gbps);
 
 /* Prints one line per OpenCL device: "<index>: <platform> / <device> (<type>)". */
-clkvq_status clkvq_list_devices(FILE *out);
+CLKVQ_API clkvq_status clkvq_list_devices(FILE *out);
 
 /* ---------------------------------------------------------------- formats */
 
@@ -136,9 +160,9 @@ typedef struct {
     double code_bits;       /* storage bits per code: 8, 4, 3, 2, 1.6 */
 } clkvq_format_info;
 
-const clkvq_format_info *clkvq_format_get(clkvq_format format);
+CLKVQ_API const clkvq_format_info *clkvq_format_get(clkvq_format format);
 /* Accepts "q8"/"8", "q4"/"4", "q3"/"3", "q2"/"2", "t1.5"/"1.5". */
-clkvq_status clkvq_format_parse(const char *text, clkvq_format *out);
+CLKVQ_API clkvq_status clkvq_format_parse(const char *text, clkvq_format *out);
 
 typedef enum {
     CLKVQ_AXIS_TOKEN = 0, /* groups of group_size channels along head_dim */
@@ -165,7 +189,7 @@ typedef struct {
 } clkvq_quant_params;
 
 /* format Q4, token axis, group 32, alpha 1, fp16 params, float zero */
-clkvq_quant_params clkvq_quant_params_default(void);
+CLKVQ_API clkvq_quant_params clkvq_quant_params_default(void);
 
 typedef struct {
     int n_heads;
@@ -185,12 +209,12 @@ typedef struct {
     double bits_per_element; /* codes + params, per real element */
 } clkvq_quant_layout;
 
-clkvq_status clkvq_quant_layout_get(const clkvq_quant_params *qp, const clkvq_shape *shape,
-                                    clkvq_quant_layout *out);
+CLKVQ_API clkvq_status clkvq_quant_layout_get(const clkvq_quant_params *qp,
+                                              const clkvq_shape *shape, clkvq_quant_layout *out);
 
 /* Checks qp against shape (and itself); fills a message on ctx (may be NULL). */
-clkvq_status clkvq_quant_params_validate(clkvq_context *ctx, const clkvq_quant_params *qp,
-                                         const clkvq_shape *shape);
+CLKVQ_API clkvq_status clkvq_quant_params_validate(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                                   const clkvq_shape *shape);
 
 /* ------------------------------------------------------------ quantization */
 
@@ -203,25 +227,25 @@ clkvq_status clkvq_quant_params_validate(clkvq_context *ctx, const clkvq_quant_p
  * Input with NaN, Inf or |x| > 65504 is rejected with CLKVQ_ERR_NONFINITE and
  * nothing is written. Blocks until done.
  */
-clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
-                            const clkvq_shape *shape, cl_mem x, cl_mem perm,
-                            cl_mem codes, cl_mem params);
+CLKVQ_API clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                      const clkvq_shape *shape, cl_mem x, cl_mem perm, cl_mem codes,
+                                      cl_mem params);
 
 /* Dequantizes to fp32 [n_heads][n_tokens][head_dim]. With perm, channels are
  * put back in their original order; without, they stay in packed order. */
-clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
-                              const clkvq_shape *shape, cl_mem codes, cl_mem params,
-                              cl_mem perm, cl_mem out);
+CLKVQ_API clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                        const clkvq_shape *shape, cl_mem codes, cl_mem params,
+                                        cl_mem perm, cl_mem out);
 
 /* Host-memory conveniences around the two calls above (copy in, run, copy
  * out). codes/params must hold clkvq_quant_layout_get's sizes. */
-clkvq_status clkvq_quantize_host(clkvq_context *ctx, const clkvq_quant_params *qp,
-                                 const clkvq_shape *shape, const float *x, const int32_t *perm,
-                                 void *codes, size_t codes_size, void *params,
-                                 size_t params_size);
-clkvq_status clkvq_dequantize_host(clkvq_context *ctx, const clkvq_quant_params *qp,
-                                   const clkvq_shape *shape, const void *codes,
-                                   const void *params, const int32_t *perm, float *out);
+CLKVQ_API clkvq_status clkvq_quantize_host(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                           const clkvq_shape *shape, const float *x,
+                                           const int32_t *perm, void *codes, size_t codes_size,
+                                           void *params, size_t params_size);
+CLKVQ_API clkvq_status clkvq_dequantize_host(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                             const clkvq_shape *shape, const void *codes,
+                                             const void *params, const int32_t *perm, float *out);
 
 /* ---------------------------------------------------------------- KV cache */
 
@@ -236,8 +260,8 @@ typedef enum {
     CLKVQ_SCHEME_COUNT
 } clkvq_scheme;
 
-const char *clkvq_scheme_name(clkvq_scheme scheme); /* "fp16", "token", "kivi", "skvq" */
-clkvq_status clkvq_scheme_parse(const char *text, clkvq_scheme *out);
+CLKVQ_API const char *clkvq_scheme_name(clkvq_scheme scheme); /* "fp16", "token", "kivi", "skvq" */
+CLKVQ_API clkvq_status clkvq_scheme_parse(const char *text, clkvq_scheme *out);
 
 /* Where the packed per-token groups of a (sequence, kv head) lie. Both keep
  * a group's bytes together; the autotuner picks per device. */
@@ -265,7 +289,7 @@ typedef struct {
 
 /* Defaults per scheme: q4/q4, group 32 (skvq 128, window 128, 5 sinks,
  * clip 1), kivi residual 128, fp16 params, float zero, no permutation. */
-clkvq_layer_config clkvq_layer_config_default(clkvq_scheme scheme);
+CLKVQ_API clkvq_layer_config clkvq_layer_config_default(clkvq_scheme scheme);
 
 /*
  * Storage: every layer keeps its packed tokens (and the fp16 scheme its
@@ -303,14 +327,14 @@ typedef struct {
 } clkvq_cache_memory;
 
 /* Validates cfg and computes what create would allocate (nothing is). */
-clkvq_status clkvq_cache_plan(clkvq_context *ctx, const clkvq_cache_config *cfg,
-                              clkvq_cache_memory *out);
+CLKVQ_API clkvq_status clkvq_cache_plan(clkvq_context *ctx, const clkvq_cache_config *cfg,
+                                        clkvq_cache_memory *out);
 
 typedef struct clkvq_cache clkvq_cache;
 
-clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cfg,
-                                clkvq_cache **out);
-void clkvq_cache_release(clkvq_cache *cache);
+CLKVQ_API clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cfg,
+                                          clkvq_cache **out);
+CLKVQ_API void clkvq_cache_release(clkvq_cache *cache);
 
 /*
  * Appends n_tokens of K and V ([n_kv_heads][n_tokens][head_dim] fp32, channels
@@ -319,25 +343,26 @@ void clkvq_cache_release(clkvq_cache *cache);
  * in whole blocks of R). On any error (capacity, shape, NaN/Inf, device
  * failure before the first write) the cache is exactly as it was.
  */
-clkvq_status clkvq_cache_append(clkvq_cache *cache, int layer, int seq, int n_tokens,
-                                const float *k, const float *v);
+CLKVQ_API clkvq_status clkvq_cache_append(clkvq_cache *cache, int layer, int seq, int n_tokens,
+                                          const float *k, const float *v);
 /* The same from device buffers of the cache's context. */
-clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int layer, int seq, int n_tokens,
-                                    cl_mem k, cl_mem v);
+CLKVQ_API clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int layer, int seq, int n_tokens,
+                                              cl_mem k, cl_mem v);
 
 /* Tokens stored for seq in layer. */
-clkvq_status clkvq_cache_length(const clkvq_cache *cache, int layer, int seq, int *n_tokens);
+CLKVQ_API clkvq_status clkvq_cache_length(const clkvq_cache *cache, int layer, int seq,
+                                          int *n_tokens);
 
 /*
  * Keeps the first n_tokens of seq in every layer (0 clears it). Tokens that
  * the shorter sequence keeps in fp16 but that were quantized come back as
  * their dequantized values rounded to fp16.
  */
-clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens);
+CLKVQ_API clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens);
 
 /* Reads seq of layer back as fp32 [n_kv_heads][length][head_dim] in the
  * model's channel order: dequantized where quantized. k or v may be NULL. */
-clkvq_status clkvq_cache_read(clkvq_cache *cache, int layer, int seq, float *k, float *v);
+CLKVQ_API clkvq_status clkvq_cache_read(clkvq_cache *cache, int layer, int seq, float *k, float *v);
 
 /*
  * Decode attention for one layer: one query per sequence, q fp32
@@ -345,10 +370,10 @@ clkvq_status clkvq_cache_read(clkvq_cache *cache, int layer, int seq, float *k, 
  * softmax(scale * q.K^T) V over every token of each sequence; a sequence of
  * length 0 gets zeros. Scores come straight from the packed codes.
  */
-clkvq_status clkvq_cache_decode(clkvq_cache *cache, int layer, cl_mem q, cl_mem out,
-                                float scale);
-clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, const float *q, float *out,
-                                     float scale);
+CLKVQ_API clkvq_status clkvq_cache_decode(clkvq_cache *cache, int layer, cl_mem q, cl_mem out,
+                                          float scale);
+CLKVQ_API clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, const float *q,
+                                               float *out, float scale);
 
 /*
  * Multi-query decode (speculative decoding verifies several draft tokens
@@ -428,9 +453,9 @@ typedef struct {
 
 /* Overrides the decode tunables of this cache (NULL: back to defaults), as
  * CLBlast's OverrideParameters does. Validated against device limits. */
-clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning);
+CLKVQ_API clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning);
 /* The tunables decode uses now (defaults resolved). */
-clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning *out);
+CLKVQ_API clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning *out);
 
 /*
  * Causal prefill attention for the last n_queries tokens of seq (already
@@ -439,8 +464,9 @@ clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning 
  * 0..that position. GEMM-shaped: CLBlast batched GEMMs over the cache
  * dequantized to scratch.
  */
-clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq, int n_queries,
-                                      const float *q, float *out, float scale);
+CLKVQ_API clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq,
+                                                int n_queries, const float *q, float *out,
+                                                float scale);
 
 /*
  * The fp32 baseline: decode attention for one sequence through CLBlast
@@ -448,9 +474,9 @@ clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq, in
  * fp32 [n_kv_heads][n_tokens][head_dim], q and out [n_q_heads][head_dim],
  * all device buffers. Blocks; clkvq_last_device_ms covers its kernels.
  */
-clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads, int head_dim,
-                               int n_tokens, cl_mem k, cl_mem v, cl_mem q, cl_mem out,
-                               float scale);
+CLKVQ_API clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads,
+                                         int head_dim, int n_tokens, cl_mem k, cl_mem v, cl_mem q,
+                                         cl_mem out, float scale);
 
 /* ------------------------------------------------------------ autotuning */
 
@@ -499,13 +525,13 @@ typedef struct {
  * n_rejected, never kept), times it with profiling events (median after a
  * warm-up) and keeps the fastest. Nothing is written to disk.
  */
-clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape,
-                               const clkvq_tune_options *options, clkvq_tune_result *out);
+CLKVQ_API clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape,
+                                         const clkvq_tune_options *options, clkvq_tune_result *out);
 
 /* Merges results into <cache dir>/tuning/<device key>.json (locked, atomic).
  * path_out (may be NULL) gets the file's path. */
-clkvq_status clkvq_tuning_store(clkvq_context *ctx, const clkvq_tune_result *results, int n,
-                                char *path_out, size_t path_size);
+CLKVQ_API clkvq_status clkvq_tuning_store(clkvq_context *ctx, const clkvq_tune_result *results,
+                                          int n, char *path_out, size_t path_size);
 
 typedef enum {
     CLKVQ_TUNED_EXACT = 0, /* this device, this shape */
@@ -515,11 +541,11 @@ typedef enum {
 } clkvq_tuning_source;
 
 /* The lookup chain the library uses: never fails for lack of tuning. */
-clkvq_status clkvq_tuning_lookup(clkvq_context *ctx, const clkvq_tune_shape *shape,
-                                 clkvq_tune_params *out, clkvq_tuning_source *source);
+CLKVQ_API clkvq_status clkvq_tuning_lookup(clkvq_context *ctx, const clkvq_tune_shape *shape,
+                                           clkvq_tune_params *out, clkvq_tuning_source *source);
 
 /* Prints what is cached for ctx's device (and any problem with the file). */
-clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out);
+CLKVQ_API clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out);
 
 /* ------------------------------------------------------ precision configs */
 
@@ -544,48 +570,48 @@ typedef struct clkvq_precision_config clkvq_precision_config;
  * CLKVQ_ERR_IO (unreadable), CLKVQ_ERR_CORRUPT (not YAML, duplicate layer
  * key, missing layers, bits not in the format table, ...).
  */
-clkvq_status clkvq_config_load(clkvq_context *ctx, const char *path,
-                               const clkvq_layer_config *defaults,
-                               clkvq_precision_config **out);
+CLKVQ_API clkvq_status clkvq_config_load(clkvq_context *ctx, const char *path,
+                                         const clkvq_layer_config *defaults,
+                                         clkvq_precision_config **out);
 /* Parses YAML text already in memory (what fuzzers and tests feed). */
-clkvq_status clkvq_config_parse(clkvq_context *ctx, const char *text, size_t size,
-                                const clkvq_layer_config *defaults,
-                                clkvq_precision_config **out);
+CLKVQ_API clkvq_status clkvq_config_parse(clkvq_context *ctx, const char *text, size_t size,
+                                          const clkvq_layer_config *defaults,
+                                          clkvq_precision_config **out);
 /* Writes it back (atomic: temp file + rename); load(save(c)) == c. */
-clkvq_status clkvq_config_save(clkvq_context *ctx, const clkvq_precision_config *cfg,
-                               const char *path);
+CLKVQ_API clkvq_status clkvq_config_save(clkvq_context *ctx, const clkvq_precision_config *cfg,
+                                         const char *path);
 /* Builds one from layer configs (perms, [n_kv_heads][head_dim], copied).
  * model may be NULL; n_kv_heads/head_dim matter only when perms are given. */
-clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_layers,
-                                 const clkvq_layer_config *layers, int n_kv_heads, int head_dim,
-                                 clkvq_precision_config **out);
-void clkvq_config_free(clkvq_precision_config *cfg);
+CLKVQ_API clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_layers,
+                                           const clkvq_layer_config *layers, int n_kv_heads,
+                                           int head_dim, clkvq_precision_config **out);
+CLKVQ_API void clkvq_config_free(clkvq_precision_config *cfg);
 
-int clkvq_config_n_layers(const clkvq_precision_config *cfg);
-const char *clkvq_config_model(const clkvq_precision_config *cfg); /* "" if none */
+CLKVQ_API int clkvq_config_n_layers(const clkvq_precision_config *cfg);
+CLKVQ_API const char *clkvq_config_model(const clkvq_precision_config *cfg); /* "" if none */
 /* Layer l's settings; perm pointers stay owned by cfg. For a per-head
  * file, format_k/format_v are the widest of the layer's heads. */
-clkvq_status clkvq_config_layer(const clkvq_precision_config *cfg, int layer,
-                                clkvq_layer_config *out);
+CLKVQ_API clkvq_status clkvq_config_layer(const clkvq_precision_config *cfg, int layer,
+                                          clkvq_layer_config *out);
 /* Heads with their own bits in layer l (0 when the layer has one pair). */
-int clkvq_config_n_heads(const clkvq_precision_config *cfg, int layer);
-clkvq_status clkvq_config_head(const clkvq_precision_config *cfg, int layer, int head,
-                               clkvq_format *format_k, clkvq_format *format_v);
+CLKVQ_API int clkvq_config_n_heads(const clkvq_precision_config *cfg, int layer);
+CLKVQ_API clkvq_status clkvq_config_head(const clkvq_precision_config *cfg, int layer, int head,
+                                         clkvq_format *format_k, clkvq_format *format_v);
 /* KVTuner's average: sum over layers of (bits_k + bits_v) / (2 n_layers),
  * with 1.5 for ternary and scales/zeros not counted (per-head files
  * average over heads too). */
-double clkvq_config_average_bits(const clkvq_precision_config *cfg);
+CLKVQ_API double clkvq_config_average_bits(const clkvq_precision_config *cfg);
 /* CLKVQ_ERR_INVALID_ARG unless the config has exactly n_layers layers. */
-clkvq_status clkvq_config_check_model(clkvq_context *ctx, const clkvq_precision_config *cfg,
-                                      int n_layers);
+CLKVQ_API clkvq_status clkvq_config_check_model(clkvq_context *ctx,
+                                                const clkvq_precision_config *cfg, int n_layers);
 
 /* A cache whose layers follow cfg (n_layers from cfg). Per-head bits are
  * not supported by the kernels: CLKVQ_ERR_UNSUPPORTED. */
-clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
-                                            const clkvq_precision_config *cfg, int n_seqs,
-                                            int capacity, int n_kv_heads, int n_q_heads,
-                                            int head_dim, clkvq_layout layout_k,
-                                            clkvq_layout layout_v, clkvq_cache **out);
+CLKVQ_API clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
+                                                      const clkvq_precision_config *cfg, int n_seqs,
+                                                      int capacity, int n_kv_heads, int n_q_heads,
+                                                      int head_dim, clkvq_layout layout_k,
+                                                      clkvq_layout layout_v, clkvq_cache **out);
 
 /* ------------------------------------------------------ calibration dumps */
 
@@ -599,11 +625,11 @@ clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
  */
 typedef struct clkvq_kv_dump clkvq_kv_dump;
 
-clkvq_status clkvq_dump_open(clkvq_context *ctx, const char *path, clkvq_kv_dump **out);
+CLKVQ_API clkvq_status clkvq_dump_open(clkvq_context *ctx, const char *path, clkvq_kv_dump **out);
 /* The same over bytes in memory (not copied: keep them alive). */
-clkvq_status clkvq_dump_open_memory(clkvq_context *ctx, const void *data, size_t size,
-                                    clkvq_kv_dump **out);
-void clkvq_dump_close(clkvq_kv_dump *dump);
+CLKVQ_API clkvq_status clkvq_dump_open_memory(clkvq_context *ctx, const void *data, size_t size,
+                                              clkvq_kv_dump **out);
+CLKVQ_API void clkvq_dump_close(clkvq_kv_dump *dump);
 
 typedef struct {
     int n_layers;
@@ -611,18 +637,19 @@ typedef struct {
     char model[128]; /* from __metadata__, "" if none */
 } clkvq_dump_info;
 
-clkvq_status clkvq_dump_info_get(const clkvq_kv_dump *dump, clkvq_dump_info *out);
+CLKVQ_API clkvq_status clkvq_dump_info_get(const clkvq_kv_dump *dump, clkvq_dump_info *out);
 /* One tensor of a layer as fp32 (converted from F16/BF16): which = 'q',
  * 'k' or 'v'; out holds heads * n_tokens * head_dim floats. A tensor with
  * NaN/Inf is CLKVQ_ERR_NONFINITE naming the position (out is still filled). */
-clkvq_status clkvq_dump_read(const clkvq_kv_dump *dump, int layer, char which, float *out);
+CLKVQ_API clkvq_status clkvq_dump_read(const clkvq_kv_dump *dump, int layer, char which,
+                                       float *out);
 
 /* Writes a dump (F32, or F16 when as_f16) atomically. q, k, v point to
  * n_layers arrays each; info->model "" means none. NaN/Inf (and, for F16,
  * |x| > 65504) are refused with CLKVQ_ERR_NONFINITE. */
-clkvq_status clkvq_dump_write(clkvq_context *ctx, const char *path, const clkvq_dump_info *info,
-                              const float *const *q, const float *const *k,
-                              const float *const *v, int as_f16);
+CLKVQ_API clkvq_status clkvq_dump_write(clkvq_context *ctx, const char *path,
+                                        const clkvq_dump_info *info, const float *const *q,
+                                        const float *const *k, const float *const *v, int as_f16);
 
 /* ------------------------------------------------------ accuracy evaluation */
 
@@ -643,10 +670,10 @@ typedef struct {
  * [head_dim]) is decoded over the cache as it stands, against fp64
  * attention over the original K/V[0..p] (scale 1/sqrt(head_dim)).
  */
-clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg, int n_q_heads,
-                              int n_kv_heads, int n_tokens, int head_dim, const float *q,
-                              const float *k, const float *v, int n_queries,
-                              clkvq_eval_result *out);
+CLKVQ_API clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg,
+                                        int n_q_heads, int n_kv_heads, int n_tokens, int head_dim,
+                                        const float *q, const float *k, const float *v,
+                                        int n_queries, clkvq_eval_result *out);
 
 /* ------------------------------------------------- layer precision search */
 
@@ -689,20 +716,20 @@ typedef struct clkvq_search_result clkvq_search_result;
  * front of (average bits, total error). The search assumes the layers'
  * errors add up (each layer is measured with the others in full precision).
  */
-clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dump,
-                                    const clkvq_search_options *options,
-                                    clkvq_search_result **out);
-void clkvq_search_free(clkvq_search_result *res);
-int clkvq_search_front_size(const clkvq_search_result *res);
+CLKVQ_API clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dump,
+                                              const clkvq_search_options *options,
+                                              clkvq_search_result **out);
+CLKVQ_API void clkvq_search_free(clkvq_search_result *res);
+CLKVQ_API int clkvq_search_front_size(const clkvq_search_result *res);
 /* Front points ordered by increasing bits (and so decreasing error). */
-clkvq_status clkvq_search_front_point(const clkvq_search_result *res, int i,
-                                      clkvq_front_point *out);
+CLKVQ_API clkvq_status clkvq_search_front_point(const clkvq_search_result *res, int i,
+                                                clkvq_front_point *out);
 /* Layer l's measured error and bits/element for pair p (-1 if pruned). */
-double clkvq_search_layer_error(const clkvq_search_result *res, int layer, int pair);
+CLKVQ_API double clkvq_search_layer_error(const clkvq_search_result *res, int layer, int pair);
 /* The lowest-error front point whose average bits stay within budget, as a
  * config (with skvq permutations and clips when calibrated). */
-clkvq_status clkvq_search_config(clkvq_context *ctx, const clkvq_search_result *res,
-                                 double budget_bits, clkvq_precision_config **out);
+CLKVQ_API clkvq_status clkvq_search_config(clkvq_context *ctx, const clkvq_search_result *res,
+                                           double budget_bits, clkvq_precision_config **out);
 
 /* ------------------------------------------------------------ calibration */
 
@@ -714,18 +741,19 @@ clkvq_status clkvq_search_config(clkvq_context *ctx, const clkvq_search_result *
  * input channel at packed position c). A runtime may fold it into its
  * W_k/W_v rows instead of passing it to the kernels.
  */
-clkvq_status clkvq_calibrate_permutation(clkvq_context *ctx, const clkvq_shape *shape,
-                                         const float *x, int group_size, int32_t *perm_out);
+CLKVQ_API clkvq_status clkvq_calibrate_permutation(clkvq_context *ctx, const clkvq_shape *shape,
+                                                   const float *x, int group_size,
+                                                   int32_t *perm_out);
 
 /*
  * Grid search of the clip ratio alpha in [alpha_lo, alpha_hi] (step
  * alpha_step) minimizing the mean squared reconstruction error of x under
  * qp (qp->clip_alpha is ignored) and perm (NULL: identity). Host only.
  */
-clkvq_status clkvq_calibrate_clip(clkvq_context *ctx, const clkvq_quant_params *qp,
-                                  const clkvq_shape *shape, const float *x,
-                                  const int32_t *perm, float alpha_lo, float alpha_hi,
-                                  float alpha_step, float *best_alpha, double *best_mse);
+CLKVQ_API clkvq_status clkvq_calibrate_clip(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                            const clkvq_shape *shape, const float *x,
+                                            const int32_t *perm, float alpha_lo, float alpha_hi,
+                                            float alpha_step, float *best_alpha, double *best_mse);
 
 /* ------------------------------------------------------ synthetic KV data */
 
@@ -735,7 +763,7 @@ clkvq_status clkvq_calibrate_clip(clkvq_context *ctx, const clkvq_quant_params *
  * (sink) activation, per-token value scale variation. k and v are
  * [n_heads][n_tokens][head_dim]; either may be NULL.
  */
-clkvq_status clkvq_synth_kv(uint64_t seed, const clkvq_shape *shape, float *k, float *v);
+CLKVQ_API clkvq_status clkvq_synth_kv(uint64_t seed, const clkvq_shape *shape, float *k, float *v);
 
 #ifdef __cplusplus
 }

@@ -152,8 +152,6 @@ static const char *attn_options(const clkvq_cache *cache, const clkvq_cache_laye
     clkvq_defines_params(d, lc->param_type, lc->zero_mode);
     clkvq_defines_int(d, "LAYOUT_K", (int)layer->k.layout);
     clkvq_defines_int(d, "LAYOUT_V", (int)layer->v.layout);
-    if (cache->planted_bug)
-        clkvq_defines_int(d, "CLKVQ_PLANTED_BUG", 1);
     return clkvq_defines_get(cache->ctx, d);
 }
 

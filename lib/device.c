@@ -319,6 +319,7 @@ clkvq_status clkvq_context_wrap(clkvq_context **out, cl_context cl_ctx, cl_devic
 
 void clkvq_context_release(clkvq_context *ctx) {
     if (!ctx) return;
+    clkvq_blas_context_release(ctx);
     clkvq_program_cache_free(ctx);
     if (ctx->queue) clReleaseCommandQueue(ctx->queue);
     if (ctx->cl_ctx) clReleaseContext(ctx->cl_ctx);

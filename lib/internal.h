@@ -20,6 +20,7 @@ struct clkvq_context {
     int has_correct_div; /* CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT */
     struct clkvq_program_cache *programs;
     double last_device_ms; /* profiled kernel time of the last call, -1 if none */
+    int used_clblast;      /* a CLBlast routine ran on this context (prefill.c) */
     char last_error[CLKVQ_MSG_MAX];
 };
 
@@ -40,6 +41,10 @@ clkvq_status clkvq_check_buffer(clkvq_context *ctx, cl_mem buf, const char *what
 /* Device time (ms) of finished events, summed; -1 when the queue has no
  * profiling. */
 double clkvq_events_ms(const cl_event *events, int n);
+
+/* What clkvq_context_release must drop before the OpenCL objects: the
+ * programs CLBlast cached for the context (lib/prefill.c). */
+void clkvq_blas_context_release(clkvq_context *ctx);
 
 /* Clears the last message (at the start of a public call). */
 void clkvq_clear_error(clkvq_context *ctx);

@@ -67,7 +67,6 @@ struct clkvq_cache {
     cl_mem qsum_scratch;    /* their per-group sums */
     size_t qsum_scratch_bytes;
     clkvq_attn_tuning tuning; /* 0 fields: defaults */
-    int planted_bug;        /* tests only: kernels built to give wrong output */
     clkvq_tune_params *tuned; /* per layer, from the tuning lookup (lazy) */
     int *host_len;          /* staging for seq_len uploads */
 };

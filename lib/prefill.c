@@ -12,6 +12,9 @@
 #include "kernel_args.h"
 #include "kv_cache.h"
 #include "program_cache.h"
+#ifdef CLKVQ_TESTING
+#include "test_hooks.h"
+#endif
 
 #include <clblast_c.h>
 
@@ -24,12 +27,34 @@
 #define SOFTMAX_LOCAL_MAX 64
 /* Most bytes of prefill scores (one query chunk) held at once: bounds the
  * scratch for long prompts; the queries are processed in chunks under it.
- * Not static and not in a header: tests/test_prefill.c lowers it (extern)
- * to exercise the chunking on small shapes. */
-extern size_t clkvq_prefill_score_budget;
-size_t clkvq_prefill_score_budget = (size_t)256 << 20;
+ * The test library makes it a variable that tests lower (test_hooks.h). */
+#define SCORE_BUDGET_DEFAULT ((size_t)256 << 20)
+#ifdef CLKVQ_TESTING
+size_t clkvq_prefill_score_budget = SCORE_BUDGET_DEFAULT;
+#define SCORE_BUDGET clkvq_prefill_score_budget
+#else
+#define SCORE_BUDGET SCORE_BUDGET_DEFAULT
+#endif
 
 static const char *const g_softmax_sources[] = {"softmax.cl"};
+
+/*
+ * CLBlast keeps the programs it builds, per (cl_context, device), in one
+ * process-wide cache that retains them, and through them the cl_context,
+ * until CLBlastClearCache() or the process exits. Left there, a released
+ * context stays alive to the end, and its programs are released by
+ * CLBlast's static destructor, when the OpenCL implementation may already
+ * be torn down (Oclgrind aborts there, "corrupted double-linked list").
+ * CLBlast's API can only evict everything, so a context that ran CLBlast
+ * clears the whole cache when it is released: another CLBlast user in the
+ * process rebuilds its programs on next use, which is correct, only slower.
+ */
+void clkvq_blas_context_release(clkvq_context *ctx)
+{
+    if (ctx->used_clblast)
+        CLBlastClearCache();
+    ctx->used_clblast = 0;
+}
 
 /* ------------------------------------------------------------ helpers */
 
@@ -323,6 +348,7 @@ clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads
     const size_t hd = (size_t)head_dim, n = (size_t)n_tokens;
     cl_command_queue queue = ctx->queue;
     char what[128];
+    ctx->used_clblast = 1; /* see clkvq_blas_context_release */
     if ((st = zero_fill(ctx, &events, scores, s_elems * sizeof(float), "zeroing scores")) ==
         CLKVQ_OK)
         st = zero_fill(ctx, &events, out, q_elems * sizeof(float), "zeroing out");
@@ -443,6 +469,7 @@ static clkvq_status prefill_chunk(clkvq_context *ctx, const prefill_job *job,
         return st;
 
     /* S = scale * Q_group K^T per kv head */
+    ctx->used_clblast = 1; /* see clkvq_blas_context_release */
     CLBlastStatusCode s = CLBlastSgemmStridedBatched(
         CLBlastLayoutRowMajor, CLBlastTransposeNo, CLBlastTransposeYes, rows, n_cols, hd,
         job->scale, sc->q, 0, hd, rows * hd, sc->k, 0, hd, n * hd, 0.0f, sc->s, 0, n_cols,
@@ -536,8 +563,7 @@ clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq, in
                           kv_elems, max_alloc);
     /* queries per chunk: the scores of a chunk ([H][chunk][<= n]) stay
      * under the budget and CLBlast's int indexing */
-    size_t budget = clkvq_prefill_score_budget < max_alloc ? clkvq_prefill_score_budget
-                                                            : max_alloc;
+    size_t budget = SCORE_BUDGET < max_alloc ? SCORE_BUDGET : max_alloc;
     size_t per_query = H * (size_t)n; /* score floats of one query over all heads */
     size_t chunk = budget / sizeof(float) / per_query;
     if (chunk > (size_t)INT_MAX / per_query)

@@ -51,7 +51,9 @@ void clkvq_ref_group_params(const clkvq_quant_params *qp, const float *values, i
         zero = clkvq_param_round(qp->param_type, lo);
     } else {
         zero = rintf(-lo / scale);
-        zero = fminf(fmaxf(zero, 0.0f), (float)(levels - 1));
+        /* rintf(-0.4f) is -0: clamp with a select, which gives +0 whatever
+         * fmax does with signed zeros (the kernels do the same) */
+        zero = zero > 0.0f ? fminf(zero, (float)(levels - 1)) : 0.0f;
     }
     size_t half = clkvq_param_bytes(qp->param_type) / 2;
     encode_param(qp->param_type, scale, param_out);

@@ -24,6 +24,9 @@
 
 #include "attn_fit.h"
 #include "program_cache.h"
+#ifdef CLKVQ_TESTING
+#include "test_hooks.h"
+#endif
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -46,12 +49,6 @@ typedef struct {
 } clkvq_embedded_tuning_file;
 extern const clkvq_embedded_tuning_file clkvq_embedded_tuning[];
 
-/* Tests only, not thread-safe: replaces the embedded shipped results with n
- * (name, text) pairs, so the VENDOR level can be tested without shipping a
- * file for the test machine; n < 0 restores the embedded table. The arrays
- * must outlive their use. */
-void clkvq_tuning_set_shipped(const char *const *names, const char *const *texts, int n);
-
 #define FORMAT_VERSION 1
 #define PATH_BUF 4096
 #define WHY_MAX 1024
@@ -64,16 +61,20 @@ void clkvq_tuning_set_shipped(const char *const *names, const char *const *texts
 #define MISMATCH 1000.0
 #define NEAR_MAX 1000.0
 
+/* Shipped results that replace the embedded ones: set only by a test hook
+ * (test_hooks.h) of the test library; in the shipped library n stays -1. */
 static const char *const *g_override_names;
 static const char *const *g_override_texts;
 static int g_override_n = -1;
 
+#ifdef CLKVQ_TESTING
 void clkvq_tuning_set_shipped(const char *const *names, const char *const *texts, int n)
 {
     g_override_names = names;
     g_override_texts = texts;
     g_override_n = n;
 }
+#endif
 
 /* ------------------------------------------------------------ names */
 

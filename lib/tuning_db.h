@@ -47,8 +47,4 @@ double clkvq_tuning_shape_distance(const clkvq_tune_shape *a, const clkvq_tune_s
  * place attention.c, the tuner and the lookup take them from. */
 clkvq_tune_params clkvq_tuning_builtin(const clkvq_context *ctx);
 
-/* Tests only, not thread-safe: replaces the embedded shipped results with n
- * (name, text) pairs; n < 0 restores the embedded table. */
-void clkvq_tuning_set_shipped(const char *const *names, const char *const *texts, int n);
-
 #endif

@@ -1,6 +1,6 @@
 /* The autotuner: verification rejects wrong candidates, results round-trip
  * through the tuning file, and the library then uses what was tuned. */
-#include "autotune.h"
+#include "test_hooks.h"
 #include "test_util.h"
 
 #include <math.h>
@@ -48,15 +48,18 @@ static clkvq_cache *cache_for_shape(const clkvq_tune_shape *sh, clkvq_layout lay
     return cache;
 }
 
+/* The tuner's verification on a candidate known to be wrong: a copy of the
+ * default whose output is scaled by 1.01 between read-back and check (a
+ * test hook of the static library). It must be rejected and never win. */
 START_TEST(planted_wrong_candidate_is_rejected)
 {
     fresh_cache_dir();
     clkvq_tune_shape sh = small_shape();
     clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL};
     clkvq_tune_result res;
-    clkvq_tune_plant_bug_for_tests = 1;
+    clkvq_tune_perturb_for_tests = 1;
     clkvq_status st = clkvq_tune_decode(test_ctx(), &sh, &opt, &res);
-    clkvq_tune_plant_bug_for_tests = 0;
+    clkvq_tune_perturb_for_tests = 0;
     ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(test_ctx()));
     ck_assert_int_eq(res.n_rejected, 1);
     ck_assert_int_ge(res.n_candidates, 2);

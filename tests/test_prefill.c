@@ -2,15 +2,12 @@
  * clkvq_gemv_decode (fp32 decode baseline) and clkvq_cache_prefill_host
  * (causal prefill over the cache), plus their argument checks. */
 #include "reference.h"
+#include "test_hooks.h"
 #include "test_util.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* lib/prefill.c: bytes of scores one prefill chunk may hold (lowered here
- * to exercise the query chunking on small shapes). */
-extern size_t clkvq_prefill_score_budget;
 
 /* ------------------------------------------------------------ reference */
 

@@ -1,6 +1,7 @@
 /* The tuning database (lib/tuning_db.c): the file format's parser and
  * writer, merge-on-store under concurrent writers, the lookup chain and
  * what clkvq_tuning_show reports. Each test has its own cache directory. */
+#include "test_hooks.h"
 #include "test_util.h"
 #include "tuning_db.h"
 
@@ -13,9 +14,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-/* lib/tuning_db.c, tests only (see there) */
-void clkvq_tuning_set_shipped(const char *const *names, const char *const *texts, int n);
 
 /* the build's embedded results/tuning/ files (cmake/embed_tuning.cmake) */
 typedef struct {
@@ -632,7 +630,7 @@ START_TEST(concurrent_stores_keep_every_entry)
         ck_assert_int_ge(pids[c], 0);
         if (pids[c] == 0) {
             /* the child touches no OpenCL: store reads ctx->info only.
-             * _exit skips the parent's atexit context release. */
+             * _exit: nothing of the parent is torn down twice. */
             int bad = 0;
             for (int i = 0; i < ROUNDS && !bad; i++) {
                 clkvq_tune_shape s = base_shape();

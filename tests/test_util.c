@@ -1,12 +1,12 @@
 #include "test_util.h"
 
+#include "reference.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 static clkvq_context *g_ctx;
-
-static void release_ctx(void) { clkvq_context_release(g_ctx); }
 
 clkvq_context *test_ctx(void)
 {
@@ -17,7 +17,6 @@ clkvq_context *test_ctx(void)
                     clkvq_last_error(NULL));
             exit(1);
         }
-        atexit(release_ctx);
     }
     return g_ctx;
 }
@@ -65,6 +64,13 @@ int32_t *test_random_perm(uint64_t seed, int n_heads, int head_dim)
     return perm;
 }
 
+void test_attention_reference(const float *q, const float *k, const float *v, int n, int n_q,
+                              int qpk, int d, float scale, double *out)
+{
+    clkvq_ref_attn_shape rs = {n_q, n_q / qpk, d, n, (size_t)n * d, 1, (size_t)d, scale};
+    clkvq_ref_attention(&rs, q, k, v, out);
+}
+
 int test_run_suite(Suite *suite)
 {
     SRunner *runner = srunner_create(suite);
@@ -72,5 +78,11 @@ int test_run_suite(Suite *suite)
     srunner_run_all(runner, CK_NORMAL);
     int failed = srunner_ntests_failed(runner);
     srunner_free(runner);
+    /* Released here, not from an atexit handler: exit handlers registered
+     * after ours (the OpenCL implementation's lazily created statics; e.g.
+     * the LLVM state of Oclgrind's programs) would run first, and releasing
+     * programs after them aborts ("free(): corrupted unsorted chunks"). */
+    clkvq_context_release(g_ctx);
+    g_ctx = NULL;
     return failed == 0 ? 0 : 1;
 }

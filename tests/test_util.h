@@ -8,7 +8,8 @@
 #include <stdint.h>
 
 /* The process-wide context on the default device (created once; the
- * suites run with CK_FORK=no semantics for it, see test_main). */
+ * suites run with CK_FORK=no semantics for it; test_run_suite releases
+ * it). */
 clkvq_context *test_ctx(void);
 
 /* xorshift64* in [0,1) and a standard normal, for reproducible data. */
@@ -20,8 +21,14 @@ void test_fill_normal(uint64_t seed, float *x, size_t n, float sigma);
  * [n_heads][head_dim]). */
 int32_t *test_random_perm(uint64_t seed, int n_heads, int head_dim);
 
-/* Runs a suite without forking (one OpenCL context per process) and
- * returns the process exit code. */
+/* softmax(scale q.K^T) V in double for one sequence: q [n_q][d], k and v
+ * [n_q / qpk][n][d] (query head h reads kv head h / qpk), out [n_q][d];
+ * zeros when n is 0. */
+void test_attention_reference(const float *q, const float *k, const float *v, int n, int n_q,
+                              int qpk, int d, float scale, double *out);
+
+/* Runs a suite without forking (one OpenCL context per process), releases
+ * the context and returns the process exit code. */
 int test_run_suite(Suite *suite);
 
 #endif
