@@ -384,8 +384,8 @@ CLKVQ_API clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, co
  * for the queries that see no token). The same split-K kernels serve every
  * query in one launch.
  */
-clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int layer, int n_queries, cl_mem q,
-                                      cl_mem out, float scale);
+CLKVQ_API clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int layer, int n_queries,
+                                                cl_mem q, cl_mem out, float scale);
 
 /* ---------------------------------------------------------------- pages */
 
@@ -398,11 +398,12 @@ clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int layer, int n_queri
  * and lengths are (the runtime shares its pages and copies them with
  * clkvq_cache_copy_blocks before writing).
  */
-clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq_dst);
+CLKVQ_API clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq_dst);
 
 /* Runtime tables: copies the contents of pages src[i] to dst[i] in every
  * layer (K and V), the copy-on-write step of the runtime's manager. */
-clkvq_status clkvq_cache_copy_blocks(clkvq_cache *cache, const int *src, const int *dst, int n);
+CLKVQ_API clkvq_status clkvq_cache_copy_blocks(clkvq_cache *cache, const int *src,
+                                               const int *dst, int n);
 
 typedef struct {
     int block_size;            /* tokens per page */
@@ -415,7 +416,8 @@ typedef struct {
 
 /* The page pool of one layer (library-managed tables; with runtime tables
  * used/free/shared are unknown to the library and reported as -1). */
-clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int layer, clkvq_pool_stats *out);
+CLKVQ_API clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int layer,
+                                              clkvq_pool_stats *out);
 
 /*
  * The runtime's own block manager (runtime_tables): as clkvq_cache_append_mem
@@ -426,11 +428,12 @@ clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int layer, clkvq_p
  * decode masks tokens whose page id is outside the pool rather than read
  * out of bounds.
  */
-clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int layer, int seq, int n_tokens,
-                                      cl_mem k, cl_mem v, cl_mem block_table, int max_blocks);
-clkvq_status clkvq_cache_decode_paged(clkvq_cache *cache, int layer, int n_queries, cl_mem q,
-                                      cl_mem out, float scale, cl_mem block_table,
-                                      int max_blocks);
+CLKVQ_API clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int layer, int seq,
+                                                int n_tokens, cl_mem k, cl_mem v,
+                                                cl_mem block_table, int max_blocks);
+CLKVQ_API clkvq_status clkvq_cache_decode_paged(clkvq_cache *cache, int layer, int n_queries,
+                                                cl_mem q, cl_mem out, float scale,
+                                                cl_mem block_table, int max_blocks);
 
 /* Tunables of the fused decode kernels (compile-time defines). 0 in a
  * field means "the default for this device" (the tuning database, else
