@@ -518,6 +518,11 @@ typedef struct {
     /* called after each candidate (may be NULL) */
     void (*progress)(void *user, int done, int total, const char *what);
     void *user;
+    /* NULL: the scheme's defaults (clkvq_layer_config_default). Else the layer
+     * settings to time with (residual, window, sinks, parameter storage, zero
+     * mode): those of the config's layers the result is for. Its scheme,
+     * formats and group size must be the shape's; perms are not used. */
+    const clkvq_layer_config *layer;
 } clkvq_tune_options;
 
 /*
@@ -540,7 +545,8 @@ typedef enum {
     CLKVQ_TUNED_EXACT = 0, /* this device, this shape */
     CLKVQ_TUNED_NEAREST,   /* this device, the nearest tuned shape */
     CLKVQ_TUNED_VENDOR,    /* shipped results for this vendor and device type */
-    CLKVQ_TUNED_BUILTIN    /* nothing tuned: built-in defaults */
+    CLKVQ_TUNED_BUILTIN,   /* nothing tuned: built-in defaults */
+    CLKVQ_TUNED_CALLER     /* clkvq_cache_set_tuning overrides (some of) the tunables */
 } clkvq_tuning_source;
 
 /* The lookup chain the library uses: never fails for lack of tuning. */
@@ -549,6 +555,57 @@ CLKVQ_API clkvq_status clkvq_tuning_lookup(clkvq_context *ctx, const clkvq_tune_
 
 /* Prints what is cached for ctx's device (and any problem with the file). */
 CLKVQ_API clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out);
+
+/* "exact", "nearest", "vendor", "builtin", "caller" */
+CLKVQ_API const char *clkvq_tuning_source_name(clkvq_tuning_source source);
+
+/*
+ * Where the decode tunables of one layer of a cache come from, as the cache
+ * uses them: the lookup chain's level for the layer's shape (scheme,
+ * formats, group, head_dim, heads, capacity as tokens, n_seqs as batch),
+ * CLKVQ_TUNED_BUILTIN when the cache's layouts cannot take what was found
+ * (the serial variant needs group-planar layouts), CLKVQ_TUNED_CALLER under
+ * clkvq_cache_set_tuning. The tuning file is read again; if it changed since
+ * the cache was created so that the lookup now gives other parameters than
+ * the layer took, the source cannot be told: CLKVQ_ERR_UNSUPPORTED.
+ */
+CLKVQ_API clkvq_status clkvq_cache_tuning_source(const clkvq_cache *cache, int layer,
+                                                 clkvq_tuning_source *out);
+
+/* ------------------------------------------------------------ models */
+
+/*
+ * The shape of a model's KV cache: what a cache, a tuning shape and a
+ * precision config must agree on.
+ */
+typedef struct {
+    int n_layers;
+    int n_q_heads;
+    int n_kv_heads; /* n_q_heads is a multiple of it (GQA; MHA when equal) */
+    int head_dim;
+} clkvq_model_geometry;
+
+/*
+ * A table of common models (Llama-3.x, Mistral-7B, Qwen2.5, Phi-3-mini,
+ * Gemma-2, all-MiniLM-L6-v2), from their published config.json files.
+ * Names are matched without case, without an organisation prefix
+ * ("meta-llama/"), and with "-Instruct" / "-it" / "-chat" dropped, so a
+ * Hugging Face id ("meta-llama/Llama-3.1-8B-Instruct") and KVTuner's file
+ * names ("Meta-Llama-3.1-8B-Instruct") find their row. An unknown name is
+ * CLKVQ_ERR_INVALID_ARG, and the message (clkvq_last_error(NULL)) lists the
+ * known names.
+ */
+CLKVQ_API clkvq_status clkvq_model_lookup(const char *name, clkvq_model_geometry *out);
+/* The table's own name for name ("llama-3.1-8b"), or NULL if unknown. */
+CLKVQ_API const char *clkvq_model_canonical(const char *name);
+/* The table's rows, in order: count, and the name of row i (NULL outside). */
+CLKVQ_API int clkvq_model_count(void);
+CLKVQ_API const char *clkvq_model_name(int index);
+/* Any other model, written out: "q32:kv8:d128:l32" (query heads, kv heads,
+ * head_dim, layers; every part once, in any order). Errors name the part. */
+CLKVQ_API clkvq_status clkvq_model_parse(const char *text, clkvq_model_geometry *out);
+/* The same text for g, snprintf's way (the length it needs). */
+CLKVQ_API int clkvq_model_format(const clkvq_model_geometry *g, char *buf, size_t size);
 
 /* ------------------------------------------------------ precision configs */
 
@@ -562,7 +619,10 @@ CLKVQ_API clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out);
  * residual, param_type (fp16|fp8), zero_mode (float|int), perm_k and perm_v
  * (one sequence of head_dim ints per kv head). A per-head file nests
  * head -> {nbits_key, nbits_value} under each layer. Optional top-level
- * string keys: `model`, and any layer field as a default for all layers.
+ * string keys: `model`; the model's geometry, `n_q_heads`, `n_kv_heads` and
+ * `head_dim` (all three or none; the layer count is the file's), checked
+ * against the layers (per-head counts, perms, group sizes) at load; and any
+ * layer field as a default for all layers.
  */
 typedef struct clkvq_precision_config clkvq_precision_config;
 
@@ -609,12 +669,104 @@ CLKVQ_API clkvq_status clkvq_config_check_model(clkvq_context *ctx,
                                                 const clkvq_precision_config *cfg, int n_layers);
 
 /* A cache whose layers follow cfg (n_layers from cfg). Per-head bits are
- * not supported by the kernels: CLKVQ_ERR_UNSUPPORTED. */
+ * not supported by the kernels: CLKVQ_ERR_UNSUPPORTED. A config that
+ * carries its geometry refuses other heads or head_dim (INVALID_ARG). */
 CLKVQ_API clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
                                                       const clkvq_precision_config *cfg, int n_seqs,
                                                       int capacity, int n_kv_heads, int n_q_heads,
                                                       int head_dim, clkvq_layout layout_k,
                                                       clkvq_layout layout_v, clkvq_cache **out);
+
+/* 1 and *out filled when cfg carries its model's geometry (from its file or
+ * clkvq_config_set_geometry; n_layers is the config's), else 0. */
+CLKVQ_API int clkvq_config_geometry(const clkvq_precision_config *cfg, clkvq_model_geometry *out);
+/*
+ * CLKVQ_OK when cfg fits a model of geometry g, else CLKVQ_ERR_INVALID_ARG
+ * naming the first mismatch: the layer count, the geometry cfg carries
+ * (heads, head_dim), a per-head layer's head count, the perms' shape, a
+ * group size that does not divide head_dim.
+ */
+CLKVQ_API clkvq_status clkvq_config_check_geometry(clkvq_context *ctx,
+                                                   const clkvq_precision_config *cfg,
+                                                   const clkvq_model_geometry *g);
+/* Checks (as above), then records g in cfg: saved with it from now on. */
+CLKVQ_API clkvq_status clkvq_config_set_geometry(clkvq_context *ctx, clkvq_precision_config *cfg,
+                                                 const clkvq_model_geometry *g);
+
+/*
+ * The distinct decode shapes of cfg's layers on a model of geometry g, for
+ * a cache of `tokens` capacity and `batch` sequences: exactly the shapes a
+ * cache created from cfg looks up, one per distinct (scheme, formats, group
+ * size). n_out gets their count (CLKVQ_ERR_BUFFER_TOO_SMALL when above max,
+ * with n_out set); layer_shape (may be NULL, n_layers entries) the index of
+ * each layer's shape; first_layer (may be NULL, max entries) the first layer
+ * that uses each. A per-head layer whose heads differ: CLKVQ_ERR_UNSUPPORTED
+ * (as at cache creation).
+ */
+CLKVQ_API clkvq_status clkvq_config_tune_shapes(clkvq_context *ctx,
+                                                const clkvq_precision_config *cfg,
+                                                const clkvq_model_geometry *g, int tokens,
+                                                int batch, clkvq_tune_shape *out, int max,
+                                                int *n_out, int *layer_shape, int *first_layer);
+
+/* -------------------------------------------- configs per model, presets */
+
+/*
+ * Loads a config file to run on one model. Geometry: g, else the file's own,
+ * else its `model` field's, else (KVTuner preset names) the model named in
+ * the file name, from the model table; none of these: CLKVQ_ERR_INVALID_ARG.
+ * KVTuner's presets, <model>_<kivi|pertoken>_KVTuner<bits>_<i>.yaml, load
+ * with the settings they were searched under unless defaults are given:
+ * kivi keys per channel in groups of 32 with a residual of 32 recent tokens
+ * (scheme kivi, group_size 32, residual 32), pertoken one group per head
+ * (scheme token, group_size head_dim); other files with defaults (NULL:
+ * the token scheme's). The geometry is checked (clkvq_config_check_geometry)
+ * and recorded, and the model's table name when the file names none.
+ */
+CLKVQ_API clkvq_status clkvq_config_load_for_model(clkvq_context *ctx, const char *path,
+                                                   const clkvq_layer_config *defaults,
+                                                   const clkvq_model_geometry *g,
+                                                   clkvq_precision_config **out);
+
+/*
+ * Stores cfg as model's config, <cache dir>/configs/<model>.yaml, beside the
+ * tuning results (<cache dir>/tuning/). <model> is the model table's name
+ * when model is in it, else model lower-cased with anything but letters,
+ * digits, '.', '-' and '_' made '-' (an organisation prefix dropped).
+ * model NULL: cfg's own. cfg must carry its geometry or name a model of the
+ * table (whose geometry is then checked and recorded in the file); the file
+ * names model. path_out (may be NULL) gets the path.
+ */
+CLKVQ_API clkvq_status clkvq_config_store(clkvq_context *ctx, const clkvq_precision_config *cfg,
+                                          const char *model, char *path_out, size_t path_size);
+
+/*
+ * model's config: the stored one (clkvq_config_store), else the shipped
+ * KVTuner preset that is its default (docs: kivi mode, 4-bit limit, the
+ * front point with more average bits), with its geometry recorded.
+ * origin (may be NULL) gets the stored file's path or "shipped:<preset
+ * file name>". Unknown model with nothing stored: CLKVQ_ERR_INVALID_ARG
+ * listing the known models; known but nothing stored or shipped:
+ * CLKVQ_ERR_IO naming where it was looked for.
+ */
+CLKVQ_API clkvq_status clkvq_config_for_model(clkvq_context *ctx, const char *model,
+                                              clkvq_precision_config **out, char *origin,
+                                              size_t origin_size);
+
+/*
+ * A model's cache in one call: the config of clkvq_config_for_model, its
+ * geometry, and tuned parameters per layer from this device's tuning
+ * results (with the usual fallbacks; clkvq_cache_tuning_source tells which).
+ */
+CLKVQ_API clkvq_status clkvq_cache_create_for_model(clkvq_context *ctx, const char *model,
+                                                    int n_seqs, int capacity,
+                                                    clkvq_layout layout_k, clkvq_layout layout_v,
+                                                    clkvq_cache **out);
+
+/* Prints the stored configs and, per config, its layer settings, the
+ * layers using each, and at which (tokens, batch) each is tuned on ctx's
+ * device; then the shipped default per model. */
+CLKVQ_API clkvq_status clkvq_config_show(clkvq_context *ctx, FILE *out);
 
 /* ------------------------------------------------------ calibration dumps */
 

@@ -114,6 +114,7 @@ static int same_params(const clkvq_tune_params *a, const clkvq_tune_params *b)
 typedef struct {
     clkvq_context *ctx;
     clkvq_tune_shape shape;
+    clkvq_layer_config layer;  /* the cache's settings: the caller's or the scheme's */
     clkvq_cache *caches[2][2]; /* [layout_k][layout_v], made on demand */
     float *q;                  /* [batch][n_q][head_dim] */
     double *ref;               /* reference output, same shape */
@@ -126,13 +127,7 @@ static clkvq_status make_cache(tune_state *ts, clkvq_layout lk, clkvq_layout lv,
                                clkvq_cache **out)
 {
     const clkvq_tune_shape *sh = &ts->shape;
-    clkvq_layer_config lc = clkvq_layer_config_default(sh->scheme);
-    lc.format_k = sh->format_k;
-    lc.format_v = sh->format_v;
-    if (sh->scheme != CLKVQ_SCHEME_FP16)
-        lc.group_size = sh->group_size;
-    if (sh->scheme == CLKVQ_SCHEME_KIVI)
-        lc.residual = sh->group_size * ((128 + sh->group_size - 1) / sh->group_size);
+    clkvq_layer_config lc = ts->layer;
     clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = sh->batch, .capacity = sh->tokens,
                               .n_kv_heads = sh->n_kv_heads, .n_q_heads = sh->n_q_heads,
                               .head_dim = sh->head_dim, .layout_k = lk, .layout_v = lv,
@@ -289,6 +284,24 @@ static clkvq_status validate_shape(clkvq_context *ctx, const clkvq_tune_shape *s
     return CLKVQ_OK;
 }
 
+/* options->layer must be the layer the shape describes (fp16 packs
+ * nothing: its formats and group do not matter). */
+static clkvq_status validate_layer(clkvq_context *ctx, const clkvq_tune_shape *sh,
+                                   const clkvq_layer_config *lc)
+{
+    if (!lc || (lc->scheme == sh->scheme &&
+                (sh->scheme == CLKVQ_SCHEME_FP16 ||
+                 (lc->format_k == sh->format_k && lc->format_v == sh->format_v &&
+                  lc->group_size == sh->group_size))))
+        return CLKVQ_OK;
+    return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                      "clkvq_tune_decode: options->layer (scheme %s, formats %d/%d, group %d) is "
+                      "not the shape's (scheme %s, formats %d/%d, group %d)",
+                      clkvq_scheme_name(lc->scheme), (int)lc->format_k, (int)lc->format_v,
+                      lc->group_size, clkvq_scheme_name(sh->scheme), (int)sh->format_k,
+                      (int)sh->format_v, sh->group_size);
+}
+
 static void release_state(tune_state *ts)
 {
     for (int i = 0; i < 2; i++)
@@ -303,12 +316,33 @@ static void release_state(tune_state *ts)
     free(ts->out);
 }
 
-static clkvq_status init_state(clkvq_context *ctx, const clkvq_tune_shape *shape, int reps,
-                               tune_state *ts)
+/* The layer settings the candidates' caches get: the caller's (perms
+ * dropped), else the scheme's defaults with the shape's formats and group. */
+static clkvq_layer_config tuned_layer(const clkvq_tune_shape *sh, const clkvq_layer_config *given)
+{
+    clkvq_layer_config lc;
+    if (given) {
+        lc = *given;
+        lc.perm_k = lc.perm_v = NULL;
+        return lc;
+    }
+    lc = clkvq_layer_config_default(sh->scheme);
+    lc.format_k = sh->format_k;
+    lc.format_v = sh->format_v;
+    if (sh->scheme != CLKVQ_SCHEME_FP16)
+        lc.group_size = sh->group_size;
+    if (sh->scheme == CLKVQ_SCHEME_KIVI)
+        lc.residual = sh->group_size * ((128 + sh->group_size - 1) / sh->group_size);
+    return lc;
+}
+
+static clkvq_status init_state(clkvq_context *ctx, const clkvq_tune_shape *shape,
+                               const clkvq_layer_config *layer, int reps, tune_state *ts)
 {
     memset(ts, 0, sizeof *ts);
     ts->ctx = ctx;
     ts->shape = *shape;
+    ts->layer = tuned_layer(shape, layer);
     ts->reps = reps > 0 ? reps : 5;
     size_t n = (size_t)shape->batch * shape->n_q_heads * shape->head_dim;
     ts->q = malloc(n * sizeof(float));
@@ -368,6 +402,8 @@ clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape
     if (options)
         opt = *options;
     clkvq_status st = validate_shape(ctx, shape);
+    if (st == CLKVQ_OK)
+        st = validate_layer(ctx, shape, opt.layer);
     if (st != CLKVQ_OK)
         return st;
     memset(out, 0, sizeof *out);
@@ -396,7 +432,7 @@ clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape
         shuffle(set, 1, opt.seed ? opt.seed : 12345);
 
     tune_state ts;
-    st = init_state(ctx, shape, opt.reps, &ts);
+    st = init_state(ctx, shape, opt.layer, opt.reps, &ts);
     clkvq_cache *first = NULL;
     if (st == CLKVQ_OK)
         st = cache_for(&ts, set->c[0].p.layout_k, set->c[0].p.layout_v, &first);

@@ -962,6 +962,26 @@ clkvq_status clkvq_tuning_lookup(clkvq_context *ctx, const clkvq_tune_shape *sha
     return CLKVQ_OK;
 }
 
+int clkvq_tuning_device_entries(clkvq_context *ctx, clkvq_tune_result **entries, int *n)
+{
+    char path[PATH_BUF], why[WHY_MAX];
+    *entries = NULL;
+    *n = 0;
+    if (device_file_path(ctx, path, sizeof path) != CLKVQ_OK) {
+        clkvq_clear_error(ctx);
+        return 0;
+    }
+    return load_device_file(ctx, path, entries, n, why, sizeof why) == FILE_OK;
+}
+
+const char *clkvq_tuning_source_name(clkvq_tuning_source source)
+{
+    static const char *const names[] = {"exact", "nearest", "vendor", "builtin", "caller"};
+    return (int)source >= 0 && (int)source < (int)(sizeof names / sizeof names[0])
+               ? names[source]
+               : "?";
+}
+
 /* ------------------------------------------------------------ show */
 
 static void print_params(FILE *out, const clkvq_tune_params *p)

@@ -47,4 +47,8 @@ double clkvq_tuning_shape_distance(const clkvq_tune_shape *a, const clkvq_tune_s
  * place attention.c, the tuner and the lookup take them from. */
 clkvq_tune_params clkvq_tuning_builtin(const clkvq_context *ctx);
 
+/* This device's entries (free() them): 0 and n 0 when there is no file or
+ * it is not trusted (the lookup ignores it too), 1 when read. */
+int clkvq_tuning_device_entries(clkvq_context *ctx, clkvq_tune_result **entries, int *n);
+
 #endif

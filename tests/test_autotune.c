@@ -55,7 +55,7 @@ START_TEST(planted_wrong_candidate_is_rejected)
 {
     fresh_cache_dir();
     clkvq_tune_shape sh = small_shape();
-    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL};
+    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL, NULL};
     clkvq_tune_result res;
     clkvq_tune_perturb_for_tests = 1;
     clkvq_status st = clkvq_tune_decode(test_ctx(), &sh, &opt, &res);
@@ -74,7 +74,7 @@ START_TEST(tuned_result_is_what_the_library_uses)
     fresh_cache_dir();
     clkvq_context *ctx = test_ctx();
     clkvq_tune_shape sh = small_shape();
-    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL};
+    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL, NULL};
     clkvq_tune_result res;
     ck_assert_int_eq(clkvq_tune_decode(ctx, &sh, &opt, &res), CLKVQ_OK);
     ck_assert_int_eq(res.n_rejected, 0);
