@@ -257,7 +257,8 @@ static void precision_usage(FILE *out)
             "k-means clustering of layers; an exact multiple-choice knapsack for the Pareto\n"
             "front of (average bits, total error). Prints the front and writes the lowest-\n"
             "error config whose average bits (KVTuner's count: (k+v)/2, params excluded)\n"
-            "fit the budget. Assumes the layers' errors add up.\n\n"
+            "fit the budget. Assumes the layers' errors add up. The config carries the\n"
+            "dump's geometry (layers, heads, head_dim).\n\n"
             "options:\n"
             "  --calib FILE      calibration dump (required)\n"
             "  --budget BITS     average bits (k+v)/2 in [1.5, 8], e.g. 3.25 (required)\n"
@@ -269,7 +270,10 @@ static void precision_usage(FILE *out)
             "  --no-calib        skvq: no per-layer permutation/clip calibration\n"
             "  --queries M       last positions evaluated per layer (default 16)\n"
             "  --clusters K      cluster layers into K groups sharing a pair (default: none)\n"
-            "  -o FILE           where to write the config (default clkvq-precision.yaml)\n"
+            "  --model NAME      the model the config is for (default: the dump's)\n"
+            "  -o FILE           where to write the config (default: stored as the model's,\n"
+            "                    <cache dir>/configs/<model>.yaml, where\n"
+            "                    clkvq_cache_create_for_model finds it)\n"
             "  --device SPEC     OpenCL device\n"
             "  --json            print one JSON object (front + chosen config)\n"
             "exit codes: 0 ok, 1 runtime failure, 2 usage error\n");
@@ -314,8 +318,8 @@ static int precision_main(int argc, char **argv)
         {"no-calib", no_argument, 0, 'N'},      {"queries", required_argument, 0, 'q'},
         {"clusters", required_argument, 0, 'K'}, {"device", required_argument, 0, 'd'},
         {"json", no_argument, 0, 'j'},          {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
-    const char *calib = NULL, *device = NULL, *output = "clkvq-precision.yaml";
+        {"model", required_argument, 0, 'm'},   {0, 0, 0, 0}};
+    const char *calib = NULL, *device = NULL, *output = NULL, *model = NULL;
     const char *pairs_text = "K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5";
     static const char prog[] = "clkvq-tune precision";
     double budget = -1;
@@ -358,6 +362,7 @@ static int precision_main(int argc, char **argv)
         case 'd': device = optarg; break;
         case 'j': json = 1; break;
         case 'o': output = optarg; break;
+        case 'm': model = optarg; break;
         case 'h': precision_usage(stdout); return 0;
         default: precision_usage(stderr); return EXIT_USAGE;
         }
@@ -392,7 +397,39 @@ static int precision_main(int argc, char **argv)
     clkvq_kv_dump *dump = NULL;
     clkvq_search_result *res = NULL;
     clkvq_precision_config *cfg = NULL;
+    char stored[1024] = "";
+    clkvq_dump_info info;
     st = clkvq_dump_open(ctx, calib, &dump);
+    if (st == CLKVQ_OK)
+        st = clkvq_dump_info_get(dump, &info);
+    /* where it goes is settled before the search, not after */
+    if (st == CLKVQ_OK && !output) {
+        if (!model)
+            model = info.model;
+        clkvq_model_geometry row;
+        int bad = 0;
+        if (!*model) {
+            fprintf(stderr, "clkvq-tune precision: the dump names no model: give --model NAME "
+                            "(to store the config as that model's) or -o FILE\n");
+            bad = 1;
+        } else if (clkvq_model_canonical(model) && clkvq_model_lookup(model, &row) == CLKVQ_OK &&
+                   (row.n_layers != info.n_layers || row.n_q_heads != info.n_q_heads ||
+                    row.n_kv_heads != info.n_kv_heads || row.head_dim != info.head_dim)) {
+            char want[64];
+            clkvq_model_format(&row, want, sizeof want);
+            fprintf(stderr,
+                    "clkvq-tune precision: the dump (%d layers, q%d:kv%d:d%d) is not %s's "
+                    "geometry (%s): store it under another --model name, or -o FILE\n",
+                    info.n_layers, info.n_q_heads, info.n_kv_heads, info.head_dim,
+                    clkvq_model_canonical(model), want);
+            bad = 1;
+        }
+        if (bad) {
+            clkvq_dump_close(dump);
+            clkvq_context_release(ctx);
+            return EXIT_USAGE;
+        }
+    }
     if (st == CLKVQ_OK) {
         clkvq_search_options opt = {&defaults, pairs, n_pairs, queries, clusters, calibrate,
                                     precision_progress, NULL};
@@ -400,8 +437,12 @@ static int precision_main(int argc, char **argv)
     }
     if (st == CLKVQ_OK)
         st = clkvq_search_config(ctx, res, budget, &cfg);
-    if (st == CLKVQ_OK)
+    if (st == CLKVQ_OK && output)
         st = clkvq_config_save(ctx, cfg, output);
+    else if (st == CLKVQ_OK)
+        st = clkvq_config_store(ctx, cfg, model, stored, sizeof stored);
+    if (!output)
+        output = stored;
     if (st != CLKVQ_OK) {
         fprintf(stderr, "clkvq-tune precision: %s: %s\n", clkvq_status_string(st),
                 clkvq_last_error(ctx));
