@@ -816,7 +816,7 @@ static int config_main(const cli_options *o, clkvq_context *ctx)
         fprintf(stderr, "clkvq-tune: cannot store the config as %s: %s\n", model,
                 clkvq_last_error(ctx));
         clkvq_config_free(cfg);
-        return EXIT_USAGE;
+        return EXIT_RUNTIME;
     }
     int n_layers = clkvq_config_n_layers(cfg);
     int *of = calloc((size_t)n_layers, sizeof *of);

@@ -549,7 +549,7 @@ static clkvq_status check_geometry(parser *p, const field_set *top)
         const config_field *f = config_field_find(names[i]);
         if (field_given(top, f)) {
             given++;
-            if (!line)
+            if (!line || top->line[f - config_fields] < line)
                 line = top->line[f - config_fields];
         } else if (!missing) {
             missing = names[i];

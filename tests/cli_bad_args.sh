@@ -36,6 +36,13 @@ expect --batch 1.5 "$tune" --batch 1.5
 expect --reps abc "$tune" --reps abc
 expect --tokens 4096, "$tune" --tokens 4096,
 expect --tokens 1,nan "$tune" --tokens 1,nan
+expect --tokens 1,x "$tune" --tokens 64 --tokens 1,x
+expect --residual abc "$tune" --config x.yaml --residual abc
+expect --residual 1e3 "$tune" --config x.yaml --residual 1e3
+for v in q32:kv8:dx:l32 q0:kv8:d128:l32 q32:kv8:d128 q32:kv8:d128:l32:l1 q30:kv8:d128:l32 " q32:kv8:d128:l32"; do
+  expect --geometry "$v" "$tune" --geometry "$v"
+done
+expect --model nonesuch "$tune" --model nonesuch
 
 for v in nan abc 0 9 -3; do
   expect --budget "$v" "$tune" precision --calib x.safetensors --budget "$v"

@@ -173,8 +173,108 @@ START_TEST(tune_bad_arguments)
 }
 END_TEST
 
+/* The suite's own cache dir (ctest's build/test-cache), before any test
+ * points CLKVQ_CACHE_DIR at a fresh one. */
+static char g_suite_cache_dir[1024];
+
+/* The programs already built by the suites (the suite's cache dir's) serve
+ * the fresh one too: only the tuning results must start empty. */
+static void fresh_cache_dir_sharing_programs(void)
+{
+    char programs[1100] = "";
+    if (g_suite_cache_dir[0])
+        snprintf(programs, sizeof programs, "%s/programs", g_suite_cache_dir);
+    fresh_cache_dir();
+    char link_path[1024];
+    snprintf(link_path, sizeof link_path, "%s/programs", getenv("CLKVQ_CACHE_DIR"));
+    if (programs[0] && access(programs, F_OK) == 0)
+        ck_assert_int_eq(symlink(programs, link_path), 0);
+}
+
+/* clkvq-tune --config in the library's terms: every distinct layer setting
+ * of a config, tuned at the model's geometry and a cache's capacity and
+ * batch, with the settings of the layers it serves; afterwards a cache
+ * opened by model name finds an exact entry for every layer, and one of
+ * another capacity does not. */
+START_TEST(config_tuned_for_gives_every_layer_an_exact_entry)
+{
+    fresh_cache_dir_sharing_programs();
+    clkvq_tuning_set_shipped(NULL, NULL, 0); /* no vendor level: before = built-in */
+    clkvq_context *ctx = test_ctx();
+    const char *y = "model: test-model\nn_q_heads: 8\nn_kv_heads: 2\nhead_dim: 64\n"
+                    "scheme: kivi\nresidual: 32\n"
+                    "0: {nbits_key: 2, nbits_value: 2}\n1: {nbits_key: 4, nbits_value: 4}\n"
+                    "2: {nbits_key: 2, nbits_value: 2}\n3: {nbits_key: 8, nbits_value: 4}\n";
+    clkvq_precision_config *cfg = NULL;
+    ck_assert_int_eq(clkvq_config_parse(ctx, y, strlen(y), NULL, &cfg), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_config_store(ctx, cfg, NULL, NULL, 0), CLKVQ_OK);
+    const int tokens = 192, batch = 1;
+
+    clkvq_cache *cache = NULL;
+    clkvq_tuning_source src;
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < 4; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_int_eq(src, CLKVQ_TUNED_BUILTIN);
+    }
+    clkvq_cache_release(cache);
+
+    clkvq_model_geometry g;
+    ck_assert(clkvq_config_geometry(cfg, &g));
+    clkvq_tune_shape shapes[8];
+    int n = 0, first[8];
+    ck_assert_int_eq(clkvq_config_tune_shapes(ctx, cfg, &g, tokens, batch, shapes, 8, &n, NULL,
+                                              first),
+                     CLKVQ_OK);
+    ck_assert_int_eq(n, 3);
+    clkvq_tune_result res[8];
+    for (int i = 0; i < n; i++) {
+        clkvq_layer_config lc;
+        clkvq_config_layer(cfg, first[i], &lc);
+        ck_assert_int_eq(lc.residual, 32);
+        clkvq_tune_options opt = {0, 1, 1, 1, NULL, NULL, &lc};
+        clkvq_status st = clkvq_tune_decode(ctx, &shapes[i], &opt, &res[i]);
+        ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
+        ck_assert_int_eq(res[i].n_rejected, 0);
+    }
+    ck_assert_int_eq(clkvq_tuning_store(ctx, res, n, NULL, 0), CLKVQ_OK);
+
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < 4; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_msg(src == CLKVQ_TUNED_EXACT, "layer %d: %s", l, clkvq_tuning_source_name(src));
+    }
+    clkvq_cache_release(cache);
+    /* another capacity: the nearest entry, not an exact one */
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, 2 * tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < 4; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_int_eq(src, CLKVQ_TUNED_NEAREST);
+    }
+    clkvq_cache_release(cache);
+
+    /* the layer given must be the shape's */
+    clkvq_layer_config other;
+    clkvq_config_layer(cfg, 1, &other); /* K4V4, not K2V2 */
+    clkvq_tune_options opt = {0, 1, 1, 1, NULL, NULL, &other};
+    ck_assert_int_eq(clkvq_tune_decode(ctx, &shapes[0], &opt, &res[0]), CLKVQ_ERR_INVALID_ARG);
+    ck_assert(strstr(clkvq_last_error(ctx), "options->layer"));
+    clkvq_tuning_set_shipped(NULL, NULL, -1);
+    clkvq_config_free(cfg);
+}
+END_TEST
+
 int main(void)
 {
+    const char *dir = getenv("CLKVQ_CACHE_DIR");
+    if (dir)
+        snprintf(g_suite_cache_dir, sizeof g_suite_cache_dir, "%s", dir);
     Suite *s = suite_create("autotune");
     TCase *tc = tcase_create("autotune");
     tcase_set_timeout(tc, 600);
@@ -182,6 +282,7 @@ int main(void)
     tcase_add_test(tc, planted_wrong_candidate_is_rejected);
     tcase_add_test(tc, tuned_result_is_what_the_library_uses);
     tcase_add_test(tc, stored_entry_changes_the_variant);
+    tcase_add_test(tc, config_tuned_for_gives_every_layer_an_exact_entry);
     suite_add_tcase(s, tc);
     return test_run_suite(s);
 }

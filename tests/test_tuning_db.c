@@ -995,6 +995,97 @@ START_TEST(lookup_cost)
 }
 END_TEST
 
+/* ------------------------------------------------------------ a cache's sources */
+
+static clkvq_cache *sources_cache(clkvq_layout layout, const clkvq_layer_config *layers)
+{
+    clkvq_cache_config cfg = {.n_layers = 4, .n_seqs = 2, .capacity = 64, .n_kv_heads = 2,
+                              .n_q_heads = 4, .head_dim = 64, .layout_k = layout,
+                              .layout_v = layout, .layers = layers};
+    clkvq_cache *cache = NULL;
+    clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(test_ctx()));
+    return cache;
+}
+
+static void expect_sources(const clkvq_cache *cache, const int *want)
+{
+    for (int l = 0; l < 4; l++) {
+        clkvq_tuning_source src = (clkvq_tuning_source)-1;
+        clkvq_status st = clkvq_cache_tuning_source(cache, l, &src);
+        if (want[l] < 0) {
+            ck_assert_msg(st == CLKVQ_ERR_UNSUPPORTED &&
+                              strstr(clkvq_last_error(test_ctx()), "changed since"),
+                          "layer %d: %s", l, clkvq_last_error(test_ctx()));
+            continue;
+        }
+        ck_assert_msg(st == CLKVQ_OK, "layer %d: %s", l, clkvq_last_error(test_ctx()));
+        ck_assert_msg((int)src == want[l], "layer %d: %s, want %s", l,
+                      clkvq_tuning_source_name(src),
+                      clkvq_tuning_source_name((clkvq_tuning_source)want[l]));
+    }
+}
+
+/* Each layer of a cache says where its decode tunables come from: its
+ * shape's exact entry, a nearest one, built-in defaults (nothing tuned, or a
+ * serial entry the cache's layouts cannot run), the caller's override; and
+ * says it cannot tell once the results changed under it. */
+START_TEST(cache_reports_each_layers_tuning_source)
+{
+    clkvq_layer_config layers[4];
+    const clkvq_format fk[4] = {CLKVQ_FMT_Q4, CLKVQ_FMT_Q2, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4};
+    const clkvq_format fv[4] = {CLKVQ_FMT_Q4, CLKVQ_FMT_Q2, CLKVQ_FMT_Q4, CLKVQ_FMT_Q2};
+    for (int l = 0; l < 4; l++) {
+        layers[l] = clkvq_layer_config_default(l == 3 ? CLKVQ_SCHEME_KIVI : CLKVQ_SCHEME_TOKEN);
+        layers[l].format_k = fk[l];
+        layers[l].format_v = fv[l];
+        layers[l].group_size = 32;
+        if (l == 3)
+            layers[l].residual = 32;
+    }
+    const clkvq_layout P = CLKVQ_LAYOUT_GROUP_PLANAR, T = CLKVQ_LAYOUT_TOKEN_MAJOR;
+    clkvq_tune_shape k4v4 = {CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 32, 64, 4, 2, 64, 2};
+    clkvq_tune_shape k2v2 = k4v4;
+    k2v2.format_k = k2v2.format_v = CLKVQ_FMT_Q2;
+    k2v2.tokens = 128; /* not the cache's capacity: nearest */
+    clkvq_tune_result e[2] = {make_entry(k4v4, CLKVQ_ATTN_SERIAL, 64, 64, 8, P, P),
+                              make_entry(k2v2, CLKVQ_ATTN_COOPERATIVE, 32, 64, 16, P, P)};
+    ck_assert_int_eq(clkvq_tuning_store(test_ctx(), e, 2, NULL, 0), CLKVQ_OK);
+
+    clkvq_cache *cache = sources_cache(CLKVQ_LAYOUT_AUTO, layers);
+    const int tuned[4] = {CLKVQ_TUNED_EXACT, CLKVQ_TUNED_NEAREST, CLKVQ_TUNED_EXACT,
+                          CLKVQ_TUNED_BUILTIN};
+    expect_sources(cache, tuned);
+    clkvq_attn_tuning chunk = {CLKVQ_ATTN_DEFAULT, 0, 128, 0};
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &chunk), CLKVQ_OK);
+    const int caller[4] = {CLKVQ_TUNED_CALLER, CLKVQ_TUNED_CALLER, CLKVQ_TUNED_CALLER,
+                           CLKVQ_TUNED_CALLER};
+    expect_sources(cache, caller);
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, NULL), CLKVQ_OK);
+    expect_sources(cache, tuned);
+    clkvq_tuning_source src;
+    ck_assert_int_eq(clkvq_cache_tuning_source(cache, 4, &src), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_tuning_source(NULL, 0, &src), CLKVQ_ERR_INVALID_ARG);
+
+    /* retuned since: the K4V4 layers' source can no longer be told */
+    clkvq_tune_result again = make_entry(k4v4, CLKVQ_ATTN_SERIAL, 64, 128, 8, P, P);
+    ck_assert_int_eq(clkvq_tuning_store(test_ctx(), &again, 1, NULL, 0), CLKVQ_OK);
+    const int changed[4] = {-1, CLKVQ_TUNED_NEAREST, -1, CLKVQ_TUNED_BUILTIN};
+    expect_sources(cache, changed);
+    clkvq_cache_release(cache);
+
+    /* token-major layouts cannot run the serial entry: built-in defaults */
+    cache = sources_cache(T, layers);
+    const int token_major[4] = {CLKVQ_TUNED_BUILTIN, CLKVQ_TUNED_NEAREST, CLKVQ_TUNED_BUILTIN,
+                                CLKVQ_TUNED_BUILTIN};
+    expect_sources(cache, token_major);
+    clkvq_cache_release(cache);
+    ck_assert_str_eq(clkvq_tuning_source_name(CLKVQ_TUNED_EXACT), "exact");
+    ck_assert_str_eq(clkvq_tuning_source_name(CLKVQ_TUNED_CALLER), "caller");
+    ck_assert_str_eq(clkvq_tuning_source_name((clkvq_tuning_source)99), "?");
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("tuning_db");
@@ -1023,6 +1114,7 @@ static Suite *suite(void)
     tcase_add_test(tc, foreign_device_file_is_not_trusted);
     tcase_add_test(tc, show_lists_the_entries);
     tcase_add_test(tc, lookup_cost);
+    tcase_add_test(tc, cache_reports_each_layers_tuning_source);
     suite_add_tcase(s, tc);
     return s;
 }
