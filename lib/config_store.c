@@ -582,8 +582,8 @@ static void show_settings(clkvq_context *ctx, FILE *out, const clkvq_precision_c
                      s->tokens, s->batch);
         }
         tuned += where[0] != '\0';
-        fprintf(out, "    %-18s layers %-24s %s%s\n", label, layers,
-                where[0] ? "tuned at " : "not tuned at this geometry", where);
+        fprintf(out, "    %-16s %s%s; layers %s\n", label,
+                where[0] ? "tuned at " : "not tuned at this geometry", where, layers);
     }
     fprintf(out, "    %d of %d layer settings tuned on this device\n", tuned, n);
     free(of);
