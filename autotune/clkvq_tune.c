@@ -835,6 +835,8 @@ static int config_main(const cli_options *o, clkvq_context *ctx)
             n_rows++;
         }
     }
+    if (st != CLKVQ_OK && st != CLKVQ_ERR_OUT_OF_MEMORY)
+        fprintf(stderr, "clkvq-tune: %s: %s\n", clkvq_status_string(st), clkvq_last_error(ctx));
     progress_state ps = {isatty(fileno(stderr)), 0.0, 0, n_rows, ""};
     for (int i = 0; i < n_rows && st == CLKVQ_OK; i++) {
         char s[64];
