@@ -46,7 +46,8 @@ static void usage(FILE *out)
             "  --device SPEC     device index or name substring (default: $CLKVQ_DEVICE,\n"
             "                    else the first GPU, else the first device)\n"
             "  --model NAME      a model of the table (--list-models; repeatable); with\n"
-            "                    --config and --geometry, just the name to store under\n"
+            "                    --config also any other name to store the config under\n"
+            "                    (its geometry from --geometry or the file)\n"
             "  --shape NAME      the same as --model\n"
             "  --geometry G      any model: q<heads>:kv<kv heads>:d<head_dim>:l<layers>,\n"
             "                    e.g. q32:kv8:d128:l32 (repeatable)\n"
@@ -649,11 +650,12 @@ static int parse_args(int argc, char **argv, cli_options *o, int *show, int *lis
         fprintf(stderr, "clkvq-tune: --scheme and --residual go with --config\n");
         return EXIT_USAGE;
     }
-    /* a model name is looked up in the table, except with --config and an
-     * explicit --geometry: then it only names the model */
+    /* a model name is looked up in the table, except with --config: there a
+     * name the table does not know only names the model, whose geometry
+     * then comes from --geometry or the file */
     for (int m = 0; m < o->n_models; m++) {
         clkvq_model_geometry g;
-        if (!(o->config && o->n_geoms) && clkvq_model_lookup(o->models[m], &g) != CLKVQ_OK) {
+        if (!o->config && clkvq_model_lookup(o->models[m], &g) != CLKVQ_OK) {
             fprintf(stderr, "clkvq-tune: --model: %s\n", clkvq_last_error(NULL));
             return EXIT_USAGE;
         }
@@ -795,15 +797,20 @@ static int config_main(const cli_options *o, clkvq_context *ctx)
         dp = &defaults;
     }
     clkvq_model_geometry g, *gp = NULL;
+    int named_unknown = o->n_models && !clkvq_model_canonical(o->models[0]);
     if (o->n_geoms)
         gp = &g, g = o->geoms[0];
-    else if (o->n_models)
+    else if (o->n_models && !named_unknown)
         gp = &g, clkvq_model_lookup(o->models[0], &g);
     clkvq_precision_config *cfg = NULL;
     clkvq_status st = clkvq_config_load_for_model(ctx, o->config, dp, gp, &cfg);
     if (st != CLKVQ_OK) {
         fprintf(stderr, "clkvq-tune: %s: %s%s\n", clkvq_status_string(st), clkvq_last_error(ctx),
-                gp ? "" : " (--model NAME or --geometry q<h>:kv<h>:d<dim>:l<layers>)");
+                gp ? ""
+                : named_unknown
+                    ? " (--model names no model of the table, see --list-models; give "
+                      "--geometry q<h>:kv<h>:d<dim>:l<layers>)"
+                    : " (--model NAME or --geometry q<h>:kv<h>:d<dim>:l<layers>)");
         return EXIT_RUNTIME;
     }
     clkvq_config_geometry(cfg, &g);
