@@ -24,7 +24,10 @@
  *   sequence), CHUNK (tokens per work-group), WGS (work-group size; CHUNK %
  *   WGS == 0), SCHEME (KVQ_SCHEME_*), K_BITS / K_TERNARY / K_LEVELS and
  *   V_... (the formats' rows of the table), K_GW / V_GW (words per packed
- *   group), PARAM_FP8, ZERO_INT, LAYOUT_K / LAYOUT_V (KVQ_LAYOUT_*).
+ *   group), PARAM_FP8, ZERO_INT, LAYOUT_K / LAYOUT_V (KVQ_LAYOUT_*),
+ *   K_CHANNEL (keys in per-channel groups), QBLOCK (skvq's region
+ *   alignment, kvq_q_end), ROT (stored rows rotated: q is rotated here and
+ *   the output unrotated by the row merge).
  */
 #pragma OPENCL FP_CONTRACT OFF
 
@@ -54,11 +57,11 @@ inline float2 load_params(__global const uchar *params, size_t entry)
 /* Region bounds (clkvq_packing.h): first packed token of K and of V. */
 inline int q_end_k(int n, int n_sink, int window, int residual)
 {
-    return kvq_q_end(SCHEME, 0, n, n_sink, window, residual);
+    return kvq_q_end(SCHEME, 0, n, n_sink, window, residual, QBLOCK);
 }
 inline int q_end_v(int n, int n_sink, int window, int residual)
 {
-    return kvq_q_end(SCHEME, 1, n, n_sink, window, residual);
+    return kvq_q_end(SCHEME, 1, n, n_sink, window, residual, QBLOCK);
 }
 
 /* The page geometry every chunk kernel gets, as one argument list (a
@@ -93,27 +96,34 @@ inline long fp_row(PAGE_ARGS, int kh, int t, int fp_slots, int ring, int n_sink)
 /* Tokens query row r may attend to: t < row_limit. */
 inline int row_limit(int n, int r) { return n - NQ + 1 + r / QPK; }
 
-/* q: [seq][query][q head][HEAD_DIM] model order -> qs: packed order (perm_k
- * of the kv head), times scale; qsum: [seq][query][q head][NG] sums of qs
- * per group. n_rows = n_seqs * NQ. */
+/* q: [seq][query][q head][HEAD_DIM] model order -> qs: the stored space
+ * of the kv head's keys (rotated when ROT, then permuted by perm_k), times
+ * scale; qsum: [seq][query][q head][NG] sums of qs per group. One
+ * work-item per query row; n_rows = n_seqs * NQ. */
 __kernel void clkvq_attn_prepare_q(__global const float *q, __global const int *perm_k,
                                    __global float *qs, __global float *qsum, int n_rows,
-                                   int n_q_heads, float scale)
+                                   int n_q_heads, float scale, uint rot_seed)
 {
-    int gid = (int)get_global_id(0);
-    if (gid >= n_rows * n_q_heads * NG)
+    int sq = (int)get_global_id(0);
+    if (sq >= n_rows * n_q_heads)
         return;
-    int g = gid % NG, sq = gid / NG, qh = sq % n_q_heads;
-    int kh = qh / QPK;
-    float sum = 0.0f;
-    for (int j = 0; j < GROUP_SIZE; j++) {
-        int c = g * GROUP_SIZE + j;
-        int src = perm_k ? perm_k[kh * HEAD_DIM + c] : c;
-        float v = q[(size_t)sq * HEAD_DIM + src] * scale;
-        qs[(size_t)sq * HEAD_DIM + c] = v;
-        sum += v;
+    int kh = sq % n_q_heads / QPK;
+    float row[HEAD_DIM];
+    for (int c = 0; c < HEAD_DIM; c++)
+        row[c] = q[(size_t)sq * HEAD_DIM + c];
+#if ROT
+    kvq_rotate(row, HEAD_DIM, rot_seed, kh);
+#endif
+    for (int g = 0; g < NG; g++) {
+        float sum = 0.0f;
+        for (int j = 0; j < GROUP_SIZE; j++) {
+            int c = g * GROUP_SIZE + j;
+            float v = row[perm_k ? perm_k[kh * HEAD_DIM + c] : c] * scale;
+            qs[(size_t)sq * HEAD_DIM + c] = v;
+            sum += v;
+        }
+        qsum[(size_t)sq * NG + g] = sum;
     }
-    qsum[(size_t)sq * NG + g] = sum;
 }
 
 /* Index (in units of one q head's row) of row r of kv head kh, seq s. */
@@ -221,7 +231,7 @@ inline void packed_scores(__global const uint *kc, __global const uchar *kp, siz
 {
     for (int r = 0; r < ROWS; r++)
         score[r] = 0.0f;
-#if SCHEME == KVQ_SCHEME_KIVI /* keys: per-channel groups of GROUP_SIZE tokens */
+#if K_CHANNEL /* keys: per-channel groups of GROUP_SIZE tokens (kivi, skvq's kc) */
     int j = o % GROUP_SIZE;
     for (int c = 0; c < HEAD_DIM; c++) {
         size_t base = kvq_channel_group_word(hb, o, c, block_size, GROUP_SIZE, HEAD_DIM, K_GW);

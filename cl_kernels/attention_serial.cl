@@ -154,7 +154,7 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
         floatv acc[ROWS];
         for (int r = 0; r < ROWS; r++)
             acc[r] = (floatv)0.0f;
-#if SCHEME == KVQ_SCHEME_KIVI /* keys: per-channel groups along tokens; t0 % VW == 0 */
+#if K_CHANNEL /* keys: per-channel groups along tokens; t0 % VW == 0 */
         int j0 = o0 % GROUP_SIZE;
         for (int c = 0; c < HEAD_DIM; c++) {
             __global const uint *w =
@@ -408,11 +408,13 @@ clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
 
 /* One work-item per (sequence, query, q head), channels in vector lanes:
  * the log-sum-exp merge reads each partial once (the per-channel merge
- * makes every work-item rescan the chunk maxima). n_rows = n_seqs * NQ. */
+ * makes every work-item rescan the chunk maxima). It also maps the output
+ * of transformed layers back (the cooperative variant uses it for them):
+ * unpermute, unrotate (ROT), add the mean of V. n_rows = n_seqs * NQ. */
 __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void
 clkvq_attn_merge_serial(__global const float *partials, __global const int *perm_v,
                         __global const int *seq_len, __global float *out, int n_rows,
-                        int n_q_heads, int n_slots)
+                        int n_q_heads, int n_slots, __global const float *mean_v, uint rot_seed)
 {
     int sq = (int)get_global_id(0);
     if (sq >= n_rows * n_q_heads)
@@ -435,12 +437,16 @@ clkvq_attn_merge_serial(__global const float *partials, __global const int *perm
             for (int dv = 0; dv < HEAD_DIM / VW; dv++)
                 acc[dv] += VLOAD(dv, pc + 2) * w;
         }
-    for (int dv = 0; dv < HEAD_DIM / VW; dv++) {
-        float lanes[VW];
-        VSTORE(l > 0.0f ? acc[dv] / l : (floatv)0.0f, 0, lanes);
-        for (int i = 0; i < VW; i++) {
-            int d = dv * VW + i;
-            out[(size_t)sq * HEAD_DIM + (perm_v ? perm_v[kh * HEAD_DIM + d] : d)] = lanes[i];
-        }
-    }
+    float packed[HEAD_DIM], row[HEAD_DIM];
+    for (int dv = 0; dv < HEAD_DIM / VW; dv++)
+        VSTORE(l > 0.0f ? acc[dv] / l : (floatv)0.0f, dv, packed);
+    for (int d = 0; d < HEAD_DIM; d++)
+        row[perm_v ? perm_v[kh * HEAD_DIM + d] : d] = packed[d];
+#if ROT
+    kvq_unrotate(row, HEAD_DIM, rot_seed, kh);
+#endif
+    /* a query that sees no token gets zeros, not the mean */
+    int with_mean = mean_v && l > 0.0f;
+    for (int d = 0; d < HEAD_DIM; d++)
+        out[(size_t)sq * HEAD_DIM + d] = with_mean ? row[d] + mean_v[kh * HEAD_DIM + d] : row[d];
 }

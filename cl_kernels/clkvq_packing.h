@@ -211,25 +211,112 @@ KVQ_FN float kvq_f16_to_f32(kvq_u32 h)
  *   quantized  [sink_end, q_end)    packed codes + params
  *   recent     [q_end, n)           fp16 (window / residual)
  * q_end: fp16 -> sink_end (0); token -> n; skvq -> max(sink_end, n -
- * window); kivi K -> floor(n / R) * R (keys wait for whole blocks of R);
- * kivi V -> max(0, n - R). q_end(V) <= q_end(K) for every scheme. */
+ * window), or with per-channel keys (blocks of g tokens) max(sink_end,
+ * floor((n - window) / g) * g) for K and V alike (a first block may start
+ * after the sinks); kivi K -> floor(n / R) * R (keys wait for whole blocks
+ * of R); kivi V -> max(0, n - R). q_end(V) <= q_end(K) for every scheme.
+ * `block` is skvq's alignment: 1, or g with per-channel keys. */
 KVQ_FN int kvq_sink_end(int n, int n_sink) { return n < n_sink ? n : n_sink; }
 
-KVQ_FN int kvq_q_end(int scheme, int is_v, int n, int n_sink, int window, int residual)
+KVQ_FN int kvq_q_end(int scheme, int is_v, int n, int n_sink, int window, int residual,
+                     int block)
 {
     int sink_end = kvq_sink_end(n, n_sink);
     if (scheme == KVQ_SCHEME_FP16)
         return sink_end;
     if (scheme == KVQ_SCHEME_KIVI)
         return is_v ? (n > residual ? n - residual : 0) : n / residual * residual;
-    if (scheme == KVQ_SCHEME_SKVQ)
-        return n - window > sink_end ? n - window : sink_end;
+    if (scheme == KVQ_SCHEME_SKVQ) {
+        int end = n - window > 0 ? (n - window) / block * block : 0;
+        return end > sink_end ? end : sink_end;
+    }
     return n;
 }
 
 /* fp16 store per (seq, kv head): fp_slots rows of head_dim halves; token t
  * lives in slot t < n_sink ? ring + t : t % ring, and never moves. */
 KVQ_FN int kvq_fp_slot(int t, int ring, int n_sink) { return t < n_sink ? ring + t : t % ring; }
+
+/* ------------------------------------------------------------ transforms
+ * A layer may store K and V as y = P(R(x - mu)) instead of x: mu a
+ * per-channel mean (centering), R = (H_b / sqrt(b)) D a randomized
+ * Walsh-Hadamard rotation (per block of b channels, b the largest power
+ * of two dividing head_dim; D = diag of signs drawn from (seed, kv head,
+ * channel)), P the channel permutation. Attention is unchanged: the query
+ * gets q' = P(R q) (q . mu_k is the same for every token, so softmax
+ * ignores it) and the output is mu_v + R^T P^-1 (sum p y). Host and
+ * kernels run these functions in the same operation order, so a cache's
+ * read-back matches the plain-C model bit for bit. */
+
+/* The largest power of two (at most 256) dividing head_dim. */
+KVQ_FN int kvq_rot_block(int head_dim)
+{
+    int b = 1;
+    while (b < 256 && head_dim % (2 * b) == 0)
+        b *= 2;
+    return b;
+}
+
+/* Sign (+1 or -1) of channel c of kv head h: a 32-bit mix of the three. */
+KVQ_FN float kvq_rot_sign(kvq_u32 seed, int h, int c)
+{
+    kvq_u32 x = seed ^ ((kvq_u32)h * 0x9e3779b9u) ^ ((kvq_u32)c * 0x85ebca6bu);
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return (x & 1u) ? -1.0f : 1.0f;
+}
+
+/* 1/sqrt(b) for a power of two b: halvings of 1 or of 1/sqrt(2), exact
+ * steps from one rounded constant. */
+KVQ_FN float kvq_rot_scale(int b)
+{
+    int k = 0;
+    while ((1 << k) < b)
+        k++;
+    float s = k % 2 ? 0.70710678118654752f : 1.0f;
+    for (int i = 0; i < k / 2; i++)
+        s *= 0.5f;
+    return s;
+}
+
+/* x[0..b) <- (H_b / sqrt(b)) x in place (H_b symmetric and H_b H_b = b I,
+ * so it is its own inverse), butterflies in a fixed order. */
+KVQ_FN void kvq_fwht(float *x, int b)
+{
+    for (int len = 1; len < b; len *= 2)
+        for (int i = 0; i < b; i += 2 * len)
+            for (int j = i; j < i + len; j++) {
+                float u = x[j], v = x[j + len];
+                x[j] = u + v;
+                x[j + len] = u - v;
+            }
+    float s = kvq_rot_scale(b);
+    for (int i = 0; i < b; i++)
+        x[i] *= s;
+}
+
+/* row <- R row (rotate) or R^T row (unrotate), head_dim channels of kv
+ * head h. */
+KVQ_FN void kvq_rotate(float *row, int head_dim, kvq_u32 seed, int h)
+{
+    int b = kvq_rot_block(head_dim);
+    for (int c = 0; c < head_dim; c++)
+        row[c] *= kvq_rot_sign(seed, h, c);
+    for (int c0 = 0; c0 < head_dim; c0 += b)
+        kvq_fwht(row + c0, b);
+}
+
+KVQ_FN void kvq_unrotate(float *row, int head_dim, kvq_u32 seed, int h)
+{
+    int b = kvq_rot_block(head_dim);
+    for (int c0 = 0; c0 < head_dim; c0 += b)
+        kvq_fwht(row + c0, b);
+    for (int c = 0; c < head_dim; c++)
+        row[c] *= kvq_rot_sign(seed, h, c);
+}
 
 /* ------------------------------------------------------------ pages
  * A layer's packed tokens (and the fp16 scheme's fp16 rows) live in a

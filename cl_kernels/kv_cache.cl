@@ -279,11 +279,13 @@ __kernel void clkvq_cache_quantize_token(__global const half *fp, __global const
     }
 }
 
-/* One work-item per (head, staged block of group_size tokens): rows are
- * read in order, 16 channels per vector, each lane the reference's
- * sequential scan of its channel's group (head_dim <= 256, a multiple of
- * 32). t_first and n_stage are whole blocks (KIVI quantizes keys only in
- * blocks of R tokens). */
+/* One work-item per (head, block of group_size tokens touching the staged
+ * range): rows are read in order, 16 channels per vector, each lane the
+ * reference's sequential scan of its channel's group (head_dim <= 256, a
+ * multiple of 32). Blocks sit at multiples of group_size; the staged range
+ * ends on a block edge and starts on one, except for a first block that
+ * begins after the sinks (skvq): only its tokens from t_first are grouped,
+ * and the slots before them hold code 0. */
 __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global const float *in,
                                            __global const int *perm, __global uint *codes,
                                            __global uchar *params, GEOM_ARGS, float alpha,
@@ -291,11 +293,13 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
 {
     cache_geom g = GEOM();
     int gid = (int)get_global_id(0);
-    int n_stage_blocks = n_stage / group_size;
+    int b_first = t_first / group_size;
+    int n_stage_blocks = (t_first + n_stage + group_size - 1) / group_size - b_first;
     if (gid >= n_heads * n_stage_blocks)
         return;
     int bb = gid % n_stage_blocks, h = gid / n_stage_blocks;
-    int t0 = t_first + bb * group_size;
+    int t0 = (b_first + bb) * group_size;
+    int j_lo = max(t_first - t0, 0); /* the first valid token of the block */
     int n_chunks = head_dim / 16;
 
     float16 lo[16], hi[16], s[16], z[16];
@@ -303,7 +307,7 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
         lo[cc] = (float16)INFINITY;
         hi[cc] = (float16)(-INFINITY);
     }
-    for (int j = 0; j < group_size; j++) {
+    for (int j = j_lo; j < group_size; j++) {
         row_src src = stage_row(fp, in, perm, g, h, t0 + j, n_old, n_in);
         for (int cc = 0; cc < n_chunks; cc++) {
             float16 v = row_load16(src, cc * 16);
@@ -328,7 +332,7 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
     int n_bits = 0, w = 0;
 #endif
     for (int j = 0; j < group_size; j++) {
-        row_src src = stage_row(fp, in, perm, g, h, t0 + j, n_old, n_in);
+        row_src src = stage_row(fp, in, perm, g, h, t0 + max(j, j_lo), n_old, n_in);
 #if !TERNARY
         int full = n_bits + BITS >= 32;
 #else
@@ -336,7 +340,8 @@ __kernel void clkvq_cache_quantize_channel(__global const half *fp, __global con
         uint weight = KVQ_POW3(j % 5) << (8 * ((j / 5) % 4));
 #endif
         for (int cc = 0; cc < n_chunks; cc++) {
-            uint16 code = codes_of16v(row_load16(src, cc * 16), s[cc], z[cc]);
+            uint16 code = j < j_lo ? (uint16)0u
+                                   : codes_of16v(row_load16(src, cc * 16), s[cc], z[cc]);
 #if !TERNARY
             uint16 a = acc[cc] | (code << (uint)n_bits);
             if (full) {
@@ -429,4 +434,59 @@ __kernel void clkvq_cache_refill_fp16(__global const uint *codes, __global const
     int t = t_from + r;
     float value = packed_value(codes, params, g, h, t, c);
     vstore_half_rte(value, fp_row(g, h, t) + c, fp);
+}
+
+/* ------------------------------------------------------------ transforms
+ * Rows of a layer that centers or rotates (clkvq_packing.h): the appended
+ * rows go through the transform once, into a scratch buffer in packed
+ * order that the kernels above then read without a permutation; read-back
+ * maps stored rows back to the model's space. Rows of at most 256. */
+
+/* out[h][i] = P(R(in[h][i] - mean[h])), one work-item per row. */
+__kernel void clkvq_cache_transform(__global const float *in, __global const int *perm,
+                                    __global const float *mean, __global float *out,
+                                    int n_heads, int n_in, int head_dim, int rotate,
+                                    uint rot_seed)
+{
+    int gid = (int)get_global_id(0);
+    if (gid >= n_heads * n_in)
+        return;
+    int h = gid / n_in;
+    float row[256];
+    __global const float *src = in + (size_t)gid * head_dim;
+    for (int c = 0; c < head_dim; c++)
+        row[c] = mean ? src[c] - mean[h * head_dim + c] : src[c];
+    if (rotate)
+        kvq_rotate(row, head_dim, rot_seed, h);
+    __global float *dst = out + (size_t)gid * head_dim;
+    for (int c = 0; c < head_dim; c++)
+        dst[c] = row[perm ? perm[h * head_dim + c] : c];
+}
+
+/* clkvq_cache_read for transformed layers: one work-item per (head, token)
+ * row, stored values unpermuted, unrotated and the mean added back. */
+__kernel void clkvq_cache_read_rows(__global const uint *codes, __global const uchar *params,
+                                    __global const half *fp, __global const int *perm,
+                                    __global float *out, GEOM_ARGS, int n_tokens, int q_end,
+                                    int t_from, int t_count, __global const float *mean,
+                                    int rotate, uint rot_seed)
+{
+    cache_geom g = GEOM();
+    int gid = (int)get_global_id(0);
+    if (gid >= n_heads * t_count)
+        return;
+    int r = gid % t_count, h = gid / t_count;
+    int t = t_from + r;
+    int fp16 = t < kvq_sink_end(n_tokens, n_sink) || t >= q_end;
+    float row[256];
+    for (int c = 0; c < head_dim; c++) {
+        float value = fp16 ? vload_half(fp_row(g, h, t) + c, fp)
+                           : packed_value(codes, params, g, h, t, c);
+        row[perm ? perm[h * head_dim + c] : c] = value;
+    }
+    if (rotate)
+        kvq_unrotate(row, head_dim, rot_seed, h);
+    __global float *dst = out + ((size_t)h * t_count + r) * head_dim;
+    for (int c = 0; c < head_dim; c++)
+        dst[c] = mean ? row[c] + mean[h * head_dim + c] : row[c];
 }

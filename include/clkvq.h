@@ -285,6 +285,23 @@ typedef struct {
     int residual;              /* kivi: R, a multiple of group_size */
     const int32_t *perm_k;     /* [n_kv_heads][head_dim] or NULL; copied at create */
     const int32_t *perm_v;
+    /* skvq: CLKVQ_AXIS_CHANNEL packs keys as kivi does (per-channel groups
+     * of group_size tokens) inside SKVQ's sinks and window: K and V leave
+     * the window together, a block of group_size tokens at a time (the
+     * first block after the sinks may be partial). CLKVQ_AXIS_TOKEN (0):
+     * SKVQ's per-token key groups. kivi keys are always per channel. */
+    clkvq_axis key_axis;
+    /* Stored rows are y = P(R(x - mean)): centering by per-channel means,
+     * then (rotate = 1) a randomized Walsh-Hadamard rotation R per kv head
+     * (blocks of the largest power of two dividing head_dim, signs drawn
+     * from rot_seed, the kv head and the channel), then the permutation.
+     * The query is rotated (and permuted) once per step and the output
+     * mapped back once, so attention is unchanged while outliers spread
+     * over the block. A runtime may fold R and P into W_k / W_v instead. */
+    int rotate;
+    uint32_t rot_seed;
+    const float *mean_k;       /* [n_kv_heads][head_dim] or NULL; copied at create */
+    const float *mean_v;       /* subtracted at append, added back to the output */
 } clkvq_layer_config;
 
 /* Defaults per scheme: q4/q4, group 32 (skvq 128, window 128, 5 sinks,
@@ -384,8 +401,8 @@ CLKVQ_API clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, co
  * for the queries that see no token). The same split-K kernels serve every
  * query in one launch.
  */
-CLKVQ_API clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int layer, int n_queries,
-                                                cl_mem q, cl_mem out, float scale);
+CLKVQ_API clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int layer, int n_queries, cl_mem q,
+                                      cl_mem out, float scale);
 
 /* ---------------------------------------------------------------- pages */
 
@@ -402,8 +419,7 @@ CLKVQ_API clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq
 
 /* Runtime tables: copies the contents of pages src[i] to dst[i] in every
  * layer (K and V), the copy-on-write step of the runtime's manager. */
-CLKVQ_API clkvq_status clkvq_cache_copy_blocks(clkvq_cache *cache, const int *src,
-                                               const int *dst, int n);
+CLKVQ_API clkvq_status clkvq_cache_copy_blocks(clkvq_cache *cache, const int *src, const int *dst, int n);
 
 typedef struct {
     int block_size;            /* tokens per page */
@@ -416,8 +432,7 @@ typedef struct {
 
 /* The page pool of one layer (library-managed tables; with runtime tables
  * used/free/shared are unknown to the library and reported as -1). */
-CLKVQ_API clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int layer,
-                                              clkvq_pool_stats *out);
+CLKVQ_API clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int layer, clkvq_pool_stats *out);
 
 /*
  * The runtime's own block manager (runtime_tables): as clkvq_cache_append_mem
@@ -428,12 +443,11 @@ CLKVQ_API clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int laye
  * decode masks tokens whose page id is outside the pool rather than read
  * out of bounds.
  */
-CLKVQ_API clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int layer, int seq,
-                                                int n_tokens, cl_mem k, cl_mem v,
-                                                cl_mem block_table, int max_blocks);
-CLKVQ_API clkvq_status clkvq_cache_decode_paged(clkvq_cache *cache, int layer, int n_queries,
-                                                cl_mem q, cl_mem out, float scale,
-                                                cl_mem block_table, int max_blocks);
+CLKVQ_API clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int layer, int seq, int n_tokens,
+                                      cl_mem k, cl_mem v, cl_mem block_table, int max_blocks);
+CLKVQ_API clkvq_status clkvq_cache_decode_paged(clkvq_cache *cache, int layer, int n_queries, cl_mem q,
+                                      cl_mem out, float scale, cl_mem block_table,
+                                      int max_blocks);
 
 /* Tunables of the fused decode kernels (compile-time defines). 0 in a
  * field means "the default for this device" (the tuning database, else
@@ -521,7 +535,8 @@ typedef struct {
     /* NULL: the scheme's defaults (clkvq_layer_config_default). Else the layer
      * settings to time with (residual, window, sinks, parameter storage, zero
      * mode): those of the config's layers the result is for. Its scheme,
-     * formats and group size must be the shape's; perms are not used. */
+     * formats and group size must be the shape's; perms and means are not
+     * used (timing does not depend on their values). */
     const clkvq_layer_config *layer;
 } clkvq_tune_options;
 

@@ -152,6 +152,9 @@ static const char *attn_options(const clkvq_cache *cache, const clkvq_cache_laye
     clkvq_defines_params(d, lc->param_type, lc->zero_mode);
     clkvq_defines_int(d, "LAYOUT_K", (int)layer->k.layout);
     clkvq_defines_int(d, "LAYOUT_V", (int)layer->v.layout);
+    clkvq_defines_int(d, "K_CHANNEL", !fp16 && layer->k.axis == CLKVQ_AXIS_CHANNEL);
+    clkvq_defines_int(d, "QBLOCK", clkvq_layer_block(lc));
+    clkvq_defines_int(d, "ROT", lc->rotate);
     return clkvq_defines_get(cache->ctx, d);
 }
 
@@ -288,9 +291,11 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, int n_queries, cl_mem 
     if (st == CLKVQ_OK)
         st = clkvq_kernel_get(ctx, g_attn_sources, 2, options,
                               serial ? "clkvq_attn_fp16_serial" : "clkvq_attn_fp16_chunk", &fpk);
+    /* transformed layers map outputs back row by row: the row merge */
+    int row_merge = serial || clkvq_layer_transforms(layer);
     if (st == CLKVQ_OK)
         st = clkvq_kernel_get(ctx, g_attn_sources, 2, options,
-                              serial ? "clkvq_attn_merge_serial" : "clkvq_attn_merge", &merge);
+                              row_merge ? "clkvq_attn_merge_serial" : "clkvq_attn_merge", &merge);
 
     clkvq_args a;
     if (st == CLKVQ_OK) {
@@ -302,7 +307,8 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, int n_queries, cl_mem 
         clkvq_args_int(&a, (int)n_rows);
         clkvq_args_int(&a, cfg->n_q_heads);
         clkvq_args_float(&a, scale);
-        size_t local = MERGE_LOCAL_SIZE, global = clkvq_round_up(n_q * n_groups, local);
+        clkvq_args_int(&a, (int)layer->cfg.rot_seed);
+        size_t local = MERGE_LOCAL_SIZE, global = clkvq_round_up(n_q, local);
         if ((st = clkvq_args_end(ctx, &a, "prepare_q")) == CLKVQ_OK)
             st = enqueue(ctx, prep, 1, &global, &local, events, "prepare_q");
     }
@@ -354,8 +360,12 @@ static clkvq_status run_decode(clkvq_cache *cache, int l, int n_queries, cl_mem 
         clkvq_args_int(&a, (int)n_rows);
         clkvq_args_int(&a, cfg->n_q_heads);
         clkvq_args_int(&a, n_slots);
-        size_t local = serial ? 1 : MERGE_LOCAL_SIZE;
-        size_t global = serial ? n_q : clkvq_round_up(n_q * cfg->head_dim, local);
+        if (row_merge) {
+            clkvq_args_mem(&a, layer->v.mean);
+            clkvq_args_int(&a, (int)layer->cfg.rot_seed);
+        }
+        size_t local = row_merge ? 1 : MERGE_LOCAL_SIZE;
+        size_t global = row_merge ? n_q : clkvq_round_up(n_q * cfg->head_dim, local);
         if ((st = clkvq_args_end(ctx, &a, "merge")) == CLKVQ_OK)
             st = enqueue(ctx, merge, 1, &global, &local, events, "merge");
     }

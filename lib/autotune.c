@@ -316,14 +316,16 @@ static void release_state(tune_state *ts)
     free(ts->out);
 }
 
-/* The layer settings the candidates' caches get: the caller's (perms
- * dropped), else the scheme's defaults with the shape's formats and group. */
+/* The layer settings the candidates' caches get: the caller's (without
+ * the per-head arrays, perms and means, whose shape is the caller's
+ * model's), else the scheme's defaults with the shape's formats and group. */
 static clkvq_layer_config tuned_layer(const clkvq_tune_shape *sh, const clkvq_layer_config *given)
 {
     clkvq_layer_config lc;
     if (given) {
         lc = *given;
         lc.perm_k = lc.perm_v = NULL;
+        lc.mean_k = lc.mean_v = NULL;
         return lc;
     }
     lc = clkvq_layer_config_default(sh->scheme);

@@ -64,7 +64,8 @@ clkvq_layer_config clkvq_layer_config_default(clkvq_scheme scheme)
 int clkvq_cache_q_end(const clkvq_cache_layer *layer, int is_v, int n)
 {
     const clkvq_layer_config *cfg = &layer->cfg;
-    return kvq_q_end((int)cfg->scheme, is_v, n, cfg->n_sink, cfg->window, cfg->residual);
+    return kvq_q_end((int)cfg->scheme, is_v, n, cfg->n_sink, cfg->window, cfg->residual,
+                     clkvq_layer_block(cfg));
 }
 
 int clkvq_cache_pack_from(const clkvq_cache_layer *layer, int is_v, int n_old, int n_new)
@@ -76,11 +77,20 @@ int clkvq_cache_pack_from(const clkvq_cache_layer *layer, int is_v, int n_old, i
 
 /* ------------------------------------------------------------ validation */
 
+/* Keys in per-channel groups along tokens: kivi, and skvq's key_axis. */
+static int channel_keys(const clkvq_layer_config *lc)
+{
+    return clkvq_layer_quant_params(lc, 0).axis == CLKVQ_AXIS_CHANNEL;
+}
+
 clkvq_quant_params clkvq_layer_quant_params(const clkvq_layer_config *cfg, int is_v)
 {
     clkvq_quant_params qp = clkvq_quant_params_default();
     qp.format = is_v ? cfg->format_v : cfg->format_k;
-    qp.axis = cfg->scheme == CLKVQ_SCHEME_KIVI && !is_v ? CLKVQ_AXIS_CHANNEL : CLKVQ_AXIS_TOKEN;
+    qp.axis = !is_v && (cfg->scheme == CLKVQ_SCHEME_KIVI ||
+                        (cfg->scheme == CLKVQ_SCHEME_SKVQ && cfg->key_axis == CLKVQ_AXIS_CHANNEL))
+                  ? CLKVQ_AXIS_CHANNEL
+                  : CLKVQ_AXIS_TOKEN;
     qp.group_size = cfg->group_size;
     qp.clip_alpha = is_v ? cfg->clip_v : cfg->clip_k;
     qp.param_type = cfg->param_type;
@@ -129,6 +139,33 @@ static clkvq_status validate_layer(clkvq_context *ctx, const clkvq_cache_config 
     return CLKVQ_OK;
 }
 
+/* The fields every scheme may carry: key axis, rotation, means. */
+static clkvq_status validate_transforms(clkvq_context *ctx, const clkvq_cache_config *cfg, int l)
+{
+    const clkvq_layer_config *lc = &cfg->layers[l];
+    if (lc->key_axis != CLKVQ_AXIS_TOKEN && lc->key_axis != CLKVQ_AXIS_CHANNEL)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d: key_axis %d is neither token "
+                          "nor channel", l, (int)lc->key_axis);
+    if (lc->key_axis == CLKVQ_AXIS_CHANNEL && lc->scheme != CLKVQ_SCHEME_SKVQ)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "layer %d: key_axis channel is an skvq setting (%s keys are %s)", l,
+                          clkvq_scheme_name(lc->scheme),
+                          lc->scheme == CLKVQ_SCHEME_KIVI ? "always per channel" : "per token");
+    if (lc->rotate != 0 && lc->rotate != 1)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d: rotate %d is neither 0 nor 1",
+                          l, lc->rotate);
+    for (int is_v = 0; is_v < 2; is_v++) {
+        const float *mean = is_v ? lc->mean_v : lc->mean_k;
+        size_t n = (size_t)cfg->n_kv_heads * cfg->head_dim;
+        for (size_t i = 0; mean && i < n; i++)
+            if (!(fabsf(mean[i]) <= CLKVQ_INPUT_MAX))
+                return clkvq_fail(ctx, CLKVQ_ERR_NONFINITE,
+                                  "layer %d: mean_%c[%zu] = %g is not finite within +-65504", l,
+                                  is_v ? 'v' : 'k', i, (double)mean[i]);
+    }
+    return CLKVQ_OK;
+}
+
 static clkvq_status validate_config(clkvq_context *ctx, const clkvq_cache_config *cfg)
 {
     if (!cfg || !cfg->layers)
@@ -159,6 +196,8 @@ static clkvq_status validate_config(clkvq_context *ctx, const clkvq_cache_config
     }
     for (int l = 0; l < cfg->n_layers; l++) {
         clkvq_status st = validate_layer(ctx, cfg, l);
+        if (st == CLKVQ_OK)
+            st = validate_transforms(ctx, cfg, l);
         if (st != CLKVQ_OK)
             return st;
     }
@@ -178,10 +217,11 @@ static clkvq_status validate_config(clkvq_context *ctx, const clkvq_cache_config
                               "block_size %d must be a multiple of 16", cfg->block_size);
         for (int l = 0; l < cfg->n_layers; l++) {
             const clkvq_layer_config *lc = &cfg->layers[l];
-            if (lc->scheme == CLKVQ_SCHEME_KIVI && cfg->block_size % lc->group_size != 0)
+            if (channel_keys(lc) && cfg->block_size % lc->group_size != 0)
                 return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                                  "layer %d: block_size %d must be a multiple of the kivi group "
-                                  "size %d (key groups run along tokens inside a page)",
+                                  "layer %d: block_size %d must be a multiple of the group size "
+                                  "%d of its per-channel keys (key groups run along tokens "
+                                  "inside a page)",
                                   l, cfg->block_size, lc->group_size);
         }
         if ((long long)cfg->n_seqs * ((cfg->capacity + cfg->block_size - 1) / cfg->block_size) >
@@ -199,7 +239,10 @@ static int ring_slots(const clkvq_layer_config *lc)
 {
     switch (lc->scheme) {
     case CLKVQ_SCHEME_KIVI: return lc->residual;
-    case CLKVQ_SCHEME_SKVQ: return lc->window > 0 ? lc->window : 1;
+    /* blocks of per-channel keys wait up to block - 1 tokens past the window */
+    case CLKVQ_SCHEME_SKVQ: return lc->window + clkvq_layer_block(lc) - 1 > 0
+                                       ? lc->window + clkvq_layer_block(lc) - 1
+                                       : 1;
     /* token: nothing stays fp16; fp16: every token is in pages. One slot
      * keeps indexing simple. */
     default: return 1;
@@ -213,7 +256,7 @@ typedef struct {
 } page_geometry;
 
 /* The contiguous cache is one page per sequence: the capacity rounded up
- * to 256 and to every kivi key group (groups never straddle). */
+ * to 256 and to every per-channel key group (groups never straddle). */
 static page_geometry page_geometry_of(const clkvq_cache_config *cfg)
 {
     page_geometry pg;
@@ -225,7 +268,7 @@ static page_geometry page_geometry_of(const clkvq_cache_config *cfg)
     }
     int unit = 256;
     for (int l = 0; l < cfg->n_layers; l++)
-        if (cfg->layers[l].scheme == CLKVQ_SCHEME_KIVI)
+        if (channel_keys(&cfg->layers[l]))
             unit = unit / gcd(unit, cfg->layers[l].group_size) * cfg->layers[l].group_size;
     pg.block_size = (int)clkvq_round_up((size_t)cfg->capacity, (size_t)unit);
     pg.max_blocks = 1;
@@ -334,7 +377,7 @@ static void release_mem(cl_mem *m)
 }
 
 static clkvq_status create_store(clkvq_cache *cache, clkvq_cache_layer *layer, int is_v,
-                                 const int32_t *perm)
+                                 const int32_t *perm, const float *mean)
 {
     clkvq_context *ctx = cache->ctx;
     const clkvq_cache_config *cfg = &cache->cfg;
@@ -355,6 +398,14 @@ static clkvq_status create_store(clkvq_cache *cache, clkvq_cache_layer *layer, i
         memcpy(st->perm_host, perm, n * sizeof(int32_t));
         s = create_buffer(ctx, n * sizeof(int32_t), perm, &st->perm, "permutation");
     }
+    if (s == CLKVQ_OK && mean) {
+        size_t n = (size_t)cfg->n_kv_heads * cfg->head_dim;
+        st->mean_host = malloc(n * sizeof(float));
+        if (!st->mean_host)
+            return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "copying a mean");
+        memcpy(st->mean_host, mean, n * sizeof(float));
+        s = create_buffer(ctx, n * sizeof(float), mean, &st->mean, "channel means");
+    }
     return s;
 }
 
@@ -366,6 +417,9 @@ static void release_store(clkvq_tensor_store *st)
     release_mem(&st->perm);
     free(st->perm_host);
     st->perm_host = NULL;
+    release_mem(&st->mean);
+    free(st->mean_host);
+    st->mean_host = NULL;
 }
 
 void clkvq_cache_release(clkvq_cache *cache)
@@ -386,6 +440,8 @@ void clkvq_cache_release(clkvq_cache *cache)
     release_mem(&cache->partials);
     release_mem(&cache->q_scratch);
     release_mem(&cache->qsum_scratch);
+    release_mem(&cache->xform[0]);
+    release_mem(&cache->xform[1]);
     free(cache->host_len);
     free(cache->tuned);
     free(cache);
@@ -458,15 +514,16 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
         clkvq_cache_layer *layer = &cache->layers[l];
         layer->cfg = cfg->layers[l];
         layer->cfg.perm_k = layer->cfg.perm_v = NULL;
+        layer->cfg.mean_k = layer->cfg.mean_v = NULL;
         layer->ring = ring_slots(&layer->cfg);
         layer->fp_slots = layer->ring + layer->cfg.n_sink;
         layer->length = calloc((size_t)cfg->n_seqs, sizeof(int));
         if (!layer->length)
             st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating sequence lengths");
         if (st == CLKVQ_OK)
-            st = create_store(cache, layer, 0, cfg->layers[l].perm_k);
+            st = create_store(cache, layer, 0, cfg->layers[l].perm_k, cfg->layers[l].mean_k);
         if (st == CLKVQ_OK)
-            st = create_store(cache, layer, 1, cfg->layers[l].perm_v);
+            st = create_store(cache, layer, 1, cfg->layers[l].perm_v, cfg->layers[l].mean_v);
         if (st == CLKVQ_OK)
             st = clkvq_pages_init(cache, l);
     }
@@ -558,8 +615,8 @@ static clkvq_status check_seq(clkvq_cache *cache, int layer, int seq)
  * (old fp16 rows or new input, gathered into packed channel order) into
  * the packed store: one kernel, no staging copy. */
 static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
-                                   clkvq_tensor_store *store, int seq, cl_mem in, int n_old,
-                                   int n_in, int q0, int q1)
+                                   clkvq_tensor_store *store, int seq, cl_mem in, cl_mem perm,
+                                   int n_old, int n_in, int q0, int q1)
 {
     const clkvq_cache_config *cfg = &cache->cfg;
     int n_stage = q1 - q0;
@@ -575,7 +632,7 @@ static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_begin(&a, quant, 0);
     clkvq_args_mem(&a, store->fp);
     clkvq_args_mem(&a, in);
-    clkvq_args_mem(&a, store->perm);
+    clkvq_args_mem(&a, perm);
     clkvq_args_mem(&a, store->codes);
     clkvq_args_mem(&a, store->params);
     if ((st = args_geometry(&a, cache, layer, store, seq)) != CLKVQ_OK)
@@ -587,16 +644,17 @@ static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_int(&a, n_in);
     if ((st = clkvq_args_end(cache->ctx, &a, "cache quantize")) != CLKVQ_OK)
         return st;
-    /* token axis: one work-item per 16 groups; channel axis: one per block */
-    size_t items = token_axis
-                       ? ((size_t)cfg->n_kv_heads * n_stage * store->n_groups + 15) / 16
-                       : (size_t)cfg->n_kv_heads * (n_stage / layer->cfg.group_size);
+    /* token axis: one work-item per 16 groups; channel axis: one per block
+     * touched (a first one after the sinks may be partial) */
+    int g = layer->cfg.group_size;
+    size_t items = token_axis ? ((size_t)cfg->n_kv_heads * n_stage * store->n_groups + 15) / 16
+                              : (size_t)cfg->n_kv_heads * ((q1 + g - 1) / g - q0 / g);
     return run_1d(cache->ctx, quant, items, "cache quantize");
 }
 
 static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
-                               clkvq_tensor_store *store, int seq, cl_mem in, int n_old,
-                               int n_in, int q_end_new)
+                               clkvq_tensor_store *store, int seq, cl_mem in, cl_mem perm,
+                               int n_old, int n_in, int q_end_new)
 {
     cl_kernel k;
     clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_store_fp16", &k);
@@ -605,7 +663,7 @@ static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args a;
     clkvq_args_begin(&a, k, 0);
     clkvq_args_mem(&a, in);
-    clkvq_args_mem(&a, store->perm);
+    clkvq_args_mem(&a, perm);
     clkvq_args_mem(&a, store->fp);
     if ((st = args_geometry(&a, cache, layer, store, seq)) != CLKVQ_OK)
         return st;
@@ -668,6 +726,54 @@ static clkvq_status check_runtime_pages(clkvq_cache *cache, int seq, int t0, int
     return CLKVQ_OK;
 }
 
+/* Centers, rotates and permutes the n_in appended rows of tensor is_v
+ * into cache->xform[is_v] (clkvq_cache_transform), and refuses rows that
+ * leave the fp16 range on the way (a rotation can concentrate a row's
+ * norm in one channel): nothing is written to the cache before. */
+static clkvq_status transform_rows(clkvq_cache *cache, clkvq_cache_layer *layer, int is_v,
+                                   cl_mem in, int n_in)
+{
+    clkvq_context *ctx = cache->ctx;
+    const clkvq_cache_config *cfg = &cache->cfg;
+    clkvq_tensor_store *store = is_v ? &layer->v : &layer->k;
+    size_t n_values = (size_t)cfg->n_kv_heads * n_in * cfg->head_dim;
+    size_t bytes = n_values * sizeof(float);
+    if (!cache->xform[is_v] || cache->xform_bytes[is_v] < bytes) {
+        release_mem(&cache->xform[is_v]);
+        cache->xform_bytes[is_v] = 0;
+        clkvq_status st = create_buffer(ctx, bytes, NULL, &cache->xform[is_v], "transform scratch");
+        if (st != CLKVQ_OK)
+            return st;
+        cache->xform_bytes[is_v] = bytes;
+    }
+    cl_kernel k;
+    clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_transform", &k);
+    if (st != CLKVQ_OK)
+        return st;
+    clkvq_args a;
+    clkvq_args_begin(&a, k, 0);
+    clkvq_args_mem(&a, in);
+    clkvq_args_mem(&a, store->perm);
+    clkvq_args_mem(&a, store->mean);
+    clkvq_args_mem(&a, cache->xform[is_v]);
+    clkvq_args_int(&a, cfg->n_kv_heads);
+    clkvq_args_int(&a, n_in);
+    clkvq_args_int(&a, cfg->head_dim);
+    clkvq_args_int(&a, layer->cfg.rotate);
+    clkvq_args_int(&a, (int)layer->cfg.rot_seed);
+    if ((st = clkvq_args_end(ctx, &a, "transform")) != CLKVQ_OK ||
+        (st = run_1d(ctx, k, (size_t)cfg->n_kv_heads * n_in, "transform")) != CLKVQ_OK)
+        return st;
+    cl_event ev = NULL;
+    st = clkvq_check_finite(ctx, NULL, cache->xform[is_v], n_values, &ev);
+    if (ev)
+        clReleaseEvent(ev);
+    if (st == CLKVQ_ERR_NONFINITE)
+        return clkvq_fail(ctx, st, "%s: a value leaves the fp16 range after centering/rotation; "
+                          "nothing was appended", is_v ? "v" : "k");
+    return st;
+}
+
 static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
                                 cl_mem v)
 {
@@ -710,6 +816,19 @@ static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens
         q0[i] = clkvq_cache_pack_from(layer, i, n_old, n_new);
         q1[i] = clkvq_cache_q_end(layer, i, n_new);
     }
+    /* centering/rotation first, into scratch: the kernels below then read
+     * packed-order rows without a permutation */
+    cl_mem perms[2] = {layer->k.perm, layer->v.perm};
+    if (clkvq_layer_transforms(layer))
+        for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
+            st = transform_rows(cache, layer, i, inputs[i], n_tokens);
+            if (st == CLKVQ_OK) {
+                inputs[i] = cache->xform[i];
+                perms[i] = NULL;
+            }
+        }
+    if (st != CLKVQ_OK)
+        return st;
     int w0, w1;
     page_writes(layer, n_old, n_new, &w0, &w1);
     clkvq_page_undo undo;
@@ -725,10 +844,11 @@ static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens
         /* quantizing reads old fp16 rows that the new tokens may overwrite:
          * the in-order queue runs it first */
         if (q1[i] > q0[i])
-            st = quantize_range(cache, layer, store, seq, inputs[i], n_old, n_tokens, q0[i],
-                                q1[i]);
+            st = quantize_range(cache, layer, store, seq, inputs[i], perms[i], n_old, n_tokens,
+                                q0[i], q1[i]);
         if (st == CLKVQ_OK)
-            st = store_fp16(cache, layer, store, seq, inputs[i], n_old, n_tokens, q1[i]);
+            st = store_fp16(cache, layer, store, seq, inputs[i], perms[i], n_old, n_tokens,
+                            q1[i]);
     }
     if (st == CLKVQ_OK) {
         cl_int err = clFinish(ctx->queue);
@@ -991,8 +1111,11 @@ static clkvq_status read_tensor(clkvq_cache *cache, clkvq_cache_layer *layer,
                                 clkvq_tensor_store *store, int is_v, int seq, cl_mem out)
 {
     int n = layer->length[seq];
+    /* a transformed layer maps whole rows back (one work-item per row) */
+    int rows = clkvq_layer_transforms(layer);
     cl_kernel k;
-    clkvq_status st = store_kernel(cache, layer, store, "clkvq_cache_read", &k);
+    clkvq_status st =
+        store_kernel(cache, layer, store, rows ? "clkvq_cache_read_rows" : "clkvq_cache_read", &k);
     if (st != CLKVQ_OK)
         return st;
     clkvq_args a;
@@ -1008,9 +1131,15 @@ static clkvq_status read_tensor(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_int(&a, clkvq_cache_q_end(layer, is_v, n));
     clkvq_args_int(&a, 0);
     clkvq_args_int(&a, n);
+    if (rows) {
+        clkvq_args_mem(&a, store->mean);
+        clkvq_args_int(&a, layer->cfg.rotate);
+        clkvq_args_int(&a, (int)layer->cfg.rot_seed);
+    }
     if ((st = clkvq_args_end(cache->ctx, &a, "read")) != CLKVQ_OK)
         return st;
-    return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n * cache->cfg.head_dim, "read");
+    size_t items = (size_t)cache->cfg.n_kv_heads * n * (rows ? 1 : cache->cfg.head_dim);
+    return run_1d(cache->ctx, k, items, "read");
 }
 
 clkvq_status clkvq_cache_read_device(clkvq_cache *cache, int l, int seq, cl_mem k_out,

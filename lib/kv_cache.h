@@ -28,6 +28,8 @@ typedef struct {
     size_t page_codes, page_params, page_fp; /* bytes of one page in each pool */
     cl_mem perm;          /* int32 [n_kv_heads][head_dim] or NULL */
     int32_t *perm_host;
+    cl_mem mean;          /* float [n_kv_heads][head_dim] or NULL (centering) */
+    float *mean_host;
 } clkvq_tensor_store;
 
 /* The page pool of one layer, shared by K and V (a page id names both). */
@@ -69,7 +71,25 @@ struct clkvq_cache {
     clkvq_attn_tuning tuning; /* 0 fields: defaults */
     clkvq_tune_params *tuned; /* per layer, from the tuning lookup (lazy) */
     int *host_len;          /* staging for seq_len uploads */
+    cl_mem xform[2];        /* appended K, V rows after centering/rotation (packed order) */
+    size_t xform_bytes[2];
 };
+
+/* Whether a layer stores transformed rows (centering or rotation): its
+ * appends go through clkvq_cache_transform and its read-back back. */
+static inline int clkvq_layer_transforms(const clkvq_cache_layer *layer)
+{
+    return layer->cfg.rotate || layer->k.mean || layer->v.mean;
+}
+
+/* The alignment of skvq's packed region: the key group with per-channel
+ * keys, else 1 (kvq_q_end's `block`). */
+static inline int clkvq_layer_block(const clkvq_layer_config *cfg)
+{
+    return cfg->scheme == CLKVQ_SCHEME_SKVQ && cfg->key_axis == CLKVQ_AXIS_CHANNEL
+               ? cfg->group_size
+               : 1;
+}
 
 /* First quantized token (see above) for one tensor of a layer. */
 int clkvq_cache_q_end(const clkvq_cache_layer *layer, int is_v, int n_tokens);

@@ -8,11 +8,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Values are kept as the cache stores them: y = P(R(x - mean)), packed
+ * channel order (clkvq_packing.h "transforms"); read-back maps them back. */
 struct clkvq_ref_cache {
     clkvq_cache_layer layer; /* only cfg is used, for the token regions */
     int heads, dim, capacity, length;
     int32_t *perm[2];
-    float *val[2]; /* [heads][capacity][dim], model order */
+    float *mean[2];
+    float *val[2]; /* [heads][capacity][dim], stored space */
 };
 
 clkvq_ref_cache *clkvq_ref_cache_create(const clkvq_layer_config *cfg, int n_kv_heads,
@@ -24,13 +27,21 @@ clkvq_ref_cache *clkvq_ref_cache_create(const clkvq_layer_config *cfg, int n_kv_
     rc->dim = head_dim;
     rc->capacity = capacity;
     const int32_t *perms[2] = {cfg->perm_k, cfg->perm_v};
+    const float *means[2] = {cfg->mean_k, cfg->mean_v};
+    size_t n = (size_t)n_kv_heads * head_dim;
     for (int i = 0; i < 2; i++) {
         rc->val[i] = calloc((size_t)n_kv_heads * capacity * head_dim, sizeof(float));
         if (perms[i]) {
-            rc->perm[i] = malloc(sizeof(int32_t) * (size_t)n_kv_heads * head_dim);
-            memcpy(rc->perm[i], perms[i], sizeof(int32_t) * (size_t)n_kv_heads * head_dim);
+            rc->perm[i] = malloc(sizeof(int32_t) * n);
+            memcpy(rc->perm[i], perms[i], sizeof(int32_t) * n);
+        }
+        if (means[i]) {
+            rc->mean[i] = malloc(sizeof(float) * n);
+            memcpy(rc->mean[i], means[i], sizeof(float) * n);
         }
     }
+    rc->layer.cfg.perm_k = rc->layer.cfg.perm_v = NULL;
+    rc->layer.cfg.mean_k = rc->layer.cfg.mean_v = NULL;
     return rc;
 }
 
@@ -40,6 +51,7 @@ void clkvq_ref_cache_free(clkvq_ref_cache *rc)
         return;
     for (int i = 0; i < 2; i++) {
         free(rc->perm[i]);
+        free(rc->mean[i]);
         free(rc->val[i]);
     }
     free(rc);
@@ -73,30 +85,61 @@ static void round_trip_group(const clkvq_quant_params *qp, float **slots, int n)
 }
 
 /* Tokens [q0, q1) of tensor i get packed: values already hold what they are
- * quantized from. */
+ * quantized from, in stored (packed) channel order. Per-channel groups sit
+ * at multiples of the group; a first one may start after the sinks (skvq
+ * with per-channel keys) and then holds only its tokens from q0. */
 static void quantize_tokens(clkvq_ref_cache *rc, int i, int q0, int q1)
 {
     clkvq_quant_params qp = params_of(rc, i);
     int g = qp.group_size;
     float *slots[256];
     for (int h = 0; h < rc->heads; h++) {
-        const int32_t *perm = rc->perm[i] ? rc->perm[i] + (size_t)h * rc->dim : NULL;
         if (qp.axis == CLKVQ_AXIS_TOKEN) {
             for (int t = q0; t < q1; t++)
                 for (int c0 = 0; c0 < rc->dim; c0 += g) {
                     for (int j = 0; j < g; j++)
-                        slots[j] = at(rc, i, h, t, perm ? perm[c0 + j] : c0 + j);
+                        slots[j] = at(rc, i, h, t, c0 + j);
                     round_trip_group(&qp, slots, g);
                 }
         } else {
-            for (int b = q0; b < q1; b += g)
+            for (int b = q0 / g * g; b < q1; b += g) {
+                int t0 = b > q0 ? b : q0;
                 for (int c = 0; c < rc->dim; c++) {
-                    for (int j = 0; j < g; j++)
-                        slots[j] = at(rc, i, h, b + j, perm ? perm[c] : c);
-                    round_trip_group(&qp, slots, g);
+                    for (int t = t0; t < b + g; t++)
+                        slots[t - t0] = at(rc, i, h, t, c);
+                    round_trip_group(&qp, slots, b + g - t0);
                 }
+            }
         }
     }
+}
+
+/* Row x (model order, head h of tensor i) as the cache stores it. */
+static void to_stored(const clkvq_ref_cache *rc, int i, int h, const float *x, float *y)
+{
+    float row[256];
+    const float *mean = rc->mean[i] ? rc->mean[i] + (size_t)h * rc->dim : NULL;
+    for (int c = 0; c < rc->dim; c++)
+        row[c] = mean ? x[c] - mean[c] : x[c];
+    if (rc->layer.cfg.rotate)
+        kvq_rotate(row, rc->dim, rc->layer.cfg.rot_seed, h);
+    const int32_t *perm = rc->perm[i] ? rc->perm[i] + (size_t)h * rc->dim : NULL;
+    for (int c = 0; c < rc->dim; c++)
+        y[c] = row[perm ? perm[c] : c];
+}
+
+/* The inverse: a stored row back in the model's space. */
+static void from_stored(const clkvq_ref_cache *rc, int i, int h, const float *y, float *x)
+{
+    float row[256];
+    const int32_t *perm = rc->perm[i] ? rc->perm[i] + (size_t)h * rc->dim : NULL;
+    for (int c = 0; c < rc->dim; c++)
+        row[perm ? perm[c] : c] = y[c];
+    if (rc->layer.cfg.rotate)
+        kvq_unrotate(row, rc->dim, rc->layer.cfg.rot_seed, h);
+    const float *mean = rc->mean[i] ? rc->mean[i] + (size_t)h * rc->dim : NULL;
+    for (int c = 0; c < rc->dim; c++)
+        x[c] = mean ? row[c] + mean[c] : row[c];
 }
 
 void clkvq_ref_cache_append(clkvq_ref_cache *rc, int n_tokens, const float *k, const float *v)
@@ -107,14 +150,14 @@ void clkvq_ref_cache_append(clkvq_ref_cache *rc, int n_tokens, const float *k, c
         int q0 = clkvq_cache_pack_from(&rc->layer, i, n_old, n_new);
         int q1 = clkvq_cache_q_end(&rc->layer, i, n_new);
         /* new tokens: raw input if packed right away, else fp16-rounded */
+        float y[256];
         for (int h = 0; h < rc->heads; h++)
             for (int r = 0; r < n_tokens; r++) {
                 int t = n_old + r;
                 int packed_now = t >= rc->layer.cfg.n_sink && t < q1;
-                for (int c = 0; c < rc->dim; c++) {
-                    float x = in[i][((size_t)h * n_tokens + r) * rc->dim + c];
-                    *at(rc, i, h, t, c) = packed_now ? x : f16_round(x);
-                }
+                to_stored(rc, i, h, in[i] + ((size_t)h * n_tokens + r) * rc->dim, y);
+                for (int c = 0; c < rc->dim; c++)
+                    *at(rc, i, h, t, c) = packed_now ? y[c] : f16_round(y[c]);
             }
         if (q1 > q0 && rc->layer.cfg.scheme != CLKVQ_SCHEME_FP16)
             quantize_tokens(rc, i, q0, q1);
@@ -142,9 +185,9 @@ void clkvq_ref_cache_read(const clkvq_ref_cache *rc, float *k, float *v)
     for (int i = 0; i < 2; i++)
         if (out[i])
             for (int h = 0; h < rc->heads; h++)
-                memcpy(out[i] + (size_t)h * rc->length * rc->dim,
-                       rc->val[i] + (size_t)h * rc->capacity * rc->dim,
-                       sizeof(float) * (size_t)rc->length * rc->dim);
+                for (int t = 0; t < rc->length; t++)
+                    from_stored(rc, i, h, rc->val[i] + ((size_t)h * rc->capacity + t) * rc->dim,
+                                out[i] + ((size_t)h * rc->length + t) * rc->dim);
 }
 
 void clkvq_ref_cache_copy(clkvq_ref_cache *dst, const clkvq_ref_cache *src)

@@ -53,10 +53,23 @@ static const attn_case g_cases[] = {
 
 /* variant CLKVQ_ATTN_SERIAL forces group-planar layouts (which it needs);
  * block_size 0 is the contiguous cache, else pages of that many tokens. */
+/* Transforms the transform test sets on the next caches (rotation with a
+ * seed, means, skvq's per-channel keys). */
+static struct {
+    int rotate;
+    const float *mean_k, *mean_v;
+    clkvq_axis key_axis;
+} g_xf;
+
 static clkvq_cache *cache_for_paged(const attn_case *c, clkvq_attn_variant variant, int vw,
                                     int block_size, int32_t **perm_k, int32_t **perm_v)
 {
     clkvq_layer_config lc = clkvq_layer_config_default(c->scheme);
+    lc.rotate = g_xf.rotate;
+    lc.rot_seed = 99u;
+    lc.mean_k = g_xf.mean_k;
+    lc.mean_v = g_xf.mean_v;
+    lc.key_axis = c->scheme == CLKVQ_SCHEME_SKVQ ? g_xf.key_axis : CLKVQ_AXIS_TOKEN;
     lc.format_k = c->fk;
     lc.format_v = c->fv;
     if (c->scheme != CLKVQ_SCHEME_FP16)
@@ -354,6 +367,44 @@ START_TEST(decode_multi_query_matches_reference)
 }
 END_TEST
 
+/* Rotation, centering and skvq's per-channel keys: decode equals fp64
+ * attention over the read-back (which maps the stored rows back), for
+ * every fourth case, both variants, contiguous and paged. */
+START_TEST(decode_transforms_match_reference)
+{
+    static float means[2][KV_HEADS * 256];
+    uint64_t rng = 5;
+    for (int i = 0; i < KV_HEADS * 256; i++) {
+        means[0][i] = (float)(3.0 * test_normal(&rng));
+        means[1][i] = (float)test_normal(&rng);
+    }
+    const int n_cases = (int)(sizeof g_cases / sizeof g_cases[0]);
+    for (int variant = CLKVQ_ATTN_COOPERATIVE; variant <= CLKVQ_ATTN_SERIAL; variant++)
+        for (int ci = variant - 1; ci < n_cases; ci += 3) {
+            const attn_case *c = &g_cases[ci];
+            g_xf.rotate = 1;
+            g_xf.mean_k = ci % 2 ? means[0] : NULL;
+            g_xf.mean_v = means[1];
+            g_xf.key_axis = CLKVQ_AXIS_CHANNEL;
+            /* per-channel key groups (kivi's, skvq's kc) must fit a page */
+            int block = c->group > 64 ? c->group : 64;
+            int32_t *pk, *pv;
+            clkvq_cache *cache = cache_for_paged(c, (clkvq_attn_variant)variant, 8,
+                                                 ci % 2 ? block : 0, &pk, &pv);
+            memset(&g_xf, 0, sizeof g_xf);
+            int lengths[N_SEQS] = {413, 100};
+            for (int s = 0; s < N_SEQS; s++)
+                fill_sequence(cache, s, lengths[s], c->head_dim, 51 + (uint64_t)s);
+            double err = decode_error(cache, c->qpk, c->head_dim, lengths);
+            ck_assert_msg(err <= TOLERANCE, "%s variant %d rot/mean/kc: %.3g", c->name, variant,
+                          err);
+            clkvq_cache_release(cache);
+            free(pk);
+            free(pv);
+        }
+}
+END_TEST
+
 START_TEST(decode_bad_arguments)
 {
     const attn_case *c = &g_cases[1];
@@ -413,6 +464,7 @@ int main(void)
     tcase_set_timeout(pages, 900);
     tcase_add_test(pages, decode_paged_matches_reference);
     tcase_add_test(pages, decode_multi_query_matches_reference);
+    tcase_add_test(pages, decode_transforms_match_reference);
     suite_add_tcase(s, pages);
     return test_run_suite(s);
 }

@@ -45,6 +45,46 @@ static int make_cases(scheme_case *cases, int dim, int32_t *perm_k, int32_t *per
     cases[n].cfg.clip_v = 0.95f;
     cases[n].cfg.perm_k = perm_k;
     cases[n++].cfg.perm_v = perm_v;
+    /* keys per channel inside SKVQ's window: the first block after the
+     * sinks is partial */
+    cases[n].name = "skvq kc q3/q2 fp8 w16 s5";
+    cases[n].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    cases[n].cfg.format_k = CLKVQ_FMT_Q3;
+    cases[n].cfg.format_v = CLKVQ_FMT_Q2;
+    cases[n].cfg.group_size = 32;
+    cases[n].cfg.window = 16;
+    cases[n].cfg.n_sink = 5;
+    cases[n].cfg.param_type = CLKVQ_PARAM_FP8_E4M3;
+    cases[n].cfg.clip_v = 0.7f;
+    cases[n++].cfg.key_axis = CLKVQ_AXIS_CHANNEL;
+    /* rotation and centering on top of the window, with a permutation */
+    static float means[2][HEADS * 256];
+    uint64_t rng = 77;
+    for (int i = 0; i < HEADS * dim; i++) {
+        means[0][i] = (float)test_normal(&rng);
+        means[1][i] = (float)(0.5 * test_normal(&rng));
+    }
+    cases[n].name = "skvq q2/q2 w16 s3 rot mean perm";
+    cases[n].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    cases[n].cfg.format_k = cases[n].cfg.format_v = CLKVQ_FMT_Q2;
+    cases[n].cfg.group_size = 32;
+    cases[n].cfg.window = 16;
+    cases[n].cfg.n_sink = 3;
+    cases[n].cfg.rotate = 1;
+    cases[n].cfg.rot_seed = 12345u;
+    cases[n].cfg.mean_k = means[0];
+    cases[n].cfg.mean_v = means[1];
+    cases[n].cfg.perm_k = perm_k;
+    cases[n++].cfg.perm_v = perm_v;
+    cases[n].name = "kivi q4/t1.5 R32 rot";
+    cases[n].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_KIVI);
+    cases[n].cfg.format_v = CLKVQ_FMT_T15;
+    cases[n].cfg.residual = 32;
+    cases[n].cfg.rotate = 1;
+    cases[n++].cfg.rot_seed = 7u;
+    cases[n].name = "fp16 mean";
+    cases[n].cfg = clkvq_layer_config_default(CLKVQ_SCHEME_FP16);
+    cases[n++].cfg.mean_v = means[1];
     return n;
 }
 
@@ -128,7 +168,7 @@ static void run_state_test_paged(int dim, clkvq_layout layout, int block_size)
 {
     const int n_seqs = 3, capacity = 300;
     int32_t *perm_k = test_random_perm(3, HEADS, dim), *perm_v = test_random_perm(4, HEADS, dim);
-    scheme_case cases[8];
+    scheme_case cases[12];
     int n_cases = make_cases(cases, dim, perm_k, perm_v);
     float *k = malloc(sizeof(float) * HEADS * capacity * dim);
     float *v = malloc(sizeof(float) * HEADS * capacity * dim);
@@ -271,7 +311,7 @@ END_TEST
 START_TEST(out_of_blocks_changes_nothing)
 {
     const int dim = 64, capacity = 512, block = 64;
-    scheme_case cases[8];
+    scheme_case cases[12];
     int32_t *perm = test_random_perm(2, HEADS, dim);
     int n_cases = make_cases(cases, dim, perm, perm);
     size_t big = (size_t)HEADS * capacity * dim;
@@ -429,7 +469,7 @@ END_TEST
 START_TEST(window_transitions_one_token_at_a_time)
 {
     const int dim = 64, capacity = 200;
-    scheme_case cases[8];
+    scheme_case cases[12];
     int32_t *perm = test_random_perm(9, HEADS, dim);
     int n_cases = make_cases(cases, dim, perm, perm);
     float k[HEADS * 64], v[HEADS * 64];
@@ -454,7 +494,7 @@ END_TEST
 START_TEST(failed_appends_change_nothing)
 {
     const int dim = 64, capacity = 100;
-    scheme_case cases[8];
+    scheme_case cases[12];
     int32_t *perm = test_random_perm(2, HEADS, dim);
     int n_cases = make_cases(cases, dim, perm, perm);
     size_t big = (size_t)HEADS * capacity * dim;
@@ -549,6 +589,34 @@ START_TEST(bad_configs_are_reported)
     cfg.capacity = 1024;
     ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_OK);
     ck_assert_double_eq_tol(8.0 * mem.quantized_bytes / (2.0 * 1024 * 2 * 64), 5.0, 1e-9);
+    /* pages: multiples of 16 and of per-channel key groups */
+    cfg.block_size = 40;
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "multiple of 16"));
+    lc = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    lc.group_size = 64;
+    lc.key_axis = CLKVQ_AXIS_CHANNEL;
+    cfg.block_size = 32;
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "per-channel keys"));
+    cfg.block_size = 0;
+    cfg.n_blocks = 8; /* a pool size needs pages */
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_ERR_INVALID_ARG);
+    cfg.n_blocks = 0;
+    lc.key_axis = (clkvq_axis)5;
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_ERR_INVALID_ARG);
+    lc = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    lc.key_axis = CLKVQ_AXIS_CHANNEL; /* an skvq setting */
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_ERR_INVALID_ARG);
+    lc.key_axis = CLKVQ_AXIS_TOKEN;
+    lc.rotate = 2;
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_ERR_INVALID_ARG);
+    lc.rotate = 0;
+    float mean[2 * 64] = {0};
+    mean[77] = NAN;
+    lc.mean_v = mean;
+    ck_assert_int_eq(clkvq_cache_plan(ctx, &cfg, &mem), CLKVQ_ERR_NONFINITE);
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "mean_v[77]"));
 }
 END_TEST
 

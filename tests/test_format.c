@@ -139,6 +139,60 @@ START_TEST(word_unpacking_matches_byte_packing)
 }
 END_TEST
 
+/* The randomized Walsh-Hadamard rotation of clkvq_packing.h: orthogonal
+ * (norms and dot products kept), unrotate(rotate(x)) = x within fp32, one
+ * block per largest power of two dividing head_dim, signs that depend on
+ * the seed and the head. */
+START_TEST(rotation_round_trips)
+{
+    const int dims[] = {32, 64, 96, 128, 160, 256};
+    uint64_t rng = 3;
+    ck_assert_int_eq(kvq_rot_block(96), 32);
+    ck_assert_int_eq(kvq_rot_block(128), 128);
+    ck_assert_int_eq(kvq_rot_block(160), 32);
+    for (int di = 0; di < 6; di++) {
+        int d = dims[di];
+        for (int trial = 0; trial < 20; trial++) {
+            float x[256], y[256], z[256], w[256];
+            double xx = 0, yy = 0, xz = 0, yw = 0;
+            for (int c = 0; c < d; c++) {
+                x[c] = c == 5 ? 50.0f : (float)test_normal(&rng); /* an outlier */
+                z[c] = (float)test_normal(&rng);
+            }
+            memcpy(y, x, sizeof(float) * d);
+            memcpy(w, z, sizeof(float) * d);
+            kvq_rotate(y, d, 1234u + (uint32_t)trial, trial % 3);
+            kvq_rotate(w, d, 1234u + (uint32_t)trial, trial % 3);
+            float ymax = 0;
+            for (int c = 0; c < d; c++) {
+                xx += (double)x[c] * x[c];
+                yy += (double)y[c] * y[c];
+                xz += (double)x[c] * z[c];
+                yw += (double)y[c] * w[c];
+                ymax = fabsf(y[c]) > ymax ? fabsf(y[c]) : ymax;
+            }
+            ck_assert_msg(fabs(yy - xx) <= 1e-5 * xx, "d %d: norm %g -> %g", d, xx, yy);
+            ck_assert_msg(fabs(yw - xz) <= 1e-5 * sqrt(xx * yy) + 1e-5, "d %d: dot %g -> %g", d,
+                          xz, yw);
+            /* the outlier is spread over its block */
+            ck_assert_msg(ymax < 0.9f * fabsf(x[5]), "d %d: max %g of outlier %g", d, ymax, x[5]);
+            kvq_unrotate(y, d, 1234u + (uint32_t)trial, trial % 3);
+            for (int c = 0; c < d; c++)
+                ck_assert_msg(fabsf(y[c] - x[c]) <= 1e-5f * (1.0f + fabsf(x[c])),
+                              "d %d channel %d: %g -> %g", d, c, x[c], y[c]);
+        }
+    }
+    /* signs depend on the seed and the head */
+    int differ_seed = 0, differ_head = 0;
+    for (int c = 0; c < 128; c++) {
+        differ_seed += kvq_rot_sign(1u, 0, c) != kvq_rot_sign(2u, 0, c);
+        differ_head += kvq_rot_sign(1u, 0, c) != kvq_rot_sign(1u, 1, c);
+    }
+    ck_assert_int_gt(differ_seed, 32);
+    ck_assert_int_gt(differ_head, 32);
+}
+END_TEST
+
 static uint16_t f16_bits_of(_Float16 h)
 {
     uint16_t b;
@@ -238,6 +292,7 @@ int main(void)
     tcase_add_test(tc, packing_is_lsb_first);
     tcase_add_test(tc, trit_digits_without_division);
     tcase_add_test(tc, word_unpacking_matches_byte_packing);
+    tcase_add_test(tc, rotation_round_trips);
     tcase_add_test(tc, fp16_matches_compiler_conversion);
     tcase_add_test(tc, e4m3_round_trips_and_rounds_to_even);
     tcase_add_test(tc, validation_messages);
