@@ -1,25 +1,14 @@
 /*
- * Which tuning a cache's layers decode with (clkvq_cache_tuning_source).
- *
- * At creation kv_cache.c keeps the parameters each layer's lookup gave
- * (cache->tuned), not the level of the chain they came from. This module
- * asks the chain again with the layer's shape, built as kv_cache.c builds
- * it, and answers only when that still gives the parameters the layer
- * holds: the level is then the one they came from (or one holding the
- * very same parameters). attention.c's resolve_tuning decides what a
- * layer runs; the two cases it overrides the lookup in are mirrored here.
+ * Which tuning a cache's layers decode with (clkvq_cache_tuning_source):
+ * the level of the lookup chain each layer's parameters came from at
+ * creation (kv_cache.c), unless attention.c's resolve_tuning overrides
+ * them: the caller's clkvq_cache_set_tuning, or built-in defaults for a
+ * layer with nothing tuned or a serial entry the layouts cannot run.
  */
 #include "kv_cache.h"
 #include "tuning_db.h"
 
 #include <string.h>
-
-static int same_params(const clkvq_tune_params *a, const clkvq_tune_params *b)
-{
-    return a->attn.variant == b->attn.variant && a->attn.wgs == b->attn.wgs &&
-           a->attn.chunk == b->attn.chunk && a->attn.vw == b->attn.vw &&
-           a->layout_k == b->layout_k && a->layout_v == b->layout_v;
-}
 
 clkvq_status clkvq_cache_tuning_source(const clkvq_cache *cache, int layer,
                                        clkvq_tuning_source *out)
@@ -48,21 +37,6 @@ clkvq_status clkvq_cache_tuning_source(const clkvq_cache *cache, int layer,
         *out = CLKVQ_TUNED_BUILTIN;
         return CLKVQ_OK;
     }
-    const clkvq_layer_config *lc = &cache->layers[layer].cfg;
-    clkvq_tune_shape shape = {lc->scheme,      lc->format_k,   lc->format_v,
-                              lc->group_size,  cfg->head_dim,  cfg->n_q_heads,
-                              cfg->n_kv_heads, cfg->capacity,  cfg->n_seqs};
-    clkvq_tune_params now;
-    clkvq_tuning_source source;
-    clkvq_status st = clkvq_tuning_lookup(ctx, &shape, &now, &source);
-    if (st != CLKVQ_OK)
-        return st;
-    if (!same_params(&now, held))
-        return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
-                          "clkvq_cache_tuning_source: layer %d: the tuning results changed since "
-                          "the cache was created (the lookup now gives other parameters than the "
-                          "layer took); its source cannot be told",
-                          layer);
-    *out = source;
+    *out = cache->tuned_source[layer];
     return CLKVQ_OK;
 }

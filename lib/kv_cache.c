@@ -444,6 +444,7 @@ void clkvq_cache_release(clkvq_cache *cache)
     release_mem(&cache->xform[1]);
     free(cache->host_len);
     free(cache->tuned);
+    free(cache->tuned_source);
     free(cache);
 }
 
@@ -473,7 +474,8 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
     cache->n_pages = pg.n_pages;
     cache->paged = cfg->block_size > 0;
     cache->tuned = calloc((size_t)cfg->n_layers, sizeof *cache->tuned);
-    if (!cache->tuned) {
+    cache->tuned_source = calloc((size_t)cfg->n_layers, sizeof *cache->tuned_source);
+    if (!cache->tuned || !cache->tuned_source) {
         clkvq_cache_release(cache);
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating tuning slots");
     }
@@ -491,14 +493,17 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
         }
         if (same >= 0) {
             cache->tuned[l] = cache->tuned[same];
+            cache->tuned_source[l] = cache->tuned_source[same];
             continue;
         }
         clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
                                   cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
                                   cfg->capacity, cfg->n_seqs};
-        clkvq_tuning_source source;
-        if (clkvq_tuning_lookup(ctx, &shape, &cache->tuned[l], &source) != CLKVQ_OK)
+        if (clkvq_tuning_lookup(ctx, &shape, &cache->tuned[l], &cache->tuned_source[l]) !=
+            CLKVQ_OK) {
             memset(&cache->tuned[l], 0, sizeof cache->tuned[l]);
+            cache->tuned_source[l] = CLKVQ_TUNED_BUILTIN;
+        }
     }
     if (cache->cfg.layout_k == CLKVQ_LAYOUT_AUTO)
         cache->cfg.layout_k = cache->tuned[0].layout_k;

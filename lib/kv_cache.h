@@ -69,7 +69,8 @@ struct clkvq_cache {
     cl_mem qsum_scratch;    /* their per-group sums */
     size_t qsum_scratch_bytes;
     clkvq_attn_tuning tuning; /* 0 fields: defaults */
-    clkvq_tune_params *tuned; /* per layer, from the tuning lookup (lazy) */
+    clkvq_tune_params *tuned; /* per layer, from the tuning lookup at create */
+    clkvq_tuning_source *tuned_source; /* the chain's level each of them came from */
     int *host_len;          /* staging for seq_len uploads */
     cl_mem xform[2];        /* appended K, V rows after centering/rotation (packed order) */
     size_t xform_bytes[2];
