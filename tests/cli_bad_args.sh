@@ -76,6 +76,10 @@ if [[ -n $bench ]]; then
   expect --tokens 1,abc "$bench" attention --tokens 1,abc
   expect --batch nan "$bench" attention --batch nan
   expect --synth-cache-mb -5 "$bench" attention --synth-cache-mb -5
+  expect --kernel serial:8x:512 "$bench" attention --kernel serial:8x:512
+  expect --kernel fast:8:512 "$bench" attention --kernel fast:8:512
+  expect --tokens 4k "$bench" append --tokens 4k
+  expect --reps 0 "$bench" append --reps 0
 fi
 
 echo "$checked bad arguments, $failures not refused as usage errors"

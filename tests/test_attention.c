@@ -49,6 +49,10 @@ static const attn_case g_cases[] = {
      0, 128, 64, 1, 1, 0, 0, 1, 1},
     {"token k4v4 gqa6 d256 g128 fp8", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 128, 6,
      256, 0, 0, 0, 32, 32, 0, 0, CLKVQ_PARAM_FP8_E4M3, 0, 0, 1},
+    /* base-3 keys (the serial kernel's float digits, a group ending in a
+     * partial word) and 3-bit values that straddle words */
+    {"token k1.5v3 gqa4 d128 g64 int-zero", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_T15, CLKVQ_FMT_Q3, 64,
+     4, 128, 0, 0, 0, 128, 64, 0, 0, 0, CLKVQ_ZERO_INT, 1, 1},
 };
 
 /* variant CLKVQ_ATTN_SERIAL forces group-planar layouts (which it needs);
