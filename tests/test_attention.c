@@ -25,30 +25,32 @@ typedef struct {
     clkvq_zero_mode zero;
     int permute;
     float clip;
+    int tpl, vwpl, waves; /* the cooperative variant's (waves 64: several splits and the merge
+                             on a small device; 1: one split, written directly) */
 } attn_case;
 
 static const attn_case g_cases[] = {
-    {"fp16 gqa4 d128", CLKVQ_SCHEME_FP16, 0, 0, 0, 4, 128, 0, 0, 0, 64, 32, 0, 0, 0, 0, 0, 1},
+    {"fp16 gqa4 d128", CLKVQ_SCHEME_FP16, 0, 0, 0, 4, 128, 0, 0, 0, 64, 32, 0, 0, 0, 0, 0, 1, 4, 0, 64},
     {"token k8v8 mha d64", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q8, CLKVQ_FMT_Q8, 32, 1, 64, 0, 0, 0,
-     128, 64, 0, 0, 0, 0, 0, 1},
+     128, 64, 0, 0, 0, 0, 0, 1, 2, 1, 1},
     {"token k4v4 gqa4 d128 planar-k", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 32, 4,
-     128, 0, 0, 0, 128, 64, 1, 0, 0, 0, 0, 1},
+     128, 0, 0, 0, 128, 64, 1, 0, 0, 0, 0, 1, 4, 2, 64},
     {"token k4v2 gqa7 d128 g64 planar", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q2, 64, 7,
-     128, 0, 0, 0, 64, 64, 1, 1, 0, 0, 0, 1},
+     128, 0, 0, 0, 64, 64, 1, 1, 0, 0, 0, 1, 1, 0, 8},
     {"token k3v1.5 gqa2 d96 fp8 int-zero", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q3, CLKVQ_FMT_T15, 32,
-     2, 96, 0, 0, 0, 64, 32, 0, 1, CLKVQ_PARAM_FP8_E4M3, CLKVQ_ZERO_INT, 0, 1},
+     2, 96, 0, 0, 0, 64, 32, 0, 1, CLKVQ_PARAM_FP8_E4M3, CLKVQ_ZERO_INT, 0, 1, 2, 0, 64},
     {"kivi k2v2 gqa4 d128 R64", CLKVQ_SCHEME_KIVI, CLKVQ_FMT_Q2, CLKVQ_FMT_Q2, 32, 4, 128, 0,
-     0, 64, 128, 64, 0, 0, 0, 0, 0, 1},
+     0, 64, 128, 64, 0, 0, 0, 0, 0, 1, 4, 1, 1},
     {"kivi k4v2 gqa8 d64 R128", CLKVQ_SCHEME_KIVI, CLKVQ_FMT_Q4, CLKVQ_FMT_Q2, 32, 8, 64, 0,
-     0, 128, 64, 32, 0, 1, 0, 0, 0, 1},
+     0, 128, 64, 32, 0, 1, 0, 0, 0, 1, 2, 2, 64},
     {"skvq k2v1.5 gqa4 d128 g128 w32 s5", CLKVQ_SCHEME_SKVQ, CLKVQ_FMT_Q2, CLKVQ_FMT_T15, 128,
-     4, 128, 32, 5, 0, 128, 64, 1, 0, 0, 0, 1, 0.9f},
+     4, 128, 32, 5, 0, 128, 64, 1, 0, 0, 0, 1, 0.9f, 1, 4, 64},
     {"skvq k4v4 mha d256 g64 w16 s2", CLKVQ_SCHEME_SKVQ, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 64, 1, 256,
-     16, 2, 0, 64, 64, 0, 1, 0, 0, 1, 0.95f},
+     16, 2, 0, 64, 64, 0, 1, 0, 0, 1, 0.95f, 4, 0, 1},
     {"skvq k8v4 gqa5 d96 w8 s0", CLKVQ_SCHEME_SKVQ, CLKVQ_FMT_Q8, CLKVQ_FMT_Q4, 32, 5, 96, 8, 0,
-     0, 128, 64, 1, 1, 0, 0, 1, 1},
+     0, 128, 64, 1, 1, 0, 0, 1, 1, 2, 1, 64},
     {"token k4v4 gqa6 d256 g128 fp8", CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 128, 6,
-     256, 0, 0, 0, 32, 32, 0, 0, CLKVQ_PARAM_FP8_E4M3, 0, 0, 1},
+     256, 0, 0, 0, 32, 32, 0, 0, CLKVQ_PARAM_FP8_E4M3, 0, 0, 1, 4, 0, 8},
 };
 
 /* variant CLKVQ_ATTN_SERIAL forces group-planar layouts (which it needs);
@@ -97,7 +99,7 @@ static clkvq_cache *cache_for_paged(const attn_case *c, clkvq_attn_variant varia
     clkvq_cache *cache = NULL;
     clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
     ck_assert_msg(st == CLKVQ_OK, "%s: create: %s", c->name, clkvq_last_error(test_ctx()));
-    clkvq_attn_tuning tuning = {variant, c->wgs, c->chunk, vw};
+    clkvq_attn_tuning tuning = {variant, c->wgs, c->chunk, vw, c->tpl, c->vwpl, c->waves};
     st = clkvq_cache_set_tuning(cache, &tuning);
     ck_assert_msg(st == CLKVQ_OK, "%s: tuning: %s", c->name, clkvq_last_error(test_ctx()));
     return cache;
@@ -429,14 +431,24 @@ START_TEST(decode_bad_arguments)
     ck_assert_int_eq(clkvq_cache_decode_paged(cache, 0, 1, small, small, 1.0f, small, 1),
                      CLKVQ_ERR_INVALID_ARG); /* this cache manages its own pages */
     clReleaseMemObject(small);
-    clkvq_attn_tuning bad = {CLKVQ_ATTN_COOPERATIVE, 48, 96, 0};
+    clkvq_attn_tuning bad = {CLKVQ_ATTN_COOPERATIVE, 48, 0, 0, 0, 0, 0};
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
+    bad.wgs = 8; /* a 16-token segment must fit a tile's lanes */
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
     bad.wgs = 64;
-    bad.chunk = 100;
+    bad.tpl = 3;
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
-    bad.chunk = 1 << 24; /* more local memory than any device has */
+    ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "tpl"));
+    bad.tpl = 4;
+    bad.vwpl = 3;
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
+    bad.vwpl = 0;
+    bad.waves = 65;
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_INVALID_ARG);
+    bad.waves = 0;
+    bad.wgs = 1 << 16; /* more work-items and local memory than any device has */
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &bad), CLKVQ_ERR_DEVICE_LIMIT);
-    clkvq_attn_tuning serial = {CLKVQ_ATTN_SERIAL, 0, 64, 16};
+    clkvq_attn_tuning serial = {CLKVQ_ATTN_SERIAL, 0, 64, 16, 0, 0, 0};
     /* this cache is token-major: the serial variant cannot read it */
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &serial), CLKVQ_ERR_UNSUPPORTED);
     ck_assert_ptr_nonnull(strstr(clkvq_last_error(ctx), "group-planar"));
