@@ -482,8 +482,8 @@ typedef struct {
     int vw;    /* serial: vector width, 4, 8 or 16 */
     int tpl;   /* cooperative: tokens per work-item in a tile (1, 2, 4) */
     int vwpl;  /* cooperative: V words per work-item (1, 2, 4; rounded down to what the
-                  V format's groups allow); 0 stays "automatic": the most that keep
-                  64 accumulators per work-item */
+                  V format's groups allow); 0 where it is resolved: automatic, the most
+                  that keep 64 accumulators per work-item */
     int waves; /* cooperative: work-groups per compute unit the split-K aims for (1..64):
                   no split when sequences x kv heads already fill that many */
 } clkvq_attn_tuning;
@@ -491,7 +491,8 @@ typedef struct {
 /* Overrides the decode tunables of this cache (NULL: back to defaults), as
  * CLBlast's OverrideParameters does. Validated against device limits. */
 CLKVQ_API clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning);
-/* The tunables decode uses now (defaults resolved). */
+/* The tunables a decode of layer 0 uses now (defaults resolved; the tuned
+ * entry nearest the batch and the longest sequence as they stand). */
 CLKVQ_API clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning *out);
 
 /*

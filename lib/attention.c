@@ -142,11 +142,20 @@ clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning 
     return CLKVQ_OK;
 }
 
+/* The longest sequence of layer l: the length a decode's tunables key on. */
+static int max_length(const clkvq_cache *cache, int l)
+{
+    int max_len = 0;
+    for (int s = 0; s < cache->cfg.n_seqs; s++)
+        max_len = cache->layers[l].length[s] > max_len ? cache->layers[l].length[s] : max_len;
+    return max_len;
+}
+
 clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning *out)
 {
     if (!cache || !out)
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_get_tuning: NULL argument");
-    resolve_tuning(cache, 0, -1, &cache->tuning, out);
+    resolve_tuning(cache, 0, max_length(cache, 0), &cache->tuning, out);
     return CLKVQ_OK;
 }
 
@@ -627,12 +636,8 @@ static clkvq_status decode_impl(clkvq_cache *cache, int l, int n_queries, cl_mem
     if ((st = clkvq_check_buffer(ctx, q, "q", need)) != CLKVQ_OK ||
         (st = clkvq_check_buffer(ctx, out, "out", need)) != CLKVQ_OK)
         return st;
-    clkvq_cache_layer *layer = &cache->layers[l];
-    int max_len = 0;
-    for (int s = 0; s < cache->cfg.n_seqs; s++)
-        max_len = layer->length[s] > max_len ? layer->length[s] : max_len;
     clkvq_attn_tuning t;
-    resolve_tuning(cache, l, max_len, &cache->tuning, &t);
+    resolve_tuning(cache, l, max_length(cache, l), &cache->tuning, &t);
     if ((st = check_layer(ctx, cache, l, &t, n_queries)) != CLKVQ_OK)
         return st;
     event_list events;

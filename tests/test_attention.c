@@ -4,6 +4,7 @@
  * sinks, chunk boundaries, token counts 1, 7, 129, 1000. */
 #include "kv_cache.h"
 #include "reference.h"
+#include "test_hooks.h"
 #include "test_util.h"
 
 #include <math.h>
@@ -407,6 +408,235 @@ START_TEST(decode_transforms_match_reference)
 }
 END_TEST
 
+/* The tests can fail: the cooperative kernel built with its online
+ * softmax's rescale skipped (a test hook) is far off over many tiles, and
+ * right again without it. */
+START_TEST(planted_bug_is_caught)
+{
+    attn_case c = g_cases[2];
+    c.wgs = 64;
+    c.tpl = 1;
+    c.waves = 1;
+    const int lengths[N_SEQS] = {1000, 300};
+    for (int planted = 1; planted >= 0; planted--) {
+        int32_t *pk, *pv;
+        clkvq_cache *cache = cache_for(&c, CLKVQ_ATTN_COOPERATIVE, 16, &pk, &pv);
+        for (int s = 0; s < N_SEQS; s++)
+            fill_sequence(cache, s, lengths[s], c.head_dim, 61 + (uint64_t)s);
+        clkvq_attn_planted_bug_for_tests = planted;
+        double err = decode_error(cache, c.qpk, c.head_dim, lengths);
+        clkvq_attn_planted_bug_for_tests = 0;
+        if (planted)
+            ck_assert_msg(err > 1e-3, "the planted bug went unnoticed: error %.3g", err);
+        else
+            ck_assert_msg(err <= TOLERANCE, "without the planted bug: %.3g", err);
+        clkvq_cache_release(cache);
+        free(pk);
+        free(pv);
+    }
+}
+END_TEST
+
+/* Decode is asynchronous: two decodes with an append between them, read
+ * back only at the end, each see the lengths of their own moment (the
+ * non-blocking length upload), and the device time is there once asked. */
+START_TEST(decode_is_asynchronous)
+{
+    for (int variant = CLKVQ_ATTN_COOPERATIVE; variant <= CLKVQ_ATTN_SERIAL; variant++) {
+        const attn_case *c = &g_cases[2];
+        int32_t *pk, *pv;
+        clkvq_cache *cache = cache_for_paged(c, (clkvq_attn_variant)variant, 8, 32, &pk, &pv);
+        clkvq_context *ctx = test_ctx();
+        int d = c->head_dim, n_q = KV_HEADS * c->qpk, lengths[2][N_SEQS] = {{200, 33}, {0, 0}};
+        size_t qn = (size_t)N_SEQS * n_q * d;
+        float *q = malloc(qn * sizeof(float)), *out[2];
+        test_fill_normal(5, q, qn, 1.0f);
+        cl_int err;
+        cl_mem qm = clCreateBuffer(clkvq_context_cl_context(ctx), CL_MEM_COPY_HOST_PTR,
+                                   qn * sizeof(float), q, &err);
+        cl_mem om[2];
+        for (int s = 0; s < N_SEQS; s++)
+            fill_sequence(cache, s, lengths[0][s], d, 71 + (uint64_t)s);
+        for (int step = 0; step < 2; step++) {
+            om[step] = clCreateBuffer(clkvq_context_cl_context(ctx), 0, qn * sizeof(float), NULL,
+                                      &err);
+            ck_assert_int_eq(clkvq_cache_decode(cache, 0, qm, om[step], 0.1f), CLKVQ_OK);
+            ck_assert(clkvq_last_device_ms(ctx) > 0.0);
+            if (step == 0) { /* one more token for seq 0, then the second decode */
+                fill_sequence(cache, 0, 1, d, 99);
+                lengths[1][0] = lengths[0][0] + 1;
+                lengths[1][1] = lengths[0][1];
+            }
+        }
+        for (int step = 0; step < 2; step++) {
+            out[step] = malloc(qn * sizeof(float));
+            clEnqueueReadBuffer(clkvq_context_cl_queue(ctx), om[step], CL_TRUE, 0,
+                                qn * sizeof(float), out[step], 0, NULL, NULL);
+        }
+        /* the read-back of step 0 is the first lengths[0] tokens of today's */
+        double *ref = malloc((size_t)n_q * d * sizeof(double)), worst = 0.0;
+        for (int s = 0; s < N_SEQS; s++) {
+            int n_now = lengths[1][s];
+            float *k = malloc((size_t)KV_HEADS * n_now * d * sizeof(float));
+            float *v = malloc((size_t)KV_HEADS * n_now * d * sizeof(float));
+            ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
+            for (int step = 0; step < 2; step++) {
+                int n = lengths[step][s];
+                float *kk = malloc((size_t)KV_HEADS * n * d * sizeof(float) + 4);
+                float *vv = malloc((size_t)KV_HEADS * n * d * sizeof(float) + 4);
+                for (int h = 0; h < KV_HEADS; h++) {
+                    memcpy(kk + (size_t)h * n * d, k + (size_t)h * n_now * d,
+                           (size_t)n * d * sizeof(float));
+                    memcpy(vv + (size_t)h * n * d, v + (size_t)h * n_now * d,
+                           (size_t)n * d * sizeof(float));
+                }
+                test_attention_reference(q + (size_t)s * n_q * d, kk, vv, n, n_q, c->qpk, d, 0.1f,
+                                         ref);
+                for (int h = 0; h < n_q; h++) {
+                    double num = 0.0, den = 0.0;
+                    for (int ch = 0; ch < d; ch++) {
+                        double r = ref[(size_t)h * d + ch];
+                        double o = out[step][((size_t)s * n_q + h) * d + ch];
+                        num += (o - r) * (o - r);
+                        den += r * r;
+                    }
+                    double e = sqrt(num / den);
+                    worst = e > worst || isnan(e) ? e : worst;
+                }
+                free(kk);
+                free(vv);
+            }
+            free(k);
+            free(v);
+        }
+        ck_assert_msg(worst <= TOLERANCE, "variant %d: %.3g", variant, worst);
+        for (int step = 0; step < 2; step++) {
+            clReleaseMemObject(om[step]);
+            free(out[step]);
+        }
+        clReleaseMemObject(qm);
+        free(q);
+        free(ref);
+        clkvq_cache_release(cache);
+        free(pk);
+        free(pv);
+    }
+}
+END_TEST
+
+/* A runtime's block table naming a page outside the pool: decode masks
+ * that page's tokens (both variants; the reference leaves them out)
+ * instead of reading out of bounds. */
+START_TEST(decode_masks_bad_page_ids)
+{
+    clkvq_context *ctx = test_ctx();
+    const int d = 64, qpk = 4, capacity = 256, block = 32, n_q = KV_HEADS * qpk;
+    const int max_blocks = capacity / block, n_pages = N_SEQS * max_blocks;
+    const int lengths[N_SEQS] = {230, 75}, bad_block = 2;
+    clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = N_SEQS, .capacity = capacity,
+                              .n_kv_heads = KV_HEADS, .n_q_heads = n_q, .head_dim = d,
+                              .layout_k = CLKVQ_LAYOUT_GROUP_PLANAR,
+                              .layout_v = CLKVQ_LAYOUT_GROUP_PLANAR, .layers = &lc,
+                              .block_size = block, .runtime_tables = 1};
+    clkvq_cache *cache = NULL;
+    ck_assert_int_eq(clkvq_cache_create(ctx, &cfg, &cache), CLKVQ_OK);
+    int table[N_SEQS * 8];
+    for (int i = 0; i < n_pages; i++)
+        table[i] = (i * 5 + 3) % n_pages;
+    cl_int err;
+    cl_mem tmem = clCreateBuffer(clkvq_context_cl_context(ctx), CL_MEM_COPY_HOST_PTR,
+                                 sizeof table, table, &err);
+    size_t big = (size_t)KV_HEADS * capacity * d;
+    float *k = malloc(big * sizeof(float)), *v = malloc(big * sizeof(float));
+    cl_mem km = clCreateBuffer(clkvq_context_cl_context(ctx), 0, big * 4, NULL, &err);
+    cl_mem vm = clCreateBuffer(clkvq_context_cl_context(ctx), 0, big * 4, NULL, &err);
+    for (int s = 0; s < N_SEQS; s++) {
+        size_t n = (size_t)KV_HEADS * lengths[s] * d;
+        test_fill_normal(3 + (uint64_t)s, k, n, 1.0f);
+        test_fill_normal(13 + (uint64_t)s, v, n, 1.0f);
+        clEnqueueWriteBuffer(clkvq_context_cl_queue(ctx), km, CL_TRUE, 0, n * 4, k, 0, NULL, NULL);
+        clEnqueueWriteBuffer(clkvq_context_cl_queue(ctx), vm, CL_TRUE, 0, n * 4, v, 0, NULL, NULL);
+        ck_assert_int_eq(clkvq_cache_append_paged(cache, 0, s, lengths[s], km, vm, tmem,
+                                                  max_blocks),
+                         CLKVQ_OK);
+    }
+    float *rk[N_SEQS], *rv[N_SEQS];
+    for (int s = 0; s < N_SEQS; s++) {
+        rk[s] = malloc((size_t)KV_HEADS * lengths[s] * d * sizeof(float));
+        rv[s] = malloc((size_t)KV_HEADS * lengths[s] * d * sizeof(float));
+        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, rk[s], rv[s]), CLKVQ_OK);
+    }
+    table[bad_block] = n_pages + 5; /* seq 0's tokens 64..95 */
+    clEnqueueWriteBuffer(clkvq_context_cl_queue(ctx), tmem, CL_TRUE, 0, sizeof table, table, 0,
+                         NULL, NULL);
+    size_t qn = (size_t)N_SEQS * n_q * d;
+    float *q = malloc(qn * sizeof(float)), *out = malloc(qn * sizeof(float));
+    double *ref = malloc((size_t)n_q * d * sizeof(double));
+    test_fill_normal(23, q, qn, 1.0f);
+    cl_mem qm = clCreateBuffer(clkvq_context_cl_context(ctx), CL_MEM_COPY_HOST_PTR, qn * 4, q,
+                               &err);
+    cl_mem om = clCreateBuffer(clkvq_context_cl_context(ctx), 0, qn * 4, NULL, &err);
+    const clkvq_attn_tuning tunings[] = {{CLKVQ_ATTN_COOPERATIVE, 32, 0, 0, 1, 0, 64},
+                                         {CLKVQ_ATTN_COOPERATIVE, 64, 0, 0, 4, 0, 1},
+                                         {CLKVQ_ATTN_SERIAL, 0, 64, 16, 0, 0, 0}};
+    for (int ti = 0; ti < 3; ti++) {
+        ck_assert_int_eq(clkvq_cache_set_tuning(cache, &tunings[ti]), CLKVQ_OK);
+        ck_assert_int_eq(clkvq_cache_decode_paged(cache, 0, 1, qm, om, 0.125f, tmem, max_blocks),
+                         CLKVQ_OK);
+        clEnqueueReadBuffer(clkvq_context_cl_queue(ctx), om, CL_TRUE, 0, qn * 4, out, 0, NULL,
+                            NULL);
+        double worst = 0.0;
+        for (int s = 0; s < N_SEQS; s++) {
+            /* the tokens that stay: all but the bad page's */
+            int lo = s == 0 ? bad_block * block : lengths[s], hi = s == 0 ? lo + block : lo;
+            int n = lengths[s] - (hi - lo);
+            float *kk = malloc((size_t)KV_HEADS * n * d * sizeof(float));
+            float *vv = malloc((size_t)KV_HEADS * n * d * sizeof(float));
+            for (int h = 0; h < KV_HEADS; h++)
+                for (int t = 0, j = 0; t < lengths[s]; t++) {
+                    if (t >= lo && t < hi)
+                        continue;
+                    memcpy(kk + ((size_t)h * n + j) * d, rk[s] + ((size_t)h * lengths[s] + t) * d,
+                           (size_t)d * sizeof(float));
+                    memcpy(vv + ((size_t)h * n + j) * d, rv[s] + ((size_t)h * lengths[s] + t) * d,
+                           (size_t)d * sizeof(float));
+                    j++;
+                }
+            test_attention_reference(q + (size_t)s * n_q * d, kk, vv, n, n_q, qpk, d, 0.125f, ref);
+            for (int h = 0; h < n_q; h++) {
+                double num = 0.0, den = 0.0;
+                for (int ch = 0; ch < d; ch++) {
+                    double r = ref[(size_t)h * d + ch], o = out[((size_t)s * n_q + h) * d + ch];
+                    num += (o - r) * (o - r);
+                    den += r * r;
+                }
+                double e = sqrt(num / den);
+                worst = e > worst || isnan(e) ? e : worst;
+            }
+            free(kk);
+            free(vv);
+        }
+        ck_assert_msg(worst <= TOLERANCE, "tuning %d: %.3g", ti, worst);
+    }
+    for (int s = 0; s < N_SEQS; s++) {
+        free(rk[s]);
+        free(rv[s]);
+    }
+    clReleaseMemObject(qm);
+    clReleaseMemObject(om);
+    clReleaseMemObject(km);
+    clReleaseMemObject(vm);
+    clReleaseMemObject(tmem);
+    clkvq_cache_release(cache);
+    free(k);
+    free(v);
+    free(q);
+    free(out);
+    free(ref);
+}
+END_TEST
+
 START_TEST(decode_bad_arguments)
 {
     const attn_case *c = &g_cases[1];
@@ -477,6 +707,9 @@ int main(void)
     tcase_add_test(pages, decode_paged_matches_reference);
     tcase_add_test(pages, decode_multi_query_matches_reference);
     tcase_add_test(pages, decode_transforms_match_reference);
+    tcase_add_test(pages, decode_masks_bad_page_ids);
+    tcase_add_test(pages, decode_is_asynchronous);
+    tcase_add_test(pages, planted_bug_is_caught);
     suite_add_tcase(s, pages);
     return test_run_suite(s);
 }
