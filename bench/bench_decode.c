@@ -99,9 +99,12 @@ int bench_decode_main(int argc, char **argv)
             if (bench_parse_int(optarg, 1, 4096, &batch)) return bad_arg("--batch", optarg);
             break;
         case O_HEADS:
-            if (sscanf(optarg, "%d/%d/%d", &n_q, &n_kv, &head_dim) != 3 || n_q <= 0 ||
-                n_kv <= 0 || head_dim <= 0)
+        {
+            int used = 0;
+            if (sscanf(optarg, "%d/%d/%d%n", &n_q, &n_kv, &head_dim, &used) != 3 ||
+                optarg[used] != '\0' || n_q <= 0 || n_kv <= 0 || head_dim <= 0)
                 return bad_arg("--heads", optarg);
+        }
             break;
         case O_SCHEME:
             if (clkvq_scheme_parse(optarg, &scheme) != CLKVQ_OK) return bad_arg("--scheme", optarg);

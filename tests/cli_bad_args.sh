@@ -69,6 +69,11 @@ if [[ -n $bench ]]; then
   expect --tokens 1,abc "$bench" attention --tokens 1,abc
   expect --batch nan "$bench" attention --batch nan
   expect --synth-cache-mb -5 "$bench" attention --synth-cache-mb -5
+  expect --tokens abc "$bench" decode --tokens abc
+  expect --wgs 1e3 "$bench" decode --wgs 1e3
+  expect --waves nan "$bench" decode --waves nan
+  expect --heads 32/8 "$bench" decode --heads 32/8
+  expect --calls 0 "$bench" decode --calls 0
 fi
 
 echo "$checked bad arguments, $failures not refused as usage errors"

@@ -17,8 +17,10 @@
  *   bit.
  * - decode: the 25 (K, V) format pairs, each once, over the quantized schemes
  *   (token, kivi, skvq) in turn, plus the fp16 scheme with each variant. The
- *   variant cycles through cooperative at work-group sizes 16/32/64/128 and
- *   serial (vw 4/8/16); head_dim 32/64/128 and GQA 1/4/7 cycle on other
+ *   variant cycles through cooperative at work-group sizes 16/32/64/128 (tokens
+ *   per lane 1/2/4, V words per lane automatic/1/2/4, one split written
+ *   directly or several and the merge) and serial (vw 4/8/16); head_dim
+ *   32/64/128 and GQA 1/4/7 cycle on other
  *   strides so that every pair of (scheme, variant, head_dim, GQA) levels
  *   occurs, and the four K/V packed layout pairs cycle over the cooperative
  *   configurations (serial reads group-planar only). Parameter storage
