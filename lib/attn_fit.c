@@ -116,6 +116,19 @@ clkvq_status clkvq_attn_coop_plan_get(const clkvq_attn_tuning *t, const clkvq_at
     plan->local_bytes = coop_local_bytes(plan, s->head_dim, n_groups, plan->wgs / lpr);
     if (!dev)
         return CLKVQ_OK;
+    /* wide units leave few lanes per token row, so many token slices whose
+     * sums the split's end reduces in local memory: the automatic width
+     * narrows until they fit */
+    while (!t->vwpl && plan->local_bytes > dev->local_mem_bytes && plan->vu > unit) {
+        int next = plan->vu - unit;
+        while (gw % next)
+            next -= unit;
+        if (n_groups * (gw / next) > plan->wgs)
+            break;
+        plan->vu = next;
+        lpr = n_groups * (gw / plan->vu);
+        plan->local_bytes = coop_local_bytes(plan, s->head_dim, n_groups, plan->wgs / lpr);
+    }
     /* several queries multiply the rows a tile keeps: a smaller tile */
     while (nq > 1 && plan->local_bytes > dev->local_mem_bytes) {
         if (plan->tpl > 1)

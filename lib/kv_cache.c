@@ -456,14 +456,32 @@ void clkvq_cache_release(clkvq_cache *cache)
  * missing or unreadable file leaves none, never an error. */
 static clkvq_status tuned_entries(clkvq_cache *cache, int l)
 {
-    const clkvq_layer_config *lc = &cache->layers[l].cfg;
+    clkvq_cache_layer *layer = &cache->layers[l];
+    const clkvq_layer_config *lc = &layer->cfg;
     const clkvq_cache_config *cfg = &cache->cfg;
+    /* layers of one shape share the entries (each read parses the file) */
+    for (int e = 0; e < l; e++) {
+        const clkvq_layer_config *le = &cache->layers[e].cfg;
+        if (le->scheme != lc->scheme || le->format_k != lc->format_k ||
+            le->format_v != lc->format_v || le->group_size != lc->group_size)
+            continue;
+        int n = cache->layers[e].n_tuned_set;
+        if (n > 0) {
+            layer->tuned_set = malloc((size_t)n * sizeof *layer->tuned_set);
+            if (!layer->tuned_set)
+                return clkvq_fail(cache->ctx, CLKVQ_ERR_OUT_OF_MEMORY,
+                                  "copying the tuning entries of layer %d", e);
+            memcpy(layer->tuned_set, cache->layers[e].tuned_set,
+                   (size_t)n * sizeof *layer->tuned_set);
+            layer->n_tuned_set = n;
+        }
+        return CLKVQ_OK;
+    }
     clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
                               cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
                               cfg->capacity, cfg->n_seqs};
     clkvq_status st = clkvq_tuning_entries_for(cache->ctx, &shape, cfg->layout_k, cfg->layout_v,
-                                               &cache->layers[l].tuned_set,
-                                               &cache->layers[l].n_tuned_set);
+                                               &layer->tuned_set, &layer->n_tuned_set);
     clkvq_clear_error(cache->ctx);
     return st == CLKVQ_ERR_OUT_OF_MEMORY
                ? clkvq_fail(cache->ctx, st, "reading the tuning entries of layer %d", l)

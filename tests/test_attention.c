@@ -3,6 +3,8 @@
  * every scheme, format pairs, GQA 1..8, head_dim 64/96/128/256, windows and
  * sinks, chunk boundaries, token counts 1, 7, 129, 1000. */
 #include "kv_cache.h"
+#include "attn_fit.h"
+#include "quant_format.h"
 #include "reference.h"
 #include "test_hooks.h"
 #include "test_util.h"
@@ -637,6 +639,60 @@ START_TEST(decode_masks_bad_page_ids)
 }
 END_TEST
 
+/* The cooperative plan for every format, group, GQA group and vwpl: the V
+ * unit is whole units of the format dividing its groups, a token row's
+ * lanes fit the work-group, automatic widths keep 64 accumulators where a
+ * unit allows and always fit a small device's local memory, and several
+ * queries shrink the tile until they fit too. */
+START_TEST(coop_plan_follows_the_rules)
+{
+    clkvq_device_info dev;
+    memset(&dev, 0, sizeof dev);
+    dev.max_work_group_size = 256;
+    dev.local_mem_bytes = 32768;
+    const int groups[] = {32, 64, 128}, qpks[] = {1, 4, 7, 8}, vwpls[] = {0, 1, 2, 4};
+    int checked = 0;
+    for (int f = 0; f < CLKVQ_FMT_COUNT; f++)
+        for (int gi = 0; gi < 3; gi++)
+            for (int qi = 0; qi < 4; qi++)
+                for (int vi = 0; vi < 4; vi++)
+                    for (int nq = 1; nq <= 16; nq += 15) {
+                        clkvq_attn_fit_shape sh = {qpks[qi], nq, 128, 1,
+                                                   CLKVQ_LAYOUT_GROUP_PLANAR,
+                                                   CLKVQ_LAYOUT_TOKEN_MAJOR, (clkvq_format)f,
+                                                   groups[gi], gi == 1};
+                        clkvq_attn_tuning t = {CLKVQ_ATTN_COOPERATIVE, 128, 0, 0, 4, vwpls[vi], 2};
+                        clkvq_attn_coop_plan p;
+                        char why[256];
+                        clkvq_status st = clkvq_attn_coop_plan_get(&t, &sh, &dev, &p, why,
+                                                                   sizeof why);
+                        int gw = clkvq_group_words((clkvq_format)f, groups[gi]);
+                        int unit = clkvq_format_unit_words((clkvq_format)f);
+                        int rows = qpks[qi] * nq;
+                        /* an explicit width may not fit; the automatic one always does */
+                        ck_assert_msg(st == CLKVQ_OK ||
+                                          (vwpls[vi] && st == CLKVQ_ERR_DEVICE_LIMIT),
+                                      "format %d group %d qpk %d nq %d vwpl %d: %s", f,
+                                      groups[gi], qpks[qi], nq, vwpls[vi], why);
+                        if (st != CLKVQ_OK)
+                            continue;
+                        ck_assert(p.vu % unit == 0 && gw % p.vu == 0);
+                        ck_assert((128 / groups[gi]) * (gw / p.vu) <= p.wgs);
+                        ck_assert(p.rb >= 1 && p.rb <= 8 && p.rb * p.n_rb >= rows &&
+                                  (p.rb - 1) * p.n_rb < rows);
+                        ck_assert(p.local_bytes <= dev.local_mem_bytes);
+                        if (vwpls[vi] == 0 && p.vu > unit)
+                            ck_assert(clkvq_format_unit_codes((clkvq_format)f, p.vu) * p.rb <= 64);
+                        if (vwpls[vi] > 0)
+                            ck_assert(p.vu <= vwpls[vi] * unit);
+                        if (nq == 1) /* the tile shrinks for several queries only */
+                            ck_assert(p.wgs == 128 && p.tpl == 4 && p.rb == qpks[qi]);
+                        checked++;
+                    }
+    ck_assert_int_gt(checked, 400);
+}
+END_TEST
+
 START_TEST(decode_bad_arguments)
 {
     const attn_case *c = &g_cases[1];
@@ -696,6 +752,7 @@ int main(void)
     TCase *tc = tcase_create("attention");
     tcase_set_timeout(tc, 900);
     tcase_add_test(tc, decode_bad_arguments);
+    tcase_add_test(tc, coop_plan_follows_the_rules);
     tcase_add_loop_test(tc, decode_matches_reference, 0,
                         2 * (int)(sizeof g_cases / sizeof g_cases[0]));
     tcase_add_test(tc, decode_chunk_boundaries);
