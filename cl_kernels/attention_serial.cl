@@ -660,10 +660,9 @@ clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
 #pragma OPENCL FP_CONTRACT OFF
 
 /* One work-item per (sequence, query, q head), channels in vector lanes:
- * the log-sum-exp merge reads each partial once (the per-channel merge
- * makes every work-item rescan the chunk maxima). It also maps the output
- * of transformed layers back (the cooperative variant uses it for them):
- * unpermute, unrotate (ROT), add the mean of V. n_rows = n_seqs * NQ. */
+ * the log-sum-exp merge of the serial chunks, reading each partial once.
+ * It also maps the output back: unpermute, unrotate (ROT), add the mean of
+ * V. n_rows = n_seqs * NQ. */
 __kernel __attribute__((reqd_work_group_size(1, 1, 1))) void
 clkvq_attn_merge_serial(__global const float *partials, __global const int *perm_v,
                         __global const int *seq_len, __global float *out, int n_rows,
@@ -674,16 +673,17 @@ clkvq_attn_merge_serial(__global const float *partials, __global const int *perm
         return;
     int s = sq / n_q_heads / NQ, kh = (sq % n_q_heads) / QPK;
     __global const float *p = partials + (size_t)sq * n_slots * PARTIAL_STRIDE;
-    float m = -INFINITY, l = 0.0f;
+    /* empty partials (l = 0, attention.cl's convention) are skipped */
+    float m = M_EMPTY, l = 0.0f;
     for (int c = 0; c < n_slots; c++)
-        m = fmax(m, p[(size_t)c * PARTIAL_STRIDE]);
+        m = p[(size_t)c * PARTIAL_STRIDE + 1] > 0.0f ? fmax(m, p[(size_t)c * PARTIAL_STRIDE]) : m;
     floatv acc[HEAD_DIM / VW];
     for (int dv = 0; dv < HEAD_DIM / VW; dv++)
         acc[dv] = (floatv)0.0f;
     if (seq_len[s] > 0)
         for (int c = 0; c < n_slots; c++) {
             __global const float *pc = p + (size_t)c * PARTIAL_STRIDE;
-            if (pc[0] == -INFINITY)
+            if (!(pc[1] > 0.0f))
                 continue;
             float w = exp(pc[0] - m);
             l += pc[1] * w;

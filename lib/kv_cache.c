@@ -9,6 +9,7 @@
 #include "quant_format.h"
 #include "quantize.h"
 #include "reference.h"
+#include "tuning_db.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -426,26 +427,66 @@ void clkvq_cache_release(clkvq_cache *cache)
 {
     if (!cache)
         return;
+    /* a decode's non-blocking length write may still read layer->length */
+    if (cache->async_writes)
+        clFinish(cache->ctx->queue);
     if (cache->layers) {
         for (int l = 0; l < cache->cfg.n_layers; l++) {
             release_store(&cache->layers[l].k);
             release_store(&cache->layers[l].v);
             clkvq_pages_release(&cache->layers[l].pages);
+            release_mem(&cache->layers[l].len_mem);
             free(cache->layers[l].length);
+            free(cache->layers[l].tuned_set);
         }
         free(cache->layers);
     }
-    release_mem(&cache->seq_len);
     release_mem(&cache->rt_table);
     release_mem(&cache->partials);
     release_mem(&cache->q_scratch);
     release_mem(&cache->qsum_scratch);
     release_mem(&cache->xform[0]);
     release_mem(&cache->xform[1]);
-    free(cache->host_len);
     free(cache->tuned);
     free(cache->tuned_source);
     free(cache);
+}
+
+/* This device's tuned entries for layer l's shape on the cache's layouts:
+ * decode picks among them by its batch and length (attention.c). A
+ * missing or unreadable file leaves none, never an error. */
+static clkvq_status tuned_entries(clkvq_cache *cache, int l)
+{
+    clkvq_cache_layer *layer = &cache->layers[l];
+    const clkvq_layer_config *lc = &layer->cfg;
+    const clkvq_cache_config *cfg = &cache->cfg;
+    /* layers of one shape share the entries (each read parses the file) */
+    for (int e = 0; e < l; e++) {
+        const clkvq_layer_config *le = &cache->layers[e].cfg;
+        if (le->scheme != lc->scheme || le->format_k != lc->format_k ||
+            le->format_v != lc->format_v || le->group_size != lc->group_size)
+            continue;
+        int n = cache->layers[e].n_tuned_set;
+        if (n > 0) {
+            layer->tuned_set = malloc((size_t)n * sizeof *layer->tuned_set);
+            if (!layer->tuned_set)
+                return clkvq_fail(cache->ctx, CLKVQ_ERR_OUT_OF_MEMORY,
+                                  "copying the tuning entries of layer %d", e);
+            memcpy(layer->tuned_set, cache->layers[e].tuned_set,
+                   (size_t)n * sizeof *layer->tuned_set);
+            layer->n_tuned_set = n;
+        }
+        return CLKVQ_OK;
+    }
+    clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
+                              cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
+                              cfg->capacity, cfg->n_seqs};
+    clkvq_status st = clkvq_tuning_entries_for(cache->ctx, &shape, cfg->layout_k, cfg->layout_v,
+                                               &layer->tuned_set, &layer->n_tuned_set);
+    clkvq_clear_error(cache->ctx);
+    return st == CLKVQ_ERR_OUT_OF_MEMORY
+               ? clkvq_fail(cache->ctx, st, "reading the tuning entries of layer %d", l)
+               : CLKVQ_OK;
 }
 
 clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cfg,
@@ -530,13 +571,13 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
         if (st == CLKVQ_OK)
             st = create_store(cache, layer, 1, cfg->layers[l].perm_v, cfg->layers[l].mean_v);
         if (st == CLKVQ_OK)
+            st = create_buffer(ctx, (size_t)cfg->n_seqs * sizeof(cl_int), layer->length,
+                               &layer->len_mem, "sequence lengths");
+        if (st == CLKVQ_OK)
             st = clkvq_pages_init(cache, l);
+        if (st == CLKVQ_OK)
+            st = tuned_entries(cache, l);
     }
-    if (st == CLKVQ_OK)
-        st = create_buffer(ctx, (size_t)cfg->n_seqs * sizeof(cl_int), NULL, &cache->seq_len,
-                           "sequence lengths");
-    if (st == CLKVQ_OK && !(cache->host_len = calloc((size_t)cfg->n_seqs, sizeof(int))))
-        st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating sequence lengths");
     if (st != CLKVQ_OK) {
         clkvq_cache_release(cache);
         return st;
@@ -852,8 +893,10 @@ static clkvq_status append_write(clkvq_cache *cache, int l, int seq, int n_token
             clkvq_pages_rollback(cache, &undo);
         clkvq_pages_undo_free(&undo);
     }
-    if (st == CLKVQ_OK)
+    if (st == CLKVQ_OK) {
         layer->length[seq] = n_new;
+        layer->len_dirty = 1;
+    }
     return st;
 }
 
@@ -1054,6 +1097,7 @@ clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens)
             }
             clkvq_pages_drop_from(cache, l, seq, keep);
             layer->length[seq] = n_tokens;
+            layer->len_dirty = 1;
         }
     return st;
 }
@@ -1114,6 +1158,7 @@ clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq_dst)
         if (cache->paged && !cache->cfg.runtime_tables)
             clkvq_pages_share(cache, l, seq_src, seq_dst);
         cache->layers[l].length[seq_dst] = cache->layers[l].length[seq_src];
+        cache->layers[l].len_dirty = 1;
     }
     return CLKVQ_OK;
 }

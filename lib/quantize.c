@@ -182,7 +182,7 @@ clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
     if (!ctx)
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_quantize: context is NULL");
     clkvq_clear_error(ctx);
-    ctx->last_device_ms = -1.0;
+    clkvq_timing_reset(ctx);
     clkvq_quant_layout layout;
     clkvq_status st = clkvq_quant_params_validate(ctx, qp, shape);
     if (st != CLKVQ_OK)
@@ -247,7 +247,7 @@ clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
     if (!ctx)
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_dequantize: context is NULL");
     clkvq_clear_error(ctx);
-    ctx->last_device_ms = -1.0;
+    clkvq_timing_reset(ctx);
     clkvq_quant_layout layout;
     clkvq_status st = clkvq_quant_params_validate(ctx, qp, shape);
     if (st != CLKVQ_OK)
