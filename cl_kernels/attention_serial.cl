@@ -72,8 +72,9 @@
 #define MAD(a, b, c) ((a) * (b) + (c))
 
 /* floor of x >= 0: llvm.floor where the compiler has it (one instruction on
- * x86), else truncation (one conversion each way) */
-#if defined(__has_builtin)
+ * x86), else truncation (one conversion each way; also under Oclgrind,
+ * which does not implement llvm.floor on vectors) */
+#if defined(__has_builtin) && !KVQ_INTERPRETER
 #if __has_builtin(__builtin_elementwise_floor)
 #define FLOOR_NONNEG(x) __builtin_elementwise_floor(x)
 #endif

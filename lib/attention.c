@@ -493,6 +493,13 @@ static const char *serial_options(const clkvq_cache *cache, const clkvq_cache_la
     common_defines(cache, layer, n_queries, 1, d);
     clkvq_defines_int(d, "CHUNK", t->chunk);
     clkvq_defines_int(d, "VW", t->vw);
+    if (strstr(cache->ctx->info.platform, "Oclgrind")) {
+        /* Oclgrind's interpreter lacks the vector intrinsics (llvm.floor,
+         * llvm.fshl) that the optimizer makes of these kernels' unrolled
+         * shifts and floors: unoptimized there, same arithmetic */
+        clkvq_defines_int(d, "KVQ_INTERPRETER", 1);
+        clkvq_defines_option(d, "-cl-opt-disable");
+    }
     return clkvq_defines_get(cache->ctx, d);
 }
 

@@ -27,6 +27,19 @@ void clkvq_defines_int(clkvq_defines *d, const char *name, long value)
     d->used += (size_t)n;
 }
 
+void clkvq_defines_option(clkvq_defines *d, const char *option)
+{
+    if (d->overflow)
+        return;
+    size_t room = sizeof d->text - d->used;
+    int n = snprintf(d->text + d->used, room, "%s%s", d->used ? " " : "", option);
+    if (n < 0 || (size_t)n >= room) {
+        d->overflow = 1;
+        return;
+    }
+    d->used += (size_t)n;
+}
+
 void clkvq_defines_format(clkvq_defines *d, const char *prefix, clkvq_format format)
 {
     char name[64];

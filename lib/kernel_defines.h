@@ -26,6 +26,8 @@ void clkvq_defines_int(clkvq_defines *d, const char *name, long value);
 void clkvq_defines_format(clkvq_defines *d, const char *prefix, clkvq_format format);
 /* PARAM_FP8 and ZERO_INT: how a group's (scale, zero) are stored and used. */
 void clkvq_defines_params(clkvq_defines *d, clkvq_param_type type, clkvq_zero_mode zero_mode);
+/* A build option other than a define (e.g. -cl-opt-disable). */
+void clkvq_defines_option(clkvq_defines *d, const char *option);
 /* The options string, or NULL after an overflow (with a message on ctx). */
 const char *clkvq_defines_get(clkvq_context *ctx, const clkvq_defines *d);
 
