@@ -18,6 +18,8 @@ static const bench_command commands[] = {
      bench_quant_main},
     {"attention", "decode attention over a synthetic KV cache per shape, length, batch, format",
      bench_attention_main},
+    {"serve", "continuous batching over a paged cache: tokens/s, peak pages vs contiguous",
+     bench_serve_main},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 
