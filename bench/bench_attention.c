@@ -103,6 +103,7 @@ typedef struct {
     int json;
     int synth_mb; /* host memory for reused synthetic chunks */
     int block_size; /* > 0: time a paged cache of these pages next to each cache row */
+    int sequential_pages; /* --page-order sequential: the paged twin's table is 0, 1, 2, ... */
     const char *device;
 } attn_options;
 
@@ -182,6 +183,8 @@ static void usage(FILE *out) {
             "  -p, --block-size N  also time each cache row through a paged cache of N-token\n"
             "                      pages (a multiple of 16) in a scrambled order, alternating\n"
             "                      with the contiguous one; reports both (default: off)\n"
+            "  -o, --page-order O  scrambled (default: a seeded permutation of the pool) or\n"
+            "                      sequential (page i of sequence s is s * max_blocks + i)\n"
             "  -j, --json          print one JSON object instead of the tables\n"
             "  -h, --help          this text\n"
             "\n"
@@ -253,6 +256,7 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
                                              {"device", required_argument, NULL, 'd'},
                                              {"synth-cache-mb", required_argument, NULL, 'm'},
                                              {"block-size", required_argument, NULL, 'p'},
+                                             {"page-order", required_argument, NULL, 'o'},
                                              {"json", no_argument, NULL, 'j'},
                                              {"help", no_argument, NULL, 'h'},
                                              {NULL, 0, NULL, 0}};
@@ -275,7 +279,7 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
     long value;
     optind = 1;
     int c;
-    while ((c = getopt_long(argc, argv, "s:t:b:f:g:r:d:m:p:jh", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "s:t:b:f:g:r:d:m:p:o:jh", longopts, NULL)) != -1) {
         switch (c) {
         case 's': {
             int picked[N_SHAPES];
@@ -347,6 +351,14 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
                 return BENCH_EXIT_USAGE;
             }
             opt->block_size = (int)value;
+            break;
+        case 'o':
+            if (strcmp(optarg, "scrambled") && strcmp(optarg, "sequential")) {
+                fprintf(stderr, "%s: --page-order wants scrambled or sequential, got '%s'\n",
+                        g_prog, optarg);
+                return BENCH_EXIT_USAGE;
+            }
+            opt->sequential_pages = !strcmp(optarg, "sequential");
             break;
         case 'j':
             opt->json = 1;
@@ -704,7 +716,7 @@ static int make_paged_twin(attn_bench *b, const attn_options *opt, const clkvq_c
     }
     for (int i = 0; i < n_pages; i++) ids[i] = i;
     uint32_t r = TABLE_SEED;
-    for (int i = n_pages - 1; i > 0; i--) { /* Fisher-Yates, xorshift32 */
+    for (int i = n_pages - 1; i > 0 && !opt->sequential_pages; i--) { /* Fisher-Yates */
         r ^= r << 13;
         r ^= r >> 17;
         r ^= r << 5;
@@ -922,10 +934,11 @@ static void print_header(const attn_bench *b, const attn_options *opt) {
     printf("timing:  device time of one decode step, median of %d after %d warm-ups\n",
            opt->reps, WARMUPS);
     if (opt->block_size > 0)
-        printf("paged:   each cache row also through pages of %d tokens in a scrambled order "
-               "(runtime block table, a seeded permutation of the pool), timed alternately "
-               "with the contiguous cache\n",
-               opt->block_size);
+        printf("paged:   each cache row also through pages of %d tokens in %s (runtime block "
+               "table), timed alternately with the contiguous cache\n",
+               opt->block_size,
+               opt->sequential_pages ? "sequential order" : "a scrambled order (a seeded "
+                                                            "permutation of the pool)");
     printf("\n");
 }
 
@@ -1018,6 +1031,7 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
     cJSON_AddNumberToObject(root, "reps", opt->reps);
     cJSON_AddNumberToObject(root, "warmups", WARMUPS);
     cJSON_AddNumberToObject(root, "block_size", opt->block_size);
+    cJSON_AddStringToObject(root, "page_order", opt->sequential_pages ? "sequential" : "scrambled");
     cJSON *results = cJSON_AddArrayToObject(root, "results");
     cJSON *skipped = cJSON_AddArrayToObject(root, "skipped");
     for (int i = 0; results && skipped && i < list->n; i++) {

@@ -482,8 +482,8 @@ static void soak_init(soak *sk)
             sk->model[l][s] = clkvq_ref_cache_create(&sk->layers[l], HEADS, DIM, CAPACITY);
     }
     size_t kv = (size_t)HEADS * CAPACITY * DIM, qn = (size_t)N_SEQS * N_Q * DIM;
-    sk->k = malloc(kv * sizeof(float));
-    sk->v = malloc(kv * sizeof(float));
+    sk->k = calloc(kv, sizeof(float)); /* a refused oversized append uploads it all */
+    sk->v = calloc(kv, sizeof(float));
     sk->rk = malloc(kv * sizeof(float));
     sk->rv = malloc(kv * sizeof(float));
     sk->ck = malloc(kv * sizeof(float));
