@@ -7,9 +7,11 @@
  *   thread gets running the same schedules one after the other;
  * - clkvq_last_error(NULL) is per thread;
  * - tensor parallelism: caches in two contexts, each holding a range of the
- *   kv heads (their query heads and permutation rows with them), decode to
- *   the unsharded cache's outputs concatenated, bit for bit, with the same
- *   tunables.
+ *   kv heads (their query heads, permutation rows and centering means with
+ *   them), decode to the unsharded cache's outputs concatenated, bit for
+ *   bit, with the same tunables. (Not with rotate = 1: the rotation's signs
+ *   follow the kv head's index within its cache, so a shard's heads would
+ *   be rotated differently; docs/design.md says so.)
  */
 #include "test_util.h"
 
@@ -238,6 +240,7 @@ typedef struct {
     int h0, n_kv;
     const clkvq_attn_tuning *tuning;
     const int32_t *perm_k, *perm_v; /* the whole model's [TP_KV][dim] */
+    const float *mean_k, *mean_v;   /* the same: centering means */
     const float *prefill_k, *prefill_v; /* [TP_SEQS][TP_KV][n][dim] */
     const int *prefill_len;
     const float *step_k, *step_v;   /* [TP_STEPS][TP_SEQS][TP_KV][dim] */
@@ -269,6 +272,8 @@ static int shard_run(shard *sh, clkvq_context *ctx)
     lc.clip_v = 0.95f;
     lc.perm_k = sh->perm_k + (size_t)sh->h0 * d;
     lc.perm_v = sh->perm_v + (size_t)sh->h0 * d;
+    lc.mean_k = sh->mean_k + (size_t)sh->h0 * d;
+    lc.mean_v = sh->mean_v + (size_t)sh->h0 * d;
     clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = TP_SEQS, .capacity = TP_CAPACITY,
                               .n_kv_heads = sh->n_kv, .n_q_heads = nq, .head_dim = d,
                               .layout_k = CLKVQ_LAYOUT_GROUP_PLANAR,
@@ -367,9 +372,12 @@ static void run_sharded(clkvq_attn_tuning tuning, int block_size)
     memset(whole, 0xff, steps_q * sizeof(float));
     memset(split, 0xff, steps_q * sizeof(float));
     int32_t *perm_k = test_random_perm(61, TP_KV, d), *perm_v = test_random_perm(62, TP_KV, d);
+    float *mean_k = malloc(sizeof(float) * TP_KV * d), *mean_v = malloc(sizeof(float) * TP_KV * d);
+    test_fill_normal(63, mean_k, (size_t)TP_KV * d, 1.0f);
+    test_fill_normal(64, mean_v, (size_t)TP_KV * d, 0.5f);
 
-    shard all = {test_ctx(), 0, TP_KV, &tuning, perm_k, perm_v, pk, pv, prefill_len, sk, sv, q,
-                 whole, block_size, {0}, ""};
+    shard all = {test_ctx(), 0, TP_KV, &tuning, perm_k, perm_v, mean_k, mean_v, pk, pv,
+                 prefill_len, sk, sv, q, whole, block_size, {0}, ""};
     ck_assert_msg(shard_run(&all, test_ctx()) == 0, "unsharded: %s", all.error);
     shard parts[TP_SHARDS];
     pthread_t th[TP_SHARDS];
@@ -406,6 +414,8 @@ static void run_sharded(clkvq_attn_tuning tuning, int block_size)
     free(split);
     free(perm_k);
     free(perm_v);
+    free(mean_k);
+    free(mean_v);
 }
 
 START_TEST(sharded_kv_heads_match_unsharded)

@@ -1,7 +1,9 @@
 /*
  * Soak: a long seeded random walk over a paged cache with a small page pool
  * (appends of one token and of prefill chunks, forks, truncations, frees,
- * decodes), every layer a different scheme, checked against plain-C models:
+ * decodes), every layer a different scheme (fp16; token with fp8 integer
+ * zeros; kivi; skvq with a permutation; skvq with per-channel keys, rotated
+ * and centered rows), checked against plain-C models:
  *
  * - contents: lib/reference_cache.c per (layer, sequence); read-back is
  *   compared bit for bit at checkpoints, decode against fp64 attention over
@@ -30,7 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define N_LAYERS 4
+#define N_LAYERS 5
 #define N_SEQS 6
 #define HEADS 2
 #define QPK 2
@@ -41,8 +43,9 @@
 #define MAX_BLOCKS (CAPACITY / BLOCK)
 #define POOL 24 /* pages per layer: 768 tokens, a third of what 6 full sequences hold */
 #define CHECK_EVERY 50
+#define PREFILL_MAX 120 /* tokens of the largest append */
 #define TOLERANCE 1e-5
-#define DEFAULT_STEPS 4000
+#define DEFAULT_STEPS 3200
 
 static long g_steps = DEFAULT_STEPS;
 static uint64_t g_seed = 1;
@@ -164,6 +167,7 @@ typedef struct {
     clkvq_cache *cache;
     clkvq_layer_config layers[N_LAYERS];
     int32_t *perm_k, *perm_v;
+    float *mean_k, *mean_v;
     clkvq_ref_cache *model[N_LAYERS][N_SEQS];
     page_model pages[N_LAYERS];
     uint64_t rng;
@@ -173,6 +177,7 @@ typedef struct {
     float *q, *out;
     double *ref;
     size_t partials_max;      /* decode scratch after the warm-up */
+    size_t xform_max[2];      /* append scratch of the transforming layer, the same */
     long step;
     /* what the walk did */
     long n_appends, n_tokens, n_oob, n_forks, n_truncs, n_frees, n_decodes, n_misuse;
@@ -182,7 +187,8 @@ typedef struct {
 static const char *layer_name(int l)
 {
     static const char *const names[N_LAYERS] = {"fp16", "token k4/q2 fp8 int-zero",
-                                                "kivi k2/v2 R64", "skvq q2/t1.5 w16 s3 perm"};
+                                                "kivi k2/v2 R64", "skvq q2/t1.5 w16 s3 perm",
+                                                "skvq k4/v2 channel keys w40 s5 rot mean"};
     return names[l];
 }
 
@@ -211,6 +217,23 @@ static void make_layers(soak *sk)
     sk->perm_v = test_random_perm(72, HEADS, DIM);
     lc->perm_k = sk->perm_k;
     lc->perm_v = sk->perm_v;
+    /* skvq with per-channel keys (blocks of the group, a partial one after
+     * the sinks), rotated and centered rows */
+    lc = &sk->layers[4];
+    *lc = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    lc->format_v = CLKVQ_FMT_Q2;
+    lc->group_size = 32;
+    lc->window = 40;
+    lc->n_sink = 5;
+    lc->key_axis = CLKVQ_AXIS_CHANNEL;
+    lc->rotate = 1;
+    lc->rot_seed = 99;
+    sk->mean_k = malloc(sizeof(float) * HEADS * DIM);
+    sk->mean_v = malloc(sizeof(float) * HEADS * DIM);
+    test_fill_normal(73, sk->mean_k, (size_t)HEADS * DIM, 1.0f);
+    test_fill_normal(74, sk->mean_v, (size_t)HEADS * DIM, 0.5f);
+    lc->mean_k = sk->mean_k;
+    lc->mean_v = sk->mean_v;
 }
 
 static int len_of(const soak *sk, int l, int s) { return clkvq_ref_cache_length(sk->model[l][s]); }
@@ -393,11 +416,16 @@ static void do_decode_layer(soak *sk, int l)
         }
     }
     /* the scratch a decode keeps (queries, their sums, split-K partials)
-     * stays what the warm-up's worst lengths allocated */
-    if (sk->partials_max)
+     * and the appends' transform scratch stay what the warm-up allocated */
+    if (sk->partials_max) {
         ck_assert_msg(sk->cache->partials_bytes == sk->partials_max,
                       "step %ld: decode scratch grew from %zu to %zu bytes", sk->step,
                       sk->partials_max, sk->cache->partials_bytes);
+        for (int i = 0; i < 2; i++)
+            ck_assert_msg(sk->cache->xform_bytes[i] == sk->xform_max[i],
+                          "step %ld: transform scratch %d grew from %zu to %zu bytes", sk->step,
+                          i, sk->xform_max[i], sk->cache->xform_bytes[i]);
+    }
     ck_assert_uint_eq(sk->cache->q_scratch_bytes, qn * sizeof(float));
     sk->n_decodes++;
 }
@@ -441,18 +469,20 @@ static void worst_lengths(const clkvq_cache_layer *layer, int chunk, int *n_pack
     }
 }
 
-/* Puts two sequences at the lengths that need the most packed and the most
- * fp16 chunks, in the layer where that needs the most scratch, decodes,
- * and frees them: the scratch must never grow after this. */
+/* The largest append, then per layer two sequences at the lengths that
+ * need the most packed and the most fp16 chunks, decoded, and everything
+ * freed: the scratch must never grow after this. */
 static void warm_up(soak *sk, int chunk)
 {
+    do_append(sk, 2, PREFILL_MAX);
+    do_truncate(sk, 2, 0);
     for (int l = 0; l < N_LAYERS; l++) {
         int n_p, n_f;
         worst_lengths(&sk->cache->layers[l], chunk, &n_p, &n_f);
         int lens[2] = {n_p, n_f};
         for (int s = 0; s < 2; s++)
             for (int done = 0; done < lens[s];) {
-                int n = lens[s] - done < 100 ? lens[s] - done : 100;
+                int n = lens[s] - done < PREFILL_MAX ? lens[s] - done : PREFILL_MAX;
                 fill_input(sk, n);
                 do_append_layer(sk, l, s, n);
                 done += n;
@@ -462,6 +492,8 @@ static void warm_up(soak *sk, int chunk)
         do_truncate(sk, 1, 0);
     }
     sk->partials_max = sk->cache->partials_bytes;
+    for (int i = 0; i < 2; i++)
+        sk->xform_max[i] = sk->cache->xform_bytes[i];
     expect_pools(sk, "after the warm-up");
 }
 
@@ -509,7 +541,7 @@ static void soak_free(soak *sk)
     clReleaseMemObject(sk->qm);
     clReleaseMemObject(sk->om);
     void *bufs[] = {sk->k, sk->v, sk->rk, sk->rv, sk->ck, sk->cv, sk->q, sk->out, sk->ref,
-                    sk->perm_k, sk->perm_v};
+                    sk->perm_k, sk->perm_v, sk->mean_k, sk->mean_v};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
 }
@@ -526,7 +558,7 @@ static void random_step(soak *sk)
     } else if (r < 0.66) { /* a prefill chunk */
         int room = CAPACITY - max_len(sk, s);
         if (room > 0)
-            do_append(sk, s, 1 + pick(sk, room < 120 ? room : 120));
+            do_append(sk, s, 1 + pick(sk, room < PREFILL_MAX ? room : PREFILL_MAX));
     } else if (r < 0.74) { /* fork s into another sequence */
         do_fork(sk, s, (s + 1 + pick(sk, N_SEQS - 1)) % N_SEQS);
     } else if (r < 0.84) { /* cut back (speculation rejected, a retry) */
