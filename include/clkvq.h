@@ -124,7 +124,8 @@ typedef struct {
 CLKVQ_API clkvq_status clkvq_context_device_info(const clkvq_context *ctx, clkvq_device_info *out);
 
 /* Device time in milliseconds (from OpenCL profiling events) of the kernels
- * the last call on ctx enqueued; -1 when the queue has no profiling. */
+ * the last call on ctx enqueued; -1 when the queue has no profiling. After
+ * an asynchronous call (clkvq_cache_decode) it waits for those kernels. */
 CLKVQ_API double clkvq_last_device_ms(const clkvq_context *ctx);
 
 /*
@@ -386,6 +387,16 @@ CLKVQ_API clkvq_status clkvq_cache_read(clkvq_cache *cache, int layer, int seq, 
  * [n_seqs][n_q_heads][head_dim] (model channel order) -> out, same shape.
  * softmax(scale * q.K^T) V over every token of each sequence; a sequence of
  * length 0 gets zeros. Scores come straight from the packed codes.
+ *
+ * Asynchronous: the kernels are enqueued on the context's queue and the
+ * call returns without waiting for them (no host round trip per layer and
+ * step; sequence lengths reach the device with non-blocking writes). out
+ * is complete for every later command on that queue (an in-order queue:
+ * a clEnqueueReadBuffer, the runtime's next kernel) and after clFinish;
+ * q and out must not be changed or read by other means before that. The
+ * _host variant and every other call that returns data block as before.
+ * With profiling on the queue, clkvq_last_device_ms waits for the
+ * kernels and returns their device time.
  */
 CLKVQ_API clkvq_status clkvq_cache_decode(clkvq_cache *cache, int layer, cl_mem q, cl_mem out,
                                           float scale);
@@ -399,7 +410,8 @@ CLKVQ_API clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, co
  * appended first; query i of a sequence of length n attends causally to
  * tokens 0 .. n - n_queries + i (a sequence shorter than that gives zeros
  * for the queries that see no token). The same split-K kernels serve every
- * query in one launch.
+ * query in one launch (the cooperative variant in blocks of up to 8 query
+ * rows per work-group). Asynchronous, as clkvq_cache_decode.
  */
 CLKVQ_API clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int layer, int n_queries, cl_mem q,
                                       cl_mem out, float scale);
@@ -441,7 +453,8 @@ CLKVQ_API clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int laye
  * that covers every token of the sequences touched. Append checks the ids
  * it writes through (a bad one: CLKVQ_ERR_INVALID_ARG, nothing written);
  * decode masks tokens whose page id is outside the pool rather than read
- * out of bounds.
+ * out of bounds. Decode is asynchronous (clkvq_cache_decode): block_table,
+ * like q, is read by the enqueued kernels.
  */
 CLKVQ_API clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int layer, int seq, int n_tokens,
                                       cl_mem k, cl_mem v, cl_mem block_table, int max_blocks);
@@ -450,28 +463,36 @@ CLKVQ_API clkvq_status clkvq_cache_decode_paged(clkvq_cache *cache, int layer, i
                                       int max_blocks);
 
 /* Tunables of the fused decode kernels (compile-time defines). 0 in a
- * field means "the default for this device" (the tuning database, else
- * built-in defaults). wgs is a power of 2; chunk a multiple of wgs
- * (cooperative) or of vw (serial). */
+ * field means "the default for this device" (the tuning database for the
+ * decode's batch and length, else built-in defaults). Each variant reads
+ * its own fields and ignores the others'. */
 typedef enum {
     CLKVQ_ATTN_DEFAULT = 0,   /* serial on CPUs, cooperative on GPUs */
-    CLKVQ_ATTN_COOPERATIVE,   /* a work-group shares a chunk: work-items over tokens, then
-                                 over channels, local-memory softmax (any layout) */
+    CLKVQ_ATTN_COOPERATIVE,   /* a work-group walks tiles of wgs x tpl tokens with an online
+                                 softmax: lanes over tokens for K, over (V words, token
+                                 slices) for V; split-K sized to the device (any layout) */
     CLKVQ_ATTN_SERIAL         /* one work-item per chunk, explicit vectors with VW tokens
                                  per lane group (needs GROUP_PLANAR packed layouts) */
 } clkvq_attn_variant;
 
 typedef struct {
     clkvq_attn_variant variant;
-    int wgs;   /* work-items per work-group (cooperative) */
-    int chunk; /* tokens per split-K chunk */
-    int vw;    /* vector width of the serial variant: 4, 8 or 16 */
+    int wgs;   /* cooperative: work-items per work-group, a power of 2, >= 16 */
+    int chunk; /* serial: tokens per split-K chunk, a multiple of vw */
+    int vw;    /* serial: vector width, 4, 8 or 16 */
+    int tpl;   /* cooperative: tokens per work-item in a tile (1, 2, 4) */
+    int vwpl;  /* cooperative: V words per work-item (1, 2, 4; rounded down to what the
+                  V format's groups allow); 0 where it is resolved: automatic, the most
+                  that keep 64 accumulators per work-item */
+    int waves; /* cooperative: work-groups per compute unit the split-K aims for (1..64):
+                  no split when sequences x kv heads already fill that many */
 } clkvq_attn_tuning;
 
 /* Overrides the decode tunables of this cache (NULL: back to defaults), as
  * CLBlast's OverrideParameters does. Validated against device limits. */
 CLKVQ_API clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning);
-/* The tunables decode uses now (defaults resolved). */
+/* The tunables a decode of layer 0 uses now (defaults resolved; the tuned
+ * entry nearest the batch and the longest sequence as they stand). */
 CLKVQ_API clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning *out);
 
 /*

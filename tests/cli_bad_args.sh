@@ -82,6 +82,15 @@ if [[ -n $bench ]]; then
   expect --block-size 8 "$bench" serve --block-size 8
   expect --prompt 9:3 "$bench" serve --prompt 9:3
   expect --share nan "$bench" serve --share nan
+  expect --kernel serial:8x:512 "$bench" attention --kernel serial:8x:512
+  expect --kernel fast:8:512 "$bench" attention --kernel fast:8:512
+  expect --tokens 4k "$bench" append --tokens 4k
+  expect --reps 0 "$bench" append --reps 0
+  expect --tokens abc "$bench" decode --tokens abc
+  expect --wgs 1e3 "$bench" decode --wgs 1e3
+  expect --waves nan "$bench" decode --waves nan
+  expect --heads 32/8 "$bench" decode --heads 32/8
+  expect --calls 0 "$bench" decode --calls 0
 fi
 
 echo "$checked bad arguments, $failures not refused as usage errors"

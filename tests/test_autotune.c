@@ -2,6 +2,7 @@
  * through the tuning file, and the library then uses what was tuned. */
 #include "test_hooks.h"
 #include "test_util.h"
+#include "tuning_db.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -120,6 +121,8 @@ START_TEST(stored_entry_changes_the_variant)
     res.params.attn.wgs = 32;
     res.params.attn.chunk = 128;
     res.params.attn.vw = 8;
+    res.params.attn.tpl = 2;
+    res.params.attn.waves = 1;
     res.params.layout_k = res.params.layout_v = CLKVQ_LAYOUT_GROUP_PLANAR;
     res.default_ms = 2.0;
     res.tuned_ms = 1.0;
@@ -159,6 +162,45 @@ START_TEST(stored_entry_changes_the_variant)
     free(o1);
     clkvq_cache_release(before);
     clkvq_cache_release(after);
+}
+END_TEST
+
+/* Split and chunk choices are keyed by length: of two entries for one
+ * structure, a decode uses the one tuned nearest its longest sequence. */
+START_TEST(decode_takes_the_entry_nearest_its_length)
+{
+    fresh_cache_dir();
+    clkvq_context *ctx = test_ctx();
+    clkvq_tune_shape sh = small_shape();
+    sh.tokens = 4096;
+    clkvq_tune_result res[2];
+    memset(res, 0, sizeof res);
+    for (int i = 0; i < 2; i++) {
+        snprintf(res[i].kernel, sizeof res[i].kernel, "decode");
+        res[i].shape = sh;
+        res[i].shape.tokens = i ? 4096 : 128;
+        res[i].params = clkvq_tuning_builtin(ctx);
+        res[i].params.attn.variant = CLKVQ_ATTN_SERIAL;
+        res[i].params.attn.chunk = i ? 1024 : 64;
+        res[i].params.layout_k = res[i].params.layout_v = CLKVQ_LAYOUT_GROUP_PLANAR;
+        res[i].default_ms = 2.0;
+        res[i].tuned_ms = 1.0;
+    }
+    ck_assert_int_eq(clkvq_tuning_store(ctx, res, 2, NULL, 0), CLKVQ_OK);
+    clkvq_cache *cache = cache_for_shape(&sh, CLKVQ_LAYOUT_GROUP_PLANAR);
+    clkvq_attn_tuning t;
+    ck_assert_int_eq(clkvq_cache_get_tuning(cache, &t), CLKVQ_OK);
+    ck_assert_int_eq(t.chunk, 64); /* empty: nearest the short entry */
+    size_t kv = (size_t)sh.n_kv_heads * 3000 * sh.head_dim;
+    float *k = malloc(kv * sizeof(float)), *v = malloc(kv * sizeof(float));
+    clkvq_shape part = {sh.n_kv_heads, 3000, sh.head_dim};
+    clkvq_synth_kv(5, &part, k, v);
+    ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 3000, k, v), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_cache_get_tuning(cache, &t), CLKVQ_OK);
+    ck_assert_int_eq(t.chunk, 1024);
+    free(k);
+    free(v);
+    clkvq_cache_release(cache);
 }
 END_TEST
 
@@ -283,6 +325,7 @@ int main(void)
     tcase_add_test(tc, tuned_result_is_what_the_library_uses);
     tcase_add_test(tc, stored_entry_changes_the_variant);
     tcase_add_test(tc, config_tuned_for_gives_every_layer_an_exact_entry);
+    tcase_add_test(tc, decode_takes_the_entry_nearest_its_length);
     suite_add_tcase(s, tc);
     return test_run_suite(s);
 }
