@@ -1075,7 +1075,7 @@ START_TEST(cache_reports_each_layers_tuning_source)
     const int tuned[4] = {CLKVQ_TUNED_EXACT, CLKVQ_TUNED_NEAREST, CLKVQ_TUNED_EXACT,
                           CLKVQ_TUNED_BUILTIN};
     expect_sources(cache, tuned);
-    clkvq_attn_tuning chunk = {CLKVQ_ATTN_DEFAULT, 0, 128, 0};
+    clkvq_attn_tuning chunk = {CLKVQ_ATTN_DEFAULT, 0, 128, 0, 0, 0, 0};
     ck_assert_int_eq(clkvq_cache_set_tuning(cache, &chunk), CLKVQ_OK);
     const int caller[4] = {CLKVQ_TUNED_CALLER, CLKVQ_TUNED_CALLER, CLKVQ_TUNED_CALLER,
                            CLKVQ_TUNED_CALLER};
