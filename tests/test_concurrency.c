@@ -420,8 +420,8 @@ static void run_sharded(clkvq_attn_tuning tuning, int block_size)
 
 START_TEST(sharded_kv_heads_match_unsharded)
 {
-    clkvq_attn_tuning serial = {CLKVQ_ATTN_SERIAL, 0, 64, 8};
-    clkvq_attn_tuning coop = {CLKVQ_ATTN_COOPERATIVE, 32, 64, 0};
+    clkvq_attn_tuning serial = {CLKVQ_ATTN_SERIAL, 0, 64, 8, 0, 0, 0};
+    clkvq_attn_tuning coop = {CLKVQ_ATTN_COOPERATIVE, 32, 64, 0, 0, 0, 0};
     run_sharded(serial, 32);
     run_sharded(coop, 0);
 }
