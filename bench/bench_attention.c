@@ -22,6 +22,14 @@
  * The roof counts bytes read + written by a copy while decode only reads,
  * so x roof compares a read stream against a read+write stream; it is the
  * number other clkvq benches quote, kept for consistency.
+ *
+ * --block-size N adds, per cache row, the same decode through a paged cache
+ * of N-token pages whose block table is a seeded random permutation of the
+ * pool (runtime tables: pages in a scrambled order, never accidentally
+ * contiguous), filled with the same data. The two decodes are timed in
+ * alternation (contiguous, paged, contiguous, ...) so that machine noise
+ * falls on both alike; both medians and minima are reported, and the two
+ * outputs are compared bit for bit.
  */
 #include "bench_util.h"
 
@@ -47,6 +55,7 @@
 #define MAX_LIST 32
 #define MAX_KERNELS 8 /* --kernel candidates */
 #define SYNTH_CACHE_MB 3072 /* default --synth-cache-mb */
+#define TABLE_SEED 7u       /* the scrambled block table of --block-size */
 
 /* ------------------------------------------------------------ tables */
 
@@ -102,6 +111,8 @@ typedef struct {
     int reps;
     int json;
     int synth_mb; /* host memory for reused synthetic chunks */
+    int block_size; /* > 0: time a paged cache of these pages next to each cache row */
+    int sequential_pages; /* --page-order sequential: the paged twin's table is 0, 1, 2, ... */
     const char *device;
     kernel_choice kernels[MAX_KERNELS];
     int n_kernels;
@@ -117,6 +128,10 @@ typedef struct {
     double ms, gbps, gflops;
     double ratio_fp16; /* < 0: no fp16 time to compare with */
     double ratio_roof;
+    double ms_min;
+    int has_paged;          /* --block-size: the paged twin below was timed */
+    double paged_ms, paged_ms_min;
+    int paged_same;         /* its outputs equal the contiguous cache's bit for bit */
 } attn_result;
 
 typedef struct {
@@ -184,6 +199,11 @@ static void usage(FILE *out) {
             "  -m, --synth-cache-mb N  host memory (MiB) for synthetic K/V chunks reused across\n"
             "                      rows of a shape; 0 regenerates them per row (default %d).\n"
             "                      The data is the same either way: only the fill is faster\n"
+            "  -p, --block-size N  also time each cache row through a paged cache of N-token\n"
+            "                      pages (a multiple of 16) in a scrambled order, alternating\n"
+            "                      with the contiguous one; reports both (default: off)\n"
+            "  -o, --page-order O  scrambled (default: a seeded permutation of the pool) or\n"
+            "                      sequential (page i of sequence s is s * max_blocks + i)\n"
             "  -j, --json          print one JSON object instead of the tables\n"
             "  -h, --help          this text\n"
             "\n"
@@ -292,6 +312,8 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
                                              {"reps", required_argument, NULL, 'r'},
                                              {"device", required_argument, NULL, 'd'},
                                              {"synth-cache-mb", required_argument, NULL, 'm'},
+                                             {"block-size", required_argument, NULL, 'p'},
+                                             {"page-order", required_argument, NULL, 'o'},
                                              {"json", no_argument, NULL, 'j'},
                                              {"help", no_argument, NULL, 'h'},
                                              {NULL, 0, NULL, 0}};
@@ -315,7 +337,7 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
     long value;
     optind = 1;
     int c;
-    while ((c = getopt_long(argc, argv, "s:t:b:f:g:k:r:d:m:jh", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "s:t:b:f:g:k:r:d:m:p:o:jh", longopts, NULL)) != -1) {
         switch (c) {
         case 's': {
             int picked[N_SHAPES];
@@ -388,6 +410,22 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
                 return BENCH_EXIT_USAGE;
             }
             opt->synth_mb = (int)value;
+            break;
+        case 'p':
+            if (bench_parse_int(optarg, 16, 1 << 20, &value) || value % 16) {
+                fprintf(stderr, "%s: --block-size wants a multiple of 16, got '%s'\n", g_prog,
+                        optarg);
+                return BENCH_EXIT_USAGE;
+            }
+            opt->block_size = (int)value;
+            break;
+        case 'o':
+            if (strcmp(optarg, "scrambled") && strcmp(optarg, "sequential")) {
+                fprintf(stderr, "%s: --page-order wants scrambled or sequential, got '%s'\n",
+                        g_prog, optarg);
+                return BENCH_EXIT_USAGE;
+            }
+            opt->sequential_pages = !strcmp(optarg, "sequential");
             break;
         case 'j':
             opt->json = 1;
@@ -494,46 +532,67 @@ static attn_result *result_add(result_list *list) {
     return r;
 }
 
-/* Times `call` WARMUPS + reps times; *ms = median device time. The call is
- * a decode on the cache or the GEMV baseline, picked by cache != NULL. */
+/* A decode on a cache (through its runtime block table when table is set)
+ * or the GEMV baseline (cache NULL). */
 typedef struct {
     clkvq_cache *cache;
     const attn_shape *shape;
     int tokens;
     cl_mem k, v, q, out;
     float scale;
+    cl_mem table; /* runtime tables: [batch][max_blocks] page ids */
+    int max_blocks;
 } decode_call;
 
-static int time_decode(attn_bench *b, const decode_call *call, int reps, double *ms) {
-    double *times = malloc((size_t)reps * sizeof *times);
+static clkvq_status run_decode_call(attn_bench *b, const decode_call *call) {
+    if (call->cache && call->table)
+        return clkvq_cache_decode_paged(call->cache, 0, 1, call->q, call->out, call->scale,
+                                        call->table, call->max_blocks);
+    if (call->cache) return clkvq_cache_decode(call->cache, 0, call->q, call->out, call->scale);
+    return clkvq_gemv_decode(b->ctx, call->shape->n_q_heads, call->shape->n_kv_heads,
+                             call->shape->head_dim, call->tokens, call->k, call->v, call->q,
+                             call->out, call->scale);
+}
+
+/* Times n calls in alternation (call 0, 1, .., n-1, call 0, ...), WARMUPS +
+ * reps rounds; ms[i] and ms_min[i] (may be NULL) = median and minimum
+ * device time of call i. Alternating puts the machine's noise on every
+ * call alike. */
+static int time_decodes(attn_bench *b, const decode_call *calls, int n, int reps, double *ms,
+                        double *ms_min) {
+    double *times = malloc((size_t)reps * (size_t)n * sizeof *times);
     if (!times) {
         fprintf(stderr, "%s: out of host memory\n", g_prog);
         return BENCH_EXIT_FAILURE;
     }
     int rc = BENCH_EXIT_OK;
     for (int r = -WARMUPS; r < reps && rc == BENCH_EXIT_OK; r++) {
-        clkvq_status st;
-        if (call->cache)
-            st = clkvq_cache_decode(call->cache, 0, call->q, call->out, call->scale);
-        else
-            st = clkvq_gemv_decode(b->ctx, call->shape->n_q_heads, call->shape->n_kv_heads,
-                                   call->shape->head_dim, call->tokens, call->k, call->v,
-                                   call->q, call->out, call->scale);
-        if (st != CLKVQ_OK) {
-            rc = report(b, st, call->cache ? "decode" : "gemv decode");
-            break;
-        }
-        double t = clkvq_last_device_ms(b->ctx);
-        if (t < 0.0) {
-            fprintf(stderr, "%s: the queue reports no device time (no profiling)\n", g_prog);
-            rc = BENCH_EXIT_FAILURE;
-        } else if (r >= 0) {
-            times[r] = t;
+        for (int i = 0; i < n && rc == BENCH_EXIT_OK; i++) {
+            clkvq_status st = run_decode_call(b, &calls[i]);
+            if (st != CLKVQ_OK) {
+                rc = report(b, st, calls[i].cache ? "decode" : "gemv decode");
+                break;
+            }
+            double t = clkvq_last_device_ms(b->ctx);
+            if (t < 0.0) {
+                fprintf(stderr, "%s: the queue reports no device time (no profiling)\n", g_prog);
+                rc = BENCH_EXIT_FAILURE;
+            } else if (r >= 0) {
+                times[(size_t)i * reps + r] = t;
+            }
         }
     }
-    if (rc == BENCH_EXIT_OK) *ms = bench_median(times, reps);
+    for (int i = 0; i < n && rc == BENCH_EXIT_OK; i++) {
+        double *ti = times + (size_t)i * reps;
+        ms[i] = bench_median(ti, reps); /* sorts: ti[0] is the minimum */
+        if (ms_min) ms_min[i] = ti[0];
+    }
     free(times);
     return rc;
+}
+
+static int time_decode(attn_bench *b, const decode_call *call, int reps, double *ms) {
+    return time_decodes(b, call, 1, reps, ms, NULL);
 }
 
 /*
@@ -699,6 +758,93 @@ static void fill_metrics(const attn_bench *b, const attn_shape *s, attn_result *
     res->ratio_roof = b->roof_gbps > 0.0 ? res->gbps / b->roof_gbps : 0.0;
 }
 
+/* ------------------------------------------------------------ paged twin */
+
+/* --block-size: a cache row's twin in pages, through a runtime block table
+ * that is a seeded random permutation of the pool. */
+typedef struct {
+    clkvq_cache *cache;
+    cl_mem table, out;
+    int max_blocks;
+} paged_twin;
+
+static void paged_twin_release(paged_twin *p) {
+    if (p->table) clReleaseMemObject(p->table);
+    if (p->out) clReleaseMemObject(p->out);
+    clkvq_cache_release(p->cache);
+    memset(p, 0, sizeof *p);
+}
+
+static int make_paged_twin(attn_bench *b, const attn_options *opt, const clkvq_cache_config *base,
+                           const clkvq_attn_tuning *tuning, attn_result *res, paged_twin *p) {
+    const attn_shape *s = &g_shapes[res->shape];
+    clkvq_cache_config cfg = *base;
+    cfg.block_size = opt->block_size;
+    cfg.runtime_tables = 1;
+    clkvq_status st = clkvq_cache_create(b->ctx, &cfg, &p->cache);
+    if (st != CLKVQ_OK) return report(b, st, "paged cache create");
+    /* the same tunables as the contiguous cache, whatever the lookup says */
+    if ((st = clkvq_cache_set_tuning(p->cache, tuning)) != CLKVQ_OK)
+        return report(b, st, "paged cache tuning");
+    p->max_blocks = (res->tokens + opt->block_size - 1) / opt->block_size;
+    int n_pages = res->batch * p->max_blocks;
+    int *ids = malloc((size_t)n_pages * sizeof *ids);
+    if (!ids) {
+        fprintf(stderr, "%s: out of host memory\n", g_prog);
+        return BENCH_EXIT_FAILURE;
+    }
+    for (int i = 0; i < n_pages; i++) ids[i] = i;
+    uint32_t r = TABLE_SEED;
+    for (int i = n_pages - 1; i > 0 && !opt->sequential_pages; i--) { /* Fisher-Yates */
+        r ^= r << 13;
+        r ^= r >> 17;
+        r ^= r << 5;
+        int j = (int)(r % (uint32_t)(i + 1)), t = ids[i];
+        ids[i] = ids[j];
+        ids[j] = t;
+    }
+    cl_int err;
+    p->table = clCreateBuffer(clkvq_context_cl_context(b->ctx),
+                              CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR,
+                              (size_t)n_pages * sizeof *ids, ids, &err);
+    free(ids);
+    if (err != CL_SUCCESS) return report_cl(err, "create the block table");
+    size_t row = (size_t)s->n_kv_heads * s->head_dim * sizeof(float);
+    for (int seq = 0; seq < res->batch; seq++)
+        for (int t0 = 0, c = 0; t0 < res->tokens; t0 += FILL_CHUNK, c++) {
+            int len = res->tokens - t0 < FILL_CHUNK ? res->tokens - t0 : FILL_CHUNK;
+            const float *k, *v;
+            if (synth_chunk(&b->synth, res->shape, seq, c, len, &k, &v)) return BENCH_EXIT_FAILURE;
+            cl_mem km = upload(b, k, row * (size_t)len, &err), vm = NULL;
+            if (err == CL_SUCCESS) vm = upload(b, v, row * (size_t)len, &err);
+            st = err == CL_SUCCESS ? clkvq_cache_append_paged(p->cache, 0, seq, len, km, vm,
+                                                              p->table, p->max_blocks)
+                                   : CLKVQ_OK;
+            if (km) clReleaseMemObject(km);
+            if (vm) clReleaseMemObject(vm);
+            if (err != CL_SUCCESS) return report_cl(err, "upload a chunk");
+            if (st != CLKVQ_OK) return report(b, st, "paged append");
+        }
+    p->out = clCreateBuffer(clkvq_context_cl_context(b->ctx), CL_MEM_READ_WRITE,
+                            (size_t)res->batch * s->n_q_heads * s->head_dim * sizeof(float), NULL,
+                            &err);
+    return err == CL_SUCCESS ? BENCH_EXIT_OK : report_cl(err, "create paged out");
+}
+
+/* 1 when the two decode outputs are equal bit for bit. */
+static int same_output(attn_bench *b, const attn_shape *s, int batch, cl_mem x, cl_mem y) {
+    size_t bytes = (size_t)batch * s->n_q_heads * s->head_dim * sizeof(float);
+    unsigned char *hx = malloc(bytes), *hy = malloc(bytes);
+    cl_command_queue queue = clkvq_context_cl_queue(b->ctx);
+    int same = hx && hy &&
+               clEnqueueReadBuffer(queue, x, CL_TRUE, 0, bytes, hx, 0, NULL, NULL) == CL_SUCCESS &&
+               clEnqueueReadBuffer(queue, y, CL_TRUE, 0, bytes, hy, 0, NULL, NULL) == CL_SUCCESS &&
+               memcmp(hx, hy, bytes) == 0;
+    free(hx);
+    free(hy);
+    return same;
+}
+
 /* ------------------------------------------------------------ rows */
 
 /* One cache row (fp16 or quantized): plan, create, fill, time. */
@@ -767,23 +913,44 @@ static int run_cache_row(attn_bench *b, const attn_options *opt, attn_result *re
 
     double t0 = now_s();
     if (rc == BENCH_EXIT_OK) rc = fill_cache(b, cache, res->shape, res->tokens, res->batch);
+    paged_twin twin = {NULL, NULL, NULL, 0};
+    int with_twin = opt->block_size > 0 && 2.0 * (double)mem.device_bytes <= b->mem_limit;
+    if (rc == BENCH_EXIT_OK && with_twin) rc = make_paged_twin(b, opt, &cfg, &tuning, res, &twin);
     double fill_s = now_s() - t0;
     cl_mem q = NULL, out = NULL;
     if (rc == BENCH_EXIT_OK) rc = make_q_out(b, s, res->batch, &q, &out);
     if (rc == BENCH_EXIT_OK) {
-        decode_call call = {cache, s, res->tokens, NULL, NULL, q, out,
-                            1.0f / sqrtf((float)s->head_dim)};
-        rc = time_decode(b, &call, opt->reps, &res->ms);
+        float scale = 1.0f / sqrtf((float)s->head_dim);
+        decode_call calls[2] = {{cache, s, res->tokens, NULL, NULL, q, out, scale, NULL, 0},
+                                {twin.cache, s, res->tokens, NULL, NULL, q, twin.out, scale,
+                                 twin.table, twin.max_blocks}};
+        double ms[2], ms_min[2];
+        rc = time_decodes(b, calls, with_twin ? 2 : 1, opt->reps, ms, ms_min);
+        if (rc == BENCH_EXIT_OK) {
+            res->ms = ms[0];
+            res->ms_min = ms_min[0];
+        }
+        if (rc == BENCH_EXIT_OK && with_twin) {
+            res->has_paged = 1;
+            res->paged_ms = ms[1];
+            res->paged_ms_min = ms_min[1];
+            res->paged_same = same_output(b, s, res->batch, out, twin.out);
+        }
     }
     if (rc == BENCH_EXIT_OK) {
         fill_metrics(b, s, res, (double)mem.device_bytes);
         char kname[64];
         kernel_name(res, kname, sizeof kname);
-        fprintf(stderr, "%s: %s %6d tok x%d %-9s %-26s %9.3f ms  (fill %.1f s)\n", g_prog,
-                s->name, res->tokens, res->batch, f->name, kname, res->ms, fill_s);
+        fprintf(stderr, "%s: %s %6d tok x%d %-9s %-26s %9.3f ms  (fill %.1f s)", g_prog, s->name,
+                res->tokens, res->batch, f->name, kname, res->ms, fill_s);
+        if (res->has_paged)
+            fprintf(stderr, "; paged %.3f ms (%s output)", res->paged_ms,
+                    res->paged_same ? "same" : "DIFFERENT");
+        fputc('\n', stderr);
     }
     if (q) clReleaseMemObject(q);
     if (out) clReleaseMemObject(out);
+    paged_twin_release(&twin);
     clkvq_cache_release(cache);
     return rc;
 }
@@ -824,7 +991,8 @@ static int run_gemv_row(attn_bench *b, const attn_options *opt, attn_result *res
     cl_mem q = NULL, out = NULL;
     if (rc == BENCH_EXIT_OK) rc = make_q_out(b, s, 1, &q, &out);
     if (rc == BENCH_EXIT_OK) {
-        decode_call call = {NULL, s, res->tokens, k, v, q, out, 1.0f / sqrtf((float)s->head_dim)};
+        decode_call call = {NULL, s,   res->tokens, k, v, q, out, 1.0f / sqrtf((float)s->head_dim),
+                            NULL, 0};
         rc = time_decode(b, &call, opt->reps, &res->ms);
     }
     if (rc == BENCH_EXIT_OK) {
@@ -859,8 +1027,15 @@ static void print_header(const attn_bench *b, const attn_options *opt) {
     printf("cache:   1 layer, scheme token (fp16: fp16), group %d, fp16 params, group-planar "
            "K/V, synthetic K/V in chunks of %d\n",
            opt->group_size, FILL_CHUNK);
-    printf("timing:  device time of one decode step, median of %d after %d warm-ups\n\n",
+    printf("timing:  device time of one decode step, median of %d after %d warm-ups\n",
            opt->reps, WARMUPS);
+    if (opt->block_size > 0)
+        printf("paged:   each cache row also through pages of %d tokens in %s (runtime block "
+               "table), timed alternately with the contiguous cache\n",
+               opt->block_size,
+               opt->sequential_pages ? "sequential order" : "a scrambled order (a seeded "
+                                                            "permutation of the pool)");
+    printf("\n");
 }
 
 static void print_shape_table(const attn_shape *s, const result_list *list, int shape_idx) {
@@ -901,6 +1076,35 @@ static void print_shape_table(const attn_shape *s, const result_list *list, int 
     fflush(stdout);
 }
 
+static void print_paged_table(const attn_shape *s, const result_list *list, int shape_idx,
+                              int block_size) {
+    printf("### %s: contiguous vs pages of %d tokens (same run, alternating)\n\n", s->label,
+           block_size);
+    static const char *const headers[] = {"tokens", "batch", "format", "contig ms", "contig min",
+                                          "paged ms", "paged min", "paged/contig",
+                                          "paged/contig (min)", "same output"};
+    bench_table *t = bench_table_new(10, headers, "rrlrrrrrrl");
+    if (!t) return;
+    for (int i = 0; i < list->n; i++) {
+        const attn_result *r = &list->rows[i];
+        if (r->shape != shape_idx || !r->has_paged || bench_table_add_row(t) < 0) continue;
+        bench_table_cell(t, 0, "%d", r->tokens);
+        bench_table_cell(t, 1, "%d", r->batch);
+        bench_table_cell(t, 2, "%s", g_formats[r->format].name);
+        bench_table_cell(t, 3, "%.3f", r->ms);
+        bench_table_cell(t, 4, "%.3f", r->ms_min);
+        bench_table_cell(t, 5, "%.3f", r->paged_ms);
+        bench_table_cell(t, 6, "%.3f", r->paged_ms_min);
+        bench_table_cell(t, 7, "%.3f", r->ms > 0 ? r->paged_ms / r->ms : 0.0);
+        bench_table_cell(t, 8, "%.3f", r->ms_min > 0 ? r->paged_ms_min / r->ms_min : 0.0);
+        bench_table_cell(t, 9, "%s", r->paged_same ? "bit-exact" : "DIFFERENT");
+    }
+    bench_table_print(t, stdout);
+    bench_table_free(t);
+    printf("\n\n");
+    fflush(stdout);
+}
+
 static int print_json(const attn_bench *b, const attn_options *opt, const result_list *list) {
     cJSON *root = cJSON_CreateObject();
     if (!root) return BENCH_EXIT_FAILURE;
@@ -925,6 +1129,8 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
     cJSON_AddNumberToObject(root, "group_size", opt->group_size);
     cJSON_AddNumberToObject(root, "reps", opt->reps);
     cJSON_AddNumberToObject(root, "warmups", WARMUPS);
+    cJSON_AddNumberToObject(root, "block_size", opt->block_size);
+    cJSON_AddStringToObject(root, "page_order", opt->sequential_pages ? "sequential" : "scrambled");
     cJSON *results = cJSON_AddArrayToObject(root, "results");
     cJSON *skipped = cJSON_AddArrayToObject(root, "skipped");
     for (int i = 0; results && skipped && i < list->n; i++) {
@@ -963,6 +1169,13 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
         else
             cJSON_AddNullToObject(e, "ratio_fp16");
         cJSON_AddNumberToObject(e, "ratio_roof", r->ratio_roof);
+        cJSON_AddNumberToObject(e, "ms_min", r->ms_min);
+        if (r->has_paged) {
+            cJSON_AddNumberToObject(e, "paged_ms", r->paged_ms);
+            cJSON_AddNumberToObject(e, "paged_ms_min", r->paged_ms_min);
+            cJSON_AddNumberToObject(e, "paged_ratio", r->ms > 0 ? r->paged_ms / r->ms : 0.0);
+            cJSON_AddBoolToObject(e, "paged_same", r->paged_same);
+        }
     }
     char *text = cJSON_Print(root);
     cJSON_Delete(root);
@@ -1063,6 +1276,8 @@ int bench_attention_main(int argc, char **argv) {
              * results early, and a later failure keeps them */
             if (si == 0) print_header(&b, &opt);
             print_shape_table(&g_shapes[shape], &list, shape);
+            if (opt.block_size > 0)
+                print_paged_table(&g_shapes[shape], &list, shape, opt.block_size);
         }
     }
     if (opt.json)

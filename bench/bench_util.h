@@ -15,6 +15,7 @@ int bench_quant_main(int argc, char **argv);
 int bench_attention_main(int argc, char **argv);
 int bench_append_main(int argc, char **argv);
 int bench_decode_main(int argc, char **argv);
+int bench_serve_main(int argc, char **argv);
 
 /* Median of values[0..n); sorts values in place. n must be > 0. */
 double bench_median(double *values, int n);

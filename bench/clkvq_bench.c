@@ -22,6 +22,8 @@ static const bench_command commands[] = {
      bench_append_main},
     {"decode", "one decode configuration spelled out (tunables, layouts); instruction counts",
      bench_decode_main},
+    {"serve", "continuous batching over a paged cache: tokens/s, peak pages vs contiguous",
+     bench_serve_main},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 

@@ -76,6 +76,12 @@ if [[ -n $bench ]]; then
   expect --tokens 1,abc "$bench" attention --tokens 1,abc
   expect --batch nan "$bench" attention --batch nan
   expect --synth-cache-mb -5 "$bench" attention --synth-cache-mb -5
+  expect --block-size 24 "$bench" attention --block-size 24
+  expect --steps abc "$bench" serve --steps abc
+  expect --slots 0 "$bench" serve --slots 0
+  expect --block-size 8 "$bench" serve --block-size 8
+  expect --prompt 9:3 "$bench" serve --prompt 9:3
+  expect --share nan "$bench" serve --share nan
   expect --kernel serial:8x:512 "$bench" attention --kernel serial:8x:512
   expect --kernel fast:8:512 "$bench" attention --kernel fast:8:512
   expect --tokens 4k "$bench" append --tokens 4k
