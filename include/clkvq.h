@@ -573,10 +573,15 @@ CLKVQ_API clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out);
  * layers, each a mapping with `nbits_key` and `nbits_value` (8, 4, 3, 2 or
  * 1.5) - exactly KVTuner's published files, which load as they are - and
  * our optional fields: scheme, group_size, clip_k, clip_v, window, n_sink,
- * residual, param_type (fp16|fp8), zero_mode (float|int), perm_k and perm_v
- * (one sequence of head_dim ints per kv head). A per-head file nests
- * head -> {nbits_key, nbits_value} under each layer. Optional top-level
- * string keys: `model`, and any layer field as a default for all layers.
+ * residual, param_type (fp16|fp8), zero_mode (float|int), key_axis
+ * (token|channel), rot (true|false), rot_seed, perm_k and perm_v (one
+ * sequence of head_dim ints per kv head), mean_k and mean_v (one sequence
+ * of head_dim floats per kv head). A per-head file nests head ->
+ * {nbits_key, nbits_value} under each layer. Optional top-level string
+ * keys: `model`, and any layer field as a default for all layers, except
+ * that a top-level rot_seed is a base: a layer without its own gets the
+ * base (else the caller's default) plus its layer index, so layers draw
+ * different rotations.
  */
 typedef struct clkvq_precision_config clkvq_precision_config;
 
