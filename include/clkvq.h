@@ -682,6 +682,16 @@ typedef struct {
     double k_rel_err;        /* ||K - K_cache|| / ||K|| (read-back) */
     double v_rel_err;
     int n_queries;
+    /* The sums behind the ratios (rel_err = sqrt(err_sq / ref_sq), and so
+     * on), so results pool exactly over layers: a model's error is
+     * sqrt(sum err_sq / sum ref_sq), each layer counting by its share of
+     * the signal. */
+    double err_sq, ref_sq;   /* sums over heads and queries of |o - o_ref|^2, |o_ref|^2 */
+    double k_err_sq, k_ref_sq, v_err_sq, v_ref_sq;
+    /* Bits per element as the context grows without bound: packed codes +
+     * params of one group, K and V averaged; fp16 sinks, windows and
+     * residuals vanish (16 for the fp16 scheme). */
+    double bits_long;
 } clkvq_eval_result;
 
 /*
@@ -776,6 +786,53 @@ CLKVQ_API clkvq_status clkvq_calibrate_clip(clkvq_context *ctx, const clkvq_quan
                                             const clkvq_shape *shape, const float *x,
                                             const int32_t *perm, float alpha_lo, float alpha_hi,
                                             float alpha_step, float *best_alpha, double *best_mse);
+
+/* What clkvq_calibrate_layer fits (or-ed flags). */
+enum {
+    CLKVQ_FIT_CLIP_K = 1u << 0, /* clip_k: least reconstruction MSE over a grid */
+    CLKVQ_FIT_CLIP_V = 1u << 1, /* clip_v */
+    CLKVQ_FIT_MEAN_K = 1u << 2, /* mean_k: per (kv head, channel) means, for centering */
+    CLKVQ_FIT_MEAN_V = 1u << 3, /* mean_v */
+    CLKVQ_FIT_PERM_K = 1u << 4, /* perm_k: clkvq_calibrate_permutation (not for keys
+                                   grouped per channel, where it changes nothing) */
+    CLKVQ_FIT_PERM_V = 1u << 5, /* perm_v */
+    CLKVQ_FIT_CLIP = CLKVQ_FIT_CLIP_K | CLKVQ_FIT_CLIP_V,
+    CLKVQ_FIT_MEAN = CLKVQ_FIT_MEAN_K | CLKVQ_FIT_MEAN_V,
+    CLKVQ_FIT_PERM = CLKVQ_FIT_PERM_K | CLKVQ_FIT_PERM_V
+};
+
+/* The clip grid clkvq_calibrate_layer searches by default: at 2 bits and
+ * below the reconstruction optimum lies under 0.80. */
+#define CLKVQ_CLIP_GRID_LO 0.40f
+#define CLKVQ_CLIP_GRID_HI 1.00f
+#define CLKVQ_CLIP_GRID_STEP 0.02f
+
+typedef struct {
+    unsigned fit;                      /* CLKVQ_FIT_* */
+    float clip_lo, clip_hi, clip_step; /* the clip grid; all 0: CLKVQ_CLIP_GRID_* */
+    /* Caller storage, [n_kv_heads][head_dim] each, for the fields fitted
+     * (the others may be NULL); out's pointers point into it. */
+    float *mean_k, *mean_v;
+    int32_t *perm_k, *perm_v;
+} clkvq_calib_options;
+
+/*
+ * Fits a layer config on calibration K/V ([n_kv_heads][n_tokens][head_dim],
+ * e.g. a dump's layer): out = *in with the fields of options->fit replaced.
+ * Every fit sees the tokens the cache will quantize (after skvq's sinks)
+ * as the cache stores them: means first, then the fields after them on
+ * the centered (with in's or the fitted means) and, with in->rotate,
+ * rotated rows; the permutation on those; each clip under the
+ * permutation, with the layer's own format, axis, group and parameter
+ * storage (per-channel keys in whole blocks of group_size tokens), the
+ * smallest alpha winning ties. Host only. On failure out and the storage
+ * are untouched.
+ */
+CLKVQ_API clkvq_status clkvq_calibrate_layer(clkvq_context *ctx, const clkvq_layer_config *in,
+                                             int n_kv_heads, int n_tokens, int head_dim,
+                                             const float *k, const float *v,
+                                             const clkvq_calib_options *options,
+                                             clkvq_layer_config *out);
 
 /* ------------------------------------------------------ synthetic KV data */
 

@@ -183,6 +183,22 @@ START_TEST(bits_match_hand_count)
     double kv_k = (8.0 * 128 * 8 * 12 + 44.0 * 16 * HEAD_DIM) / elems;
     double kv_v = (172.0 * 4 * 8 * 12 + 128.0 * 16 * HEAD_DIM) / elems;
 
+    /* bits_long: the packed size alone (no sinks, window or residual):
+     * skvq K q4 g128 fp16 params 4.25, V t1.5 26 bytes + 4 per 128 = 1.875;
+     * kivi K per channel 32 tokens (8 code + 4 param bytes) 3, V 3 */
+    ck_assert_msg(r_t4.bits_long == 5.0 && r_t4f8.bits_long == 4.125 &&
+                      r_sk.bits_long == 0.5 * (4.25 + 1.875) && r_kv.bits_long == 3.0,
+                  "bits_long: token q4 %.6g, g128 fp8 %.6g, skvq %.6g, kivi %.6g",
+                  r_t4.bits_long, r_t4f8.bits_long, r_sk.bits_long, r_kv.bits_long);
+    /* the sums behind the ratios */
+    const clkvq_eval_result *all[4] = {&r_t4, &r_t4f8, &r_sk, &r_kv};
+    for (int i = 0; i < 4; i++)
+        ck_assert_msg(all[i]->ref_sq > 0 && all[i]->k_ref_sq > 0 && all[i]->v_ref_sq > 0 &&
+                          all[i]->rel_err == sqrt(all[i]->err_sq / all[i]->ref_sq) &&
+                          all[i]->k_rel_err == sqrt(all[i]->k_err_sq / all[i]->k_ref_sq) &&
+                          all[i]->v_rel_err == sqrt(all[i]->v_err_sq / all[i]->v_ref_sq),
+                      "row %d: sums %.6g/%.6g do not give rel_err %.6g", i, all[i]->err_sq,
+                      all[i]->ref_sq, all[i]->rel_err);
     ck_assert_msg(r_t4.bits_per_element == 5.0 && r_t4f8.bits_per_element == 4.125 &&
                       fabs(r_sk.bits_per_element - 0.5 * (sk_k + sk_v)) < 1e-12 &&
                       fabs(r_kv.bits_per_element - 0.5 * (kv_k + kv_v)) < 1e-12,
