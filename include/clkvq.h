@@ -694,6 +694,11 @@ typedef struct {
     double bits_long;
 } clkvq_eval_result;
 
+/* Evaluated positions per layer when a caller gives none: clkvq-eval and
+ * the precision search default to the same number, so what the search
+ * predicts is what clkvq-eval reports for the config it writes. */
+#define CLKVQ_DEFAULT_QUERIES 128
+
 /*
  * Accuracy of one layer under one layer config, through the library's own
  * kernels: K/V ([n_kv_heads][n_tokens][head_dim]) are appended to a cache

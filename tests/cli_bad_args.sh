@@ -51,6 +51,8 @@ expect --queries abc "$eval_" --calib x --scheme fp16 --queries abc
 expect --queries nan "$eval_" --calib x --scheme fp16 --queries nan
 expect group 3x "$eval_" --calib x --scheme token:k4v4:g3x
 expect clip nan "$eval_" --calib x --scheme token:k4v4:anan
+expect "rotation seed" 9x "$eval_" --calib x --scheme skvq:k2v2:rot9x
+expect "rotation seed" 4294967296 "$eval_" --calib x --scheme skvq:k2v2:rot4294967296
 
 expect --tokens abc "$synth" -o x.st --tokens abc
 expect --layers 0 "$synth" -o x.st --layers 0
