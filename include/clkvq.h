@@ -718,27 +718,43 @@ typedef struct {
     clkvq_format format_k, format_v;
 } clkvq_bit_pair;
 
+/* What the search's budget counts (clkvq_search_options.weight). */
+typedef enum {
+    CLKVQ_SEARCH_WEIGHT_KVTUNER = 0, /* KVTuner's average bits: (bits_k + bits_v) / 2,
+                                        parameters and fp16 tokens not counted */
+    CLKVQ_SEARCH_WEIGHT_BITS_LONG    /* bits_long (clkvq_eval_result): codes + params per
+                                        element as the context grows, K and V averaged */
+} clkvq_search_weight;
+
 typedef struct {
-    /* every layer's scheme settings (scheme, group, window, ...; formats are
-     * the pairs'); NULL: the token scheme defaults */
+    /* every layer's scheme settings (scheme, group, window, key_axis,
+     * rotate, rot_seed (layer l uses rot_seed + l), ...; formats are the
+     * pairs'; perms and means are ignored: fit them); NULL: the token
+     * scheme defaults */
     const clkvq_layer_config *defaults;
     const clkvq_bit_pair *pairs; /* candidates, e.g. K8V8 .. K2V1.5 */
     int n_pairs;
-    int n_queries;   /* last positions of the dump evaluated per layer (0: 16) */
+    int n_queries;   /* last positions of the dump evaluated per layer
+                        (0: CLKVQ_DEFAULT_QUERIES, as clkvq-eval) */
     int n_clusters;  /* KVTuner's inter-layer clustering: layers in a cluster share a
                         pair; 0 = one cluster per layer (exact) */
-    int calibrate;   /* skvq: per layer channel permutation + clip search on the dump */
+    int calibrate;   /* fit per layer (and pair: clips) on the dump, clkvq_calibrate_layer */
     void (*progress)(void *user, int done, int total, const char *what);
     void *user;
+    unsigned fit;    /* with calibrate: CLKVQ_FIT_* fitted; 0 = skvq's permutation and clip
+                        (other schemes: nothing), as before this field */
+    clkvq_search_weight weight; /* what avg budgets count */
 } clkvq_search_options;
 
 typedef struct {
     double avg_bits;          /* KVTuner's: mean over layers of (bits_k + bits_v) / 2 */
     double bits_per_element;  /* ours: codes + params + fp16 tokens, layer mean */
-    double total_error;       /* sum over layers of the attention-output relative error */
+    double total_error;       /* the pooled attention-output error clkvq-eval reports for
+                                 this config: sqrt(sum_l err_sq_l / sum_l ref_sq_l) */
     double latency_us;        /* predicted decode time per token, all layers, from this
                                  device's tuning results; < 0 when none are tuned */
     const int *choice;        /* pair index per layer (owned by the result) */
+    double bits_long;         /* bits_long, layer mean */
 } clkvq_front_point;
 
 typedef struct clkvq_search_result clkvq_search_result;
@@ -746,12 +762,16 @@ typedef struct clkvq_search_result clkvq_search_result;
 /*
  * KVTuner's offline search on a calibration dump: per layer and pair the
  * attention-output error with the dump's real queries (clkvq_eval_layer,
- * through the library's kernels); pairs dominated within a layer (more
- * bits and more error) are dropped; layers are clustered by their error
- * profiles (k-means on log errors) when n_clusters > 0; then an exact
- * multiple-choice knapsack over the clusters' choices gives the Pareto
- * front of (average bits, total error). The search assumes the layers'
- * errors add up (each layer is measured with the others in full precision).
+ * through the library's kernels, after the layer's fits when calibrate);
+ * pairs dominated within a layer (more bits and more error) are dropped;
+ * layers are clustered by their error profiles (k-means on log errors)
+ * when n_clusters > 0; then an exact multiple-choice knapsack over the
+ * clusters' choices gives the Pareto front of (average bits, error). The
+ * error minimized is the one clkvq-eval reports for a config, pooled over
+ * layers: sqrt(sum_l err_sq_l / sum_l ref_sq_l), a sum of per-layer costs
+ * err_sq_l / sum ref_sq, each layer measured with the others unquantized
+ * (clkvq-eval measures a config the same way, so the two agree exactly
+ * when given the same dump, queries and fits).
  */
 CLKVQ_API clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dump,
                                               const clkvq_search_options *options,
@@ -763,8 +783,12 @@ CLKVQ_API clkvq_status clkvq_search_front_point(const clkvq_search_result *res, 
                                                 clkvq_front_point *out);
 /* Layer l's measured error and bits/element for pair p (-1 if pruned). */
 CLKVQ_API double clkvq_search_layer_error(const clkvq_search_result *res, int layer, int pair);
-/* The lowest-error front point whose average bits stay within budget, as a
- * config (with skvq permutations and clips when calibrated). */
+/* The index of the lowest-error front point whose average bits (KVTuner's,
+ * or bits_long with CLKVQ_SEARCH_WEIGHT_BITS_LONG) stay within budget; -1
+ * when none does. */
+CLKVQ_API int clkvq_search_front_index(const clkvq_search_result *res, double budget_bits);
+/* That point as a config (with the fitted clips, permutations and means,
+ * and each layer's rot_seed). */
 CLKVQ_API clkvq_status clkvq_search_config(clkvq_context *ctx, const clkvq_search_result *res,
                                            double budget_bits, clkvq_precision_config **out);
 
