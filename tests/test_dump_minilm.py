@@ -13,7 +13,9 @@
    of the script's forward pass, from the tiny model's weights (embeddings,
    LayerNorm, projections with biases, heads split as [head][token][dim]).
    Later layers: the attention the script computes is softmax(q k^T /
-   sqrt(d)) v of the dumped tensors (checked through layer 1's input).
+   sqrt(d)) v of the dumped tensors, bidirectional (checked through layer
+   1's input: a causal mask would give other keys for every token but the
+   last, and the same for the last).
 4. The same seed gives the same bytes; another seed other values.
 
 Needs numpy and safetensors; without them exits 77 (ctest's skip code),
@@ -126,10 +128,14 @@ def main():
             report(f"layer 0 {n} = LN(embeddings) W^T + b, per head", err < 1e-6, f"err {err:.3g}")
         # layer 1's input from the dumped layer-0 tensors, then its k
         q0, k0, v0 = (t[f"layers.0.{n}"].astype(np.float64) for n in "qkv")
-        s = q0 @ k0.transpose(0, 2, 1) / np.sqrt(32.0)
-        s = np.exp(s - s.max(-1, keepdims=True))
-        s /= s.sum(-1, keepdims=True)
-        ctx = (s @ v0).transpose(1, 0, 2).reshape(T, 64)
+
+        def attention(causal):
+            s = q0 @ k0.transpose(0, 2, 1) / np.sqrt(32.0)
+            if causal:
+                s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            return (s @ v0).transpose(1, 0, 2).reshape(T, 64)
 
         def ln(z, name):
             m = z.mean(1, keepdims=True)
@@ -142,14 +148,29 @@ def main():
         import math
         erf = np.vectorize(math.erf)
         p = "encoder.layer.0."
-        h = ln(x + lin(ctx, p + "attention.output.dense"), p + "attention.output.LayerNorm")
-        f = lin(h, p + "intermediate.dense")
-        h = ln(h + lin(0.5 * f * (1 + erf(f / math.sqrt(2))), p + "output.dense"),
-               p + "output.LayerNorm")
-        k1 = (lin(h, "encoder.layer.1.attention.self.key")).reshape(T, 2, 32).transpose(1, 0, 2)
+
+        def layer1_k(ctx):
+            h = ln(x + lin(ctx, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+            f = lin(h, p + "intermediate.dense")
+            h = ln(h + lin(0.5 * f * (1 + erf(f / math.sqrt(2))), p + "output.dense"),
+                   p + "output.LayerNorm")
+            return lin(h, "encoder.layer.1.attention.self.key").reshape(T, 2, 32).transpose(1, 0, 2)
+
+        k1 = layer1_k(attention(causal=False))
         err = np.abs(k1 - t["layers.1.k"]).max() / np.abs(k1).max()
         report("layer 1 k from the dumped layer 0 (bidirectional attention, GELU, LayerNorm)",
                err < 1e-5, f"err {err:.3g}")
+        # the check tells the two apart: a causal layer 0 gives other keys
+        # (every token but the last would see less), so a dump made with a
+        # decoder's mask would fail above
+        k1c = layer1_k(attention(causal=True))
+        errc = np.abs(k1c - t["layers.1.k"])[:, :-1].max() / np.abs(k1).max()
+        report("layer 1 k is not what a causal layer 0 gives (the dump is bidirectional)",
+               errc > 1e-3, f"causal err {errc:.3g}")
+        # and the last token's keys, which see every token either way, agree
+        errl = np.abs(k1c - t["layers.1.k"])[:, -1].max() / np.abs(k1).max()
+        report("the last token's layer-1 k is the same under either mask", errl < 1e-5,
+               f"err {errl:.3g}")
 
         # ---- 4. determinism
         path_b, _ = run(3, T, "b.safetensors")
