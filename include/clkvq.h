@@ -602,8 +602,9 @@ CLKVQ_API clkvq_status clkvq_config_parse(clkvq_context *ctx, const char *text, 
 /* Writes it back (atomic: temp file + rename); load(save(c)) == c. */
 CLKVQ_API clkvq_status clkvq_config_save(clkvq_context *ctx, const clkvq_precision_config *cfg,
                                          const char *path);
-/* Builds one from layer configs (perms, [n_kv_heads][head_dim], copied).
- * model may be NULL; n_kv_heads/head_dim matter only when perms are given. */
+/* Builds one from layer configs (perms and means, [n_kv_heads][head_dim],
+ * copied). model may be NULL; n_kv_heads/head_dim matter only when perms or
+ * means are given. */
 CLKVQ_API clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_layers,
                                            const clkvq_layer_config *layers, int n_kv_heads,
                                            int head_dim, clkvq_precision_config **out);
@@ -611,8 +612,8 @@ CLKVQ_API void clkvq_config_free(clkvq_precision_config *cfg);
 
 CLKVQ_API int clkvq_config_n_layers(const clkvq_precision_config *cfg);
 CLKVQ_API const char *clkvq_config_model(const clkvq_precision_config *cfg); /* "" if none */
-/* Layer l's settings; perm pointers stay owned by cfg. For a per-head
- * file, format_k/format_v are the widest of the layer's heads. */
+/* Layer l's settings; perm and mean pointers stay owned by cfg. For a
+ * per-head file, format_k/format_v are the widest of the layer's heads. */
 CLKVQ_API clkvq_status clkvq_config_layer(const clkvq_precision_config *cfg, int layer,
                                           clkvq_layer_config *out);
 /* Heads with their own bits in layer l (0 when the layer has one pair). */
