@@ -37,9 +37,13 @@ expect --reps abc "$tune" --reps abc
 expect --tokens 4096, "$tune" --tokens 4096,
 expect --tokens 1,nan "$tune" --tokens 1,nan
 
-for v in nan abc 0 9 -3; do
+for v in nan abc 0 17 -3; do
   expect --budget "$v" "$tune" precision --calib x.safetensors --budget "$v"
 done
+expect --rot-seed 4294967296 "$tune" precision --calib x --budget 3 --rot-seed 4294967296
+expect --rot-seed -1 "$tune" precision --calib x --budget 3 --rot-seed -1
+expect --weight bits "$tune" precision --calib x --budget 3 --weight bits
+expect --fit clip,mean "$tune" precision --calib x --budget 3 --fit clip,mean
 expect --queries abc "$tune" precision --calib x --budget 3 --queries abc
 expect --clusters -2 "$tune" precision --calib x --budget 3 --clusters -2
 expect --group 32k "$tune" precision --calib x --budget 3 --group 32k
