@@ -444,10 +444,11 @@ static clkvq_status check_fit_args(clkvq_context *ctx, const clkvq_layer_config 
     if (o->fit && in->scheme == CLKVQ_SCHEME_FP16)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
                           "%s: the fp16 scheme quantizes nothing to fit", g_fit_fn);
-    if (((o->fit & (CLKVQ_FIT_CLIP_K | CLKVQ_FIT_MEAN_K | CLKVQ_FIT_PERM_K)) && !k) ||
-        ((o->fit & (CLKVQ_FIT_CLIP_V | CLKVQ_FIT_MEAN_V | CLKVQ_FIT_PERM_V)) && !v))
+    int need_k = (o->fit & (CLKVQ_FIT_CLIP_K | CLKVQ_FIT_MEAN_K | CLKVQ_FIT_PERM_K)) != 0;
+    int need_v = (o->fit & (CLKVQ_FIT_CLIP_V | CLKVQ_FIT_MEAN_V | CLKVQ_FIT_PERM_V)) != 0;
+    if ((need_k && !k) || (need_v && !v))
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s: %s is NULL but fitted", g_fit_fn,
-                          !k ? "k" : "v");
+                          need_k && !k ? "k" : "v");
     const struct {
         unsigned flag;
         const void *storage;

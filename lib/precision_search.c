@@ -129,9 +129,10 @@ static clkvq_status fit_layer(clkvq_context *ctx, clkvq_search_result *res, int 
     opt.mean_v = means[1];
     opt.perm_k = perms[0];
     opt.perm_v = perms[1];
-    clkvq_layer_config lc = layer_config(res, l, 0), out;
-    clkvq_status st = clkvq_calibrate_layer(ctx, &lc, info->n_kv_heads, info->n_tokens,
-                                            info->head_dim, k, v, &opt, &out);
+    clkvq_layer_config lc = layer_config(res, l, 0), out = lc;
+    clkvq_status st = once ? clkvq_calibrate_layer(ctx, &lc, info->n_kv_heads, info->n_tokens,
+                                                   info->head_dim, k, v, &opt, &out)
+                           : CLKVQ_OK;
     if (st != CLKVQ_OK)
         return st;
     for (int i = 0; i < 2; i++) { /* what a fit left unset (a key perm per channel) */
