@@ -430,6 +430,28 @@ START_TEST(tool_fit_is_out_of_sample)
         ck_assert_msg(e > 1e-4 && e < 1.0 && bl == bits_long[i], "%s: rel_err %.6g bits_long %.6g",
                       named[i], e, bl);
     }
+
+    /* every example spec of --help runs on this head_dim-32 dump (skvq's
+     * default group follows the head) */
+    char cmd[512], word[256], examples[1024] = "";
+    snprintf(cmd, sizeof cmd, "'%s' --help", CLKVQ_EVAL_BIN);
+    FILE *help = popen(cmd, "r");
+    ck_assert_ptr_nonnull(help);
+    int n_examples = 0;
+    while (fscanf(help, "%255s", word) == 1)
+        if ((!strcmp(word, "fp16") || !strncmp(word, "token:", 6) || !strncmp(word, "kivi:", 5) ||
+             (!strncmp(word, "skvq:", 5) && word[5])) &&
+            !strstr(examples, word)) {
+            size_t len = strlen(examples);
+            snprintf(examples + len, sizeof examples - len, " --scheme %s", word);
+            n_examples++;
+        }
+    ck_assert_int_eq(pclose(help), 0);
+    snprintf(args, sizeof args, "--calib %s%s", a, examples);
+    char *ex = run_tool(args, &rc_in);
+    ck_assert_msg(rc_in == 0 && n_examples >= 8, "%d examples:%s\nexit %d", n_examples, examples,
+                  rc_in);
+    free(ex);
     free(in);
     free(out);
     free(self);

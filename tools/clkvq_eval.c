@@ -76,7 +76,7 @@ static void usage(FILE *f)
             "  perm     channel permutation per layer (range-sorted groups, per-token tensors)\n"
             "  calib, perm and center are fitted per layer (clkvq_calibrate_layer) on this dump\n"
             "  (in-sample, optimistic) or, with --fit, on another (out of sample)\n"
-            "  e.g. fp16  token:k4v4:g32  kivi:k2v2:g32:r128  skvq:k2v1.5:g128:w128:s5:a0.92\n"
+            "  e.g. fp16  token:k4v4:g32  kivi:k2v2:g32:r128  skvq:k2v1.5:w128:s5:a0.92\n"
             "       skvq:k2v2:g32:w128:s5:rot:calib  skvq:k2v1.5:g32:w128:s5:rot:calib\n"
             "       skvq:k3v2:g32:w128:s5:fp8:rot:calib\n"
             "       skvq:k3v2:g32:w128:s5:kc:fp8:center:calib   (per-channel 3-bit keys, centered\n"
