@@ -242,9 +242,12 @@ int config_geometry_fits(const clkvq_precision_config *cfg, const clkvq_model_ge
     }
     if (cfg->top.head_dim && !carried_mismatch(&cfg->top, g, why, n))
         return 0;
-    if (cfg->perm_heads && (cfg->perm_heads != g->n_kv_heads || cfg->head_dim != g->head_dim)) {
-        snprintf(why, n, "perms are %d heads x %d channels, the model has %d kv heads x head_dim %d",
-                 cfg->perm_heads, cfg->head_dim, g->n_kv_heads, g->head_dim);
+    if (cfg->matrix_heads &&
+        (cfg->matrix_heads != g->n_kv_heads || cfg->head_dim != g->head_dim)) {
+        snprintf(why, n,
+                 "perms and means are %d heads x %d channels, the model has %d kv heads x "
+                 "head_dim %d",
+                 cfg->matrix_heads, cfg->head_dim, g->n_kv_heads, g->head_dim);
         return 0;
     }
     for (int l = 0; l < cfg->n_layers; l++) {
