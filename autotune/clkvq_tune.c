@@ -252,24 +252,36 @@ static void precision_usage(FILE *out)
     fprintf(out,
             "usage: clkvq-tune precision --calib FILE --budget BITS [options]\n"
             "KVTuner's layer-wise precision search on a calibration dump (safetensors with\n"
-            "layers.<i>.q/k/v; tools/dump_kv.py or clkvq-synth-dump make one): per layer and\n"
-            "candidate pair the attention-output error with the dump's real queries, run\n"
-            "through the library's kernels; dominated pairs pruned per layer; optional\n"
-            "k-means clustering of layers; an exact multiple-choice knapsack for the Pareto\n"
-            "front of (average bits, total error). Prints the front and writes the lowest-\n"
-            "error config whose average bits (KVTuner's count: (k+v)/2, params excluded)\n"
-            "fit the budget. Assumes the layers' errors add up. The config carries the\n"
-            "dump's geometry (layers, heads, head_dim).\n\n"
+            "layers.<i>.q/k/v; tools/dump_kv.py, tools/dump_minilm.py or clkvq-synth-dump make\n"
+            "one): per layer and candidate pair the attention-output error with the dump's real\n"
+            "queries, run through the library's kernels after the layer's fits; dominated pairs\n"
+            "pruned per layer; optional k-means clustering of layers; an exact multiple-choice\n"
+            "knapsack for the Pareto front of (average bits, error). The error is the one\n"
+            "clkvq-eval reports for a config, pooled over layers (sqrt(sum err^2 / sum ref^2));\n"
+            "with the same dump and --queries, clkvq-eval --config on the written file prints\n"
+            "the predicted error. Prints the front and writes the lowest-error config whose\n"
+            "average bits fit the budget. The config carries the dump's geometry (layers,\n"
+            "heads, head_dim).\n\n"
             "options:\n"
             "  --calib FILE      calibration dump (required)\n"
-            "  --budget BITS     average bits (k+v)/2 in [1.5, 8], e.g. 3.25 (required)\n"
+            "  --budget BITS     average bits in [1.5, 16], e.g. 3.25 (required): KVTuner's\n"
+            "                    (k+v)/2 without params, or bits_long with --weight bits_long\n"
+            "  --weight W        kvtuner (default) | bits_long (codes + params per element as\n"
+            "                    the context grows, K and V averaged)\n"
             "  --pairs LIST      default K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5\n"
             "  --scheme S        token | kivi | skvq (default token)\n"
-            "  --group G         group size (default 32; skvq 128)\n"
+            "  --group G         group size (default 32; skvq min(128, head_dim))\n"
             "  --window W --sinks S   skvq fp16 window and sinks (default 128, 5)\n"
             "  --residual R      kivi fp16 residual (default 128)\n"
-            "  --no-calib        skvq: no per-layer permutation/clip calibration\n"
-            "  --queries M       last positions evaluated per layer (default 16)\n"
+            "  --kc              skvq: keys per channel in blocks of G tokens\n"
+            "  --fp8             scale/zero as fp8 e4m3\n"
+            "  --rot             randomized Hadamard rotation per kv head (layer l: seed + l)\n"
+            "  --rot-seed N      its seed (default 0)\n"
+            "  --fit LIST        what each layer fits on the dump: any of clip (least MSE over\n"
+            "                    0.40..1.00), perm, center (means: V, and K unless per channel),\n"
+            "                    or none; default: skvq perm,clip, other schemes none\n"
+            "  --no-calib        the same as --fit none\n"
+            "  --queries M       last positions evaluated per layer (default %d, as clkvq-eval)\n"
             "  --clusters K      cluster layers into K groups sharing a pair (default: none)\n"
             "  --model NAME      the model the config is for (default: the dump's)\n"
             "  -o FILE           where to write the config (default: stored as the model's,\n"
@@ -277,7 +289,8 @@ static void precision_usage(FILE *out)
             "                    clkvq_cache_create_for_model finds it)\n"
             "  --device SPEC     OpenCL device\n"
             "  --json            print one JSON object (front + chosen config)\n"
-            "exit codes: 0 ok, 1 runtime failure, 2 usage error\n");
+            "exit codes: 0 ok, 1 runtime failure, 2 usage error\n",
+            CLKVQ_DEFAULT_QUERIES);
 }
 
 static void precision_progress(void *user, int done, int total, const char *what)
@@ -309,8 +322,33 @@ static int parse_pairs(const char *text, clkvq_bit_pair *pairs, int max)
     return n;
 }
 
+/* "clip,perm,center" or "none" -> CLKVQ_FIT_* (center: means of V, and of
+ * K unless keys are grouped per channel); -1 when a word is unknown. */
+static long parse_fit(const char *text, int channel_keys)
+{
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", text);
+    if (!strcmp(buf, "none"))
+        return 0;
+    unsigned fit = 0;
+    int n = 0;
+    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        if (!strcmp(t, "clip"))
+            fit |= CLKVQ_FIT_CLIP;
+        else if (!strcmp(t, "perm"))
+            fit |= CLKVQ_FIT_PERM;
+        else if (!strcmp(t, "center"))
+            fit |= CLKVQ_FIT_MEAN_V | (channel_keys ? 0u : (unsigned)CLKVQ_FIT_MEAN_K);
+        else
+            return -1;
+        n++;
+    }
+    return n ? (long)fit : -1;
+}
+
 static int precision_main(int argc, char **argv)
 {
+    enum { OPT_KC = 256, OPT_FP8, OPT_ROT, OPT_ROT_SEED, OPT_FIT, OPT_WEIGHT };
     static const struct option longopts[] = {
         {"calib", required_argument, 0, 'c'},   {"budget", required_argument, 0, 'B'},
         {"pairs", required_argument, 0, 'p'},   {"scheme", required_argument, 0, 's'},
@@ -319,20 +357,25 @@ static int precision_main(int argc, char **argv)
         {"no-calib", no_argument, 0, 'N'},      {"queries", required_argument, 0, 'q'},
         {"clusters", required_argument, 0, 'K'}, {"device", required_argument, 0, 'd'},
         {"json", no_argument, 0, 'j'},          {"help", no_argument, 0, 'h'},
+        {"kc", no_argument, 0, OPT_KC},         {"fp8", no_argument, 0, OPT_FP8},
+        {"rot", no_argument, 0, OPT_ROT},       {"rot-seed", required_argument, 0, OPT_ROT_SEED},
+        {"fit", required_argument, 0, OPT_FIT}, {"weight", required_argument, 0, OPT_WEIGHT},
         {"model", required_argument, 0, 'm'},   {0, 0, 0, 0}};
     const char *calib = NULL, *device = NULL, *output = NULL, *model = NULL;
-    const char *pairs_text = "K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5";
+    const char *pairs_text = "K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5", *fit_text = NULL;
     static const char prog[] = "clkvq-tune precision";
     double budget = -1;
     clkvq_scheme scheme = CLKVQ_SCHEME_TOKEN;
-    int group = 0, window = 128, sinks = 5, residual = 128, calibrate = 1, queries = 16;
-    int clusters = 0, json = 0, c;
+    clkvq_search_weight weight = CLKVQ_SEARCH_WEIGHT_KVTUNER;
+    int group = 0, window = 128, sinks = 5, residual = 128, calibrate = 1, queries = 0;
+    int clusters = 0, json = 0, kc = 0, fp8 = 0, rot = 0, c;
+    uint64_t rot_seed = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "o:", longopts, NULL)) != -1) {
         switch (c) {
         case 'c': calib = optarg; break;
-        case 'B': /* KVTuner's average bits, (k + v) / 2 */
-            if (cli_parse_double(prog, "--budget", optarg, 1.5, 8.0, &budget)) return EXIT_USAGE;
+        case 'B': /* KVTuner's average bits, (k + v) / 2, or bits_long */
+            if (cli_parse_double(prog, "--budget", optarg, 1.5, 16.0, &budget)) return EXIT_USAGE;
             break;
         case 'p': pairs_text = optarg; break;
         case 's':
@@ -363,6 +406,27 @@ static int precision_main(int argc, char **argv)
         case 'd': device = optarg; break;
         case 'j': json = 1; break;
         case 'o': output = optarg; break;
+        case OPT_KC: kc = 1; break;
+        case OPT_FP8: fp8 = 1; break;
+        case OPT_ROT: rot = 1; break;
+        case OPT_ROT_SEED:
+            if (cli_u64(optarg, &rot_seed) || rot_seed > UINT32_MAX) {
+                fprintf(stderr, "%s: --rot-seed '%s' is not an integer in [0, 4294967295]\n", prog,
+                        optarg);
+                return EXIT_USAGE;
+            }
+            break;
+        case OPT_FIT: fit_text = optarg; break;
+        case OPT_WEIGHT:
+            if (!strcmp(optarg, "kvtuner")) {
+                weight = CLKVQ_SEARCH_WEIGHT_KVTUNER;
+            } else if (!strcmp(optarg, "bits_long")) {
+                weight = CLKVQ_SEARCH_WEIGHT_BITS_LONG;
+            } else {
+                fprintf(stderr, "%s: --weight '%s' is not kvtuner or bits_long\n", prog, optarg);
+                return EXIT_USAGE;
+            }
+            break;
         case 'm': model = optarg; break;
         case 'h': precision_usage(stdout); return 0;
         default: precision_usage(stderr); return EXIT_USAGE;
@@ -379,15 +443,32 @@ static int precision_main(int argc, char **argv)
         fprintf(stderr, "clkvq-tune precision: need --calib FILE and --budget BITS\n");
         return EXIT_USAGE;
     }
+    if (kc && scheme != CLKVQ_SCHEME_SKVQ) {
+        fprintf(stderr, "clkvq-tune precision: --kc is an skvq setting (--scheme skvq)\n");
+        return EXIT_USAGE;
+    }
+    long fit = 0;
+    if (fit_text && (fit = parse_fit(fit_text, kc || scheme == CLKVQ_SCHEME_KIVI)) < 0) {
+        fprintf(stderr, "%s: --fit '%s' is not a list of clip, perm, center (or none)\n", prog,
+                fit_text);
+        return EXIT_USAGE;
+    }
+    if (fit_text && !fit)
+        calibrate = 0;
     clkvq_layer_config defaults = clkvq_layer_config_default(scheme);
     if (group > 0)
         defaults.group_size = group;
     if (scheme == CLKVQ_SCHEME_SKVQ) {
         defaults.window = window;
         defaults.n_sink = sinks;
+        defaults.key_axis = kc ? CLKVQ_AXIS_CHANNEL : CLKVQ_AXIS_TOKEN;
     } else if (scheme == CLKVQ_SCHEME_KIVI) {
         defaults.residual = residual;
     }
+    if (fp8)
+        defaults.param_type = CLKVQ_PARAM_FP8_E4M3;
+    defaults.rotate = rot;
+    defaults.rot_seed = (uint32_t)rot_seed;
 
     clkvq_context *ctx = NULL;
     clkvq_status st = clkvq_context_create(&ctx, device);
@@ -432,8 +513,13 @@ static int precision_main(int argc, char **argv)
         }
     }
     if (st == CLKVQ_OK) {
-        clkvq_search_options opt = {&defaults, pairs, n_pairs, queries, clusters, calibrate,
-                                    precision_progress, NULL};
+        /* skvq's group follows the head unless given, as in clkvq-eval */
+        if (scheme == CLKVQ_SCHEME_SKVQ && group <= 0)
+            defaults.group_size = info.head_dim < 128 ? info.head_dim : 128;
+        clkvq_search_options opt = {.defaults = &defaults, .pairs = pairs, .n_pairs = n_pairs,
+                                    .n_queries = queries, .n_clusters = clusters,
+                                    .calibrate = calibrate, .progress = precision_progress,
+                                    .fit = (unsigned)fit, .weight = weight};
         st = clkvq_precision_search(ctx, dump, &opt, &res);
     }
     if (st == CLKVQ_OK)
@@ -452,10 +538,11 @@ static int precision_main(int argc, char **argv)
         cJSON *root = json ? cJSON_CreateObject() : NULL;
         cJSON *front = root ? cJSON_AddArrayToObject(root, "front") : NULL;
         if (!json) {
-            printf("Pareto front (%s scheme, %d layers, %d pairs; budget %.3g bits)\n\n",
-                   clkvq_scheme_name(scheme), n_layers, n_pairs, budget);
-            printf("| avg bits (k+v)/2 | bits/elem (ours) | total error | decode us/token | "
-                   "pairs used |\n|--:|--:|--:|--:|:--|\n");
+            printf("Pareto front (%s scheme, %d layers, %d pairs; budget %.3g bits%s)\n\n",
+                   clkvq_scheme_name(scheme), n_layers, n_pairs, budget,
+                   weight == CLKVQ_SEARCH_WEIGHT_BITS_LONG ? " bits_long" : " (k+v)/2");
+            printf("| avg bits (k+v)/2 | bits_long | bits/elem (ours) | error (pooled) | "
+                   "decode us/token | pairs used |\n|--:|--:|--:|--:|--:|:--|\n");
         }
         for (int f = 0; f < n_front; f++) {
             clkvq_front_point pt;
@@ -474,6 +561,7 @@ static int precision_main(int argc, char **argv)
             if (json) {
                 cJSON *o = cJSON_CreateObject();
                 cJSON_AddNumberToObject(o, "avg_bits", pt.avg_bits);
+                cJSON_AddNumberToObject(o, "bits_long", pt.bits_long);
                 cJSON_AddNumberToObject(o, "bits_per_element", pt.bits_per_element);
                 cJSON_AddNumberToObject(o, "total_error", pt.total_error);
                 cJSON_AddNumberToObject(o, "latency_us", pt.latency_us);
@@ -483,20 +571,31 @@ static int precision_main(int argc, char **argv)
                 char lat[32] = "-";
                 if (pt.latency_us >= 0)
                     snprintf(lat, sizeof lat, "%.1f", pt.latency_us);
-                printf("| %.4f | %.3f | %.5f | %s | %s |\n", pt.avg_bits, pt.bits_per_element,
-                       pt.total_error, lat, used);
+                printf("| %.4f | %.4f | %.3f | %.5f | %s | %s |\n", pt.avg_bits, pt.bits_long,
+                       pt.bits_per_element, pt.total_error, lat, used);
             }
         }
+        clkvq_front_point chosen;
+        clkvq_search_front_point(res, clkvq_search_front_index(res, budget), &chosen);
+        int n_q = queries > 0 ? queries : CLKVQ_DEFAULT_QUERIES;
+        if (n_q > info.n_tokens)
+            n_q = info.n_tokens;
         if (json) {
             cJSON_AddStringToObject(root, "config", output);
             cJSON_AddNumberToObject(root, "average_bits", clkvq_config_average_bits(cfg));
+            cJSON_AddNumberToObject(root, "bits_long", chosen.bits_long);
+            cJSON_AddNumberToObject(root, "predicted_error", chosen.total_error);
+            cJSON_AddNumberToObject(root, "queries", n_q);
             char *text = cJSON_Print(root);
             printf("%s\n", text);
             free(text);
             cJSON_Delete(root);
         } else {
-            printf("\nwrote %s: average %.4f bits (budget %.3g)\n", output,
-                   clkvq_config_average_bits(cfg), budget);
+            printf("\nwrote %s: average %.4f bits (k+v)/2, bits_long %.4f (budget %.3g)\n"
+                   "predicted error %.6e: what clkvq-eval --calib %s --queries %d --config %s "
+                   "reports\n",
+                   output, clkvq_config_average_bits(cfg), chosen.bits_long, budget,
+                   chosen.total_error, calib, n_q, output);
             for (int l = 0; l < n_layers; l++) {
                 clkvq_layer_config lc;
                 clkvq_config_layer(cfg, l, &lc);

@@ -651,13 +651,18 @@ CLKVQ_API int clkvq_model_format(const clkvq_model_geometry *g, char *buf, size_
  * layers, each a mapping with `nbits_key` and `nbits_value` (8, 4, 3, 2 or
  * 1.5) - exactly KVTuner's published files, which load as they are - and
  * our optional fields: scheme, group_size, clip_k, clip_v, window, n_sink,
- * residual, param_type (fp16|fp8), zero_mode (float|int), perm_k and perm_v
- * (one sequence of head_dim ints per kv head). A per-head file nests
- * head -> {nbits_key, nbits_value} under each layer. Optional top-level
- * string keys: `model`; the model's geometry, `n_q_heads`, `n_kv_heads` and
+ * residual, param_type (fp16|fp8), zero_mode (float|int), key_axis
+ * (token|channel), rot (true|false), rot_seed, perm_k and perm_v (one
+ * sequence of head_dim ints per kv head), mean_k and mean_v (one sequence
+ * of head_dim floats per kv head). A per-head file nests head ->
+ * {nbits_key, nbits_value} under each layer. Optional top-level string
+ * keys: `model`; the model's geometry, `n_q_heads`, `n_kv_heads` and
  * `head_dim` (all three or none; the layer count is the file's), checked
- * against the layers (per-head counts, perms, group sizes) at load; and any
- * layer field as a default for all layers.
+ * against the layers (per-head counts, perms, group sizes) at load; and
+ * any layer field as a default for all layers, except
+ * that a top-level rot_seed is a base: a layer without its own gets the
+ * base (else the caller's default) plus its layer index, so layers draw
+ * different rotations.
  */
 typedef struct clkvq_precision_config clkvq_precision_config;
 
@@ -678,8 +683,9 @@ CLKVQ_API clkvq_status clkvq_config_parse(clkvq_context *ctx, const char *text, 
 /* Writes it back (atomic: temp file + rename); load(save(c)) == c. */
 CLKVQ_API clkvq_status clkvq_config_save(clkvq_context *ctx, const clkvq_precision_config *cfg,
                                          const char *path);
-/* Builds one from layer configs (perms, [n_kv_heads][head_dim], copied).
- * model may be NULL; n_kv_heads/head_dim matter only when perms are given. */
+/* Builds one from layer configs (perms and means, [n_kv_heads][head_dim],
+ * copied). model may be NULL; n_kv_heads/head_dim matter only when perms or
+ * means are given. */
 CLKVQ_API clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_layers,
                                            const clkvq_layer_config *layers, int n_kv_heads,
                                            int head_dim, clkvq_precision_config **out);
@@ -687,8 +693,8 @@ CLKVQ_API void clkvq_config_free(clkvq_precision_config *cfg);
 
 CLKVQ_API int clkvq_config_n_layers(const clkvq_precision_config *cfg);
 CLKVQ_API const char *clkvq_config_model(const clkvq_precision_config *cfg); /* "" if none */
-/* Layer l's settings; perm pointers stay owned by cfg. For a per-head
- * file, format_k/format_v are the widest of the layer's heads. */
+/* Layer l's settings; perm and mean pointers stay owned by cfg. For a
+ * per-head file, format_k/format_v are the widest of the layer's heads. */
 CLKVQ_API clkvq_status clkvq_config_layer(const clkvq_precision_config *cfg, int layer,
                                           clkvq_layer_config *out);
 /* Heads with their own bits in layer l (0 when the layer has one pair). */
@@ -850,7 +856,22 @@ typedef struct {
     double k_rel_err;        /* ||K - K_cache|| / ||K|| (read-back) */
     double v_rel_err;
     int n_queries;
+    /* The sums behind the ratios (rel_err = sqrt(err_sq / ref_sq), and so
+     * on), so results pool exactly over layers: a model's error is
+     * sqrt(sum err_sq / sum ref_sq), each layer counting by its share of
+     * the signal. */
+    double err_sq, ref_sq;   /* sums over heads and queries of |o - o_ref|^2, |o_ref|^2 */
+    double k_err_sq, k_ref_sq, v_err_sq, v_ref_sq;
+    /* Bits per element as the context grows without bound: packed codes +
+     * params of one group, K and V averaged; fp16 sinks, windows and
+     * residuals vanish (16 for the fp16 scheme). */
+    double bits_long;
 } clkvq_eval_result;
+
+/* Evaluated positions per layer when a caller gives none: clkvq-eval and
+ * the precision search default to the same number, so what the search
+ * predicts is what clkvq-eval reports for the config it writes. */
+#define CLKVQ_DEFAULT_QUERIES 128
 
 /*
  * Accuracy of one layer under one layer config, through the library's own
@@ -871,27 +892,43 @@ typedef struct {
     clkvq_format format_k, format_v;
 } clkvq_bit_pair;
 
+/* What the search's budget counts (clkvq_search_options.weight). */
+typedef enum {
+    CLKVQ_SEARCH_WEIGHT_KVTUNER = 0, /* KVTuner's average bits: (bits_k + bits_v) / 2,
+                                        parameters and fp16 tokens not counted */
+    CLKVQ_SEARCH_WEIGHT_BITS_LONG    /* bits_long (clkvq_eval_result): codes + params per
+                                        element as the context grows, K and V averaged */
+} clkvq_search_weight;
+
 typedef struct {
-    /* every layer's scheme settings (scheme, group, window, ...; formats are
-     * the pairs'); NULL: the token scheme defaults */
+    /* every layer's scheme settings (scheme, group, window, key_axis,
+     * rotate, rot_seed (layer l uses rot_seed + l), ...; formats are the
+     * pairs'; perms and means are ignored: fit them); NULL: the token
+     * scheme defaults */
     const clkvq_layer_config *defaults;
     const clkvq_bit_pair *pairs; /* candidates, e.g. K8V8 .. K2V1.5 */
     int n_pairs;
-    int n_queries;   /* last positions of the dump evaluated per layer (0: 16) */
+    int n_queries;   /* last positions of the dump evaluated per layer
+                        (0: CLKVQ_DEFAULT_QUERIES, as clkvq-eval) */
     int n_clusters;  /* KVTuner's inter-layer clustering: layers in a cluster share a
                         pair; 0 = one cluster per layer (exact) */
-    int calibrate;   /* skvq: per layer channel permutation + clip search on the dump */
+    int calibrate;   /* fit per layer (and pair: clips) on the dump, clkvq_calibrate_layer */
     void (*progress)(void *user, int done, int total, const char *what);
     void *user;
+    unsigned fit;    /* with calibrate: CLKVQ_FIT_* fitted; 0 = skvq's permutation and clip
+                        (other schemes: nothing), as before this field */
+    clkvq_search_weight weight; /* what avg budgets count */
 } clkvq_search_options;
 
 typedef struct {
     double avg_bits;          /* KVTuner's: mean over layers of (bits_k + bits_v) / 2 */
     double bits_per_element;  /* ours: codes + params + fp16 tokens, layer mean */
-    double total_error;       /* sum over layers of the attention-output relative error */
+    double total_error;       /* the pooled attention-output error clkvq-eval reports for
+                                 this config: sqrt(sum_l err_sq_l / sum_l ref_sq_l) */
     double latency_us;        /* predicted decode time per token, all layers, from this
                                  device's tuning results; < 0 when none are tuned */
     const int *choice;        /* pair index per layer (owned by the result) */
+    double bits_long;         /* bits_long, layer mean */
 } clkvq_front_point;
 
 typedef struct clkvq_search_result clkvq_search_result;
@@ -899,12 +936,16 @@ typedef struct clkvq_search_result clkvq_search_result;
 /*
  * KVTuner's offline search on a calibration dump: per layer and pair the
  * attention-output error with the dump's real queries (clkvq_eval_layer,
- * through the library's kernels); pairs dominated within a layer (more
- * bits and more error) are dropped; layers are clustered by their error
- * profiles (k-means on log errors) when n_clusters > 0; then an exact
- * multiple-choice knapsack over the clusters' choices gives the Pareto
- * front of (average bits, total error). The search assumes the layers'
- * errors add up (each layer is measured with the others in full precision).
+ * through the library's kernels, after the layer's fits when calibrate);
+ * pairs dominated within a layer (more bits and more error) are dropped;
+ * layers are clustered by their error profiles (k-means on log errors)
+ * when n_clusters > 0; then an exact multiple-choice knapsack over the
+ * clusters' choices gives the Pareto front of (average bits, error). The
+ * error minimized is the one clkvq-eval reports for a config, pooled over
+ * layers: sqrt(sum_l err_sq_l / sum_l ref_sq_l), a sum of per-layer costs
+ * err_sq_l / sum ref_sq, each layer measured with the others unquantized
+ * (clkvq-eval measures a config the same way, so the two agree exactly
+ * when given the same dump, queries and fits).
  */
 CLKVQ_API clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dump,
                                               const clkvq_search_options *options,
@@ -916,8 +957,12 @@ CLKVQ_API clkvq_status clkvq_search_front_point(const clkvq_search_result *res, 
                                                 clkvq_front_point *out);
 /* Layer l's measured error and bits/element for pair p (-1 if pruned). */
 CLKVQ_API double clkvq_search_layer_error(const clkvq_search_result *res, int layer, int pair);
-/* The lowest-error front point whose average bits stay within budget, as a
- * config (with skvq permutations and clips when calibrated). */
+/* The index of the lowest-error front point whose average bits (KVTuner's,
+ * or bits_long with CLKVQ_SEARCH_WEIGHT_BITS_LONG) stay within budget; -1
+ * when none does. */
+CLKVQ_API int clkvq_search_front_index(const clkvq_search_result *res, double budget_bits);
+/* That point as a config (with the fitted clips, permutations and means,
+ * and each layer's rot_seed). */
 CLKVQ_API clkvq_status clkvq_search_config(clkvq_context *ctx, const clkvq_search_result *res,
                                            double budget_bits, clkvq_precision_config **out);
 
@@ -944,6 +989,53 @@ CLKVQ_API clkvq_status clkvq_calibrate_clip(clkvq_context *ctx, const clkvq_quan
                                             const clkvq_shape *shape, const float *x,
                                             const int32_t *perm, float alpha_lo, float alpha_hi,
                                             float alpha_step, float *best_alpha, double *best_mse);
+
+/* What clkvq_calibrate_layer fits (or-ed flags). */
+enum {
+    CLKVQ_FIT_CLIP_K = 1u << 0, /* clip_k: least reconstruction MSE over a grid */
+    CLKVQ_FIT_CLIP_V = 1u << 1, /* clip_v */
+    CLKVQ_FIT_MEAN_K = 1u << 2, /* mean_k: per (kv head, channel) means, for centering */
+    CLKVQ_FIT_MEAN_V = 1u << 3, /* mean_v */
+    CLKVQ_FIT_PERM_K = 1u << 4, /* perm_k: clkvq_calibrate_permutation (not for keys
+                                   grouped per channel, where it changes nothing) */
+    CLKVQ_FIT_PERM_V = 1u << 5, /* perm_v */
+    CLKVQ_FIT_CLIP = CLKVQ_FIT_CLIP_K | CLKVQ_FIT_CLIP_V,
+    CLKVQ_FIT_MEAN = CLKVQ_FIT_MEAN_K | CLKVQ_FIT_MEAN_V,
+    CLKVQ_FIT_PERM = CLKVQ_FIT_PERM_K | CLKVQ_FIT_PERM_V
+};
+
+/* The clip grid clkvq_calibrate_layer searches by default: at 2 bits and
+ * below the reconstruction optimum lies under 0.80. */
+#define CLKVQ_CLIP_GRID_LO 0.40f
+#define CLKVQ_CLIP_GRID_HI 1.00f
+#define CLKVQ_CLIP_GRID_STEP 0.02f
+
+typedef struct {
+    unsigned fit;                      /* CLKVQ_FIT_* */
+    float clip_lo, clip_hi, clip_step; /* the clip grid; all 0: CLKVQ_CLIP_GRID_* */
+    /* Caller storage, [n_kv_heads][head_dim] each, for the fields fitted
+     * (the others may be NULL); out's pointers point into it. */
+    float *mean_k, *mean_v;
+    int32_t *perm_k, *perm_v;
+} clkvq_calib_options;
+
+/*
+ * Fits a layer config on calibration K/V ([n_kv_heads][n_tokens][head_dim],
+ * e.g. a dump's layer): out = *in with the fields of options->fit replaced.
+ * Every fit sees the tokens the cache will quantize (after skvq's sinks)
+ * as the cache stores them: means first, then the fields after them on
+ * the centered (with in's or the fitted means) and, with in->rotate,
+ * rotated rows; the permutation on those; each clip under the
+ * permutation, with the layer's own format, axis, group and parameter
+ * storage (per-channel keys in whole blocks of group_size tokens), the
+ * smallest alpha winning ties. Host only. On failure out and the storage
+ * are untouched.
+ */
+CLKVQ_API clkvq_status clkvq_calibrate_layer(clkvq_context *ctx, const clkvq_layer_config *in,
+                                             int n_kv_heads, int n_tokens, int head_dim,
+                                             const float *k, const float *v,
+                                             const clkvq_calib_options *options,
+                                             clkvq_layer_config *out);
 
 /* ------------------------------------------------------ synthetic KV data */
 

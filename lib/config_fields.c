@@ -4,8 +4,10 @@
  * values built in memory, and copying values between layers.
  */
 #include "config_fields.h"
+#include "quant_format.h"
 
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
@@ -16,11 +18,14 @@
 
 /* Enum values are read and written as int. */
 _Static_assert(sizeof(clkvq_scheme) == sizeof(int) && sizeof(clkvq_param_type) == sizeof(int) &&
-                   sizeof(clkvq_zero_mode) == sizeof(int) && sizeof(clkvq_format) == sizeof(int),
+                   sizeof(clkvq_zero_mode) == sizeof(int) && sizeof(clkvq_format) == sizeof(int) &&
+                   sizeof(clkvq_axis) == sizeof(int),
                "config enums are int-sized");
 _Static_assert(CLKVQ_PARAM_FP16 == 0 && CLKVQ_PARAM_FP8_E4M3 == 1 && CLKVQ_ZERO_FLOAT == 0 &&
-                   CLKVQ_ZERO_INT == 1,
-               "param_type and zero_mode names are indexed by value");
+                   CLKVQ_ZERO_INT == 1 && CLKVQ_AXIS_TOKEN == 0 && CLKVQ_AXIS_CHANNEL == 1,
+               "param_type, zero_mode and key_axis names are indexed by value");
+/* Matrix elements are read and written as 4-byte words of either type. */
+_Static_assert(sizeof(int32_t) == sizeof(float), "perm and mean elements are 4 bytes");
 
 static const char *scheme_name(int v) { return clkvq_scheme_name((clkvq_scheme)v); }
 
@@ -33,6 +38,12 @@ static const char *param_name(int v)
 static const char *zero_name(int v)
 {
     static const char *const names[] = {"float", "int"};
+    return names[v];
+}
+
+static const char *axis_name(int v)
+{
+    static const char *const names[] = {"token", "channel"};
     return names[v];
 }
 
@@ -72,10 +83,19 @@ const config_field config_fields[] = {
      .name_of = param_name, .count = 2},
     {.name = "zero_mode", .kind = CONFIG_KIND_ENUM, .scopes = ANY_LAYER, LAYER_AT(zero_mode),
      .name_of = zero_name, .count = 2},
+    {.name = "key_axis", .kind = CONFIG_KIND_ENUM, .scopes = ANY_LAYER, LAYER_AT(key_axis),
+     .name_of = axis_name, .count = 2},
+    {.name = "rot", .kind = CONFIG_KIND_BOOL, .scopes = ANY_LAYER, LAYER_AT(rotate)},
+    {.name = "rot_seed", .kind = CONFIG_KIND_U32, .scopes = ANY_LAYER, LAYER_AT(rot_seed),
+     .plus_layer = 1},
     {.name = "perm_k", .kind = CONFIG_KIND_PERM, .scopes = ANY_LAYER, LAYER_AT(perm_k),
      .slot = 0},
     {.name = "perm_v", .kind = CONFIG_KIND_PERM, .scopes = ANY_LAYER, LAYER_AT(perm_v),
      .slot = 1},
+    {.name = "mean_k", .kind = CONFIG_KIND_MEAN, .scopes = ANY_LAYER, LAYER_AT(mean_k),
+     .slot = 2},
+    {.name = "mean_v", .kind = CONFIG_KIND_MEAN, .scopes = ANY_LAYER, LAYER_AT(mean_v),
+     .slot = 3},
 };
 
 const int config_field_count = (int)(sizeof config_fields / sizeof config_fields[0]);
@@ -181,7 +201,9 @@ static int parse_float(const char *text, float *out)
         return 0;
     errno = 0;
     float v = strtof(text, &end);
-    if (*end || errno == ERANGE || !isfinite(v))
+    /* ERANGE on underflow still gives the rounded subnormal (or 0), which
+     * the writer prints for a subnormal value: only overflow is an error */
+    if (*end || (errno == ERANGE && fabsf(v) > FLT_MIN) || !isfinite(v))
         return 0;
     *out = v;
     return 1;
@@ -299,19 +321,14 @@ static config_value_result clip_parse(const config_field *f, const char *text, v
     return CONFIG_VALUE_OK;
 }
 
-/* The shortest text that reads back as the same float. */
+static int float_format(float v, char *text, size_t n);
+
 static int clip_format(const config_field *f, const void *value, char *text, size_t n)
 {
     (void)f;
     float v;
     memcpy(&v, value, sizeof v);
-    char buf[32];
-    for (int digits = 6; digits <= 9; digits++) {
-        snprintf(buf, sizeof buf, "%.*g", digits, (double)v);
-        if (strtof(buf, NULL) == v)
-            break;
-    }
-    return snprintf(text, n, "%s", buf);
+    return float_format(v, text, n);
 }
 
 static int clip_check(const config_field *f, const void *value, char *why, size_t n)
@@ -396,6 +413,163 @@ static int text_format(const config_field *f, const void *value, char *text, siz
     return snprintf(text, n, "%s", v ? v : "");
 }
 
+/* ---- bool: true / false (also yes / no, 1 / 0), case-insensitive */
+
+static config_value_result bool_parse(const config_field *f, const char *text, void *value,
+                                      char *why, size_t n)
+{
+    (void)f;
+    static const char *const yes[] = {"true", "yes", "1"}, *const no[] = {"false", "no", "0"};
+    for (int i = 0; i < 3; i++)
+        if (!strcasecmp(text, yes[i]) || !strcasecmp(text, no[i])) {
+            set_int(value, !strcasecmp(text, yes[i]));
+            return CONFIG_VALUE_OK;
+        }
+    snprintf(why, n, "'%s' is not true or false", text);
+    return CONFIG_VALUE_BAD;
+}
+
+static int bool_format(const config_field *f, const void *value, char *text, size_t n)
+{
+    (void)f;
+    return snprintf(text, n, "%s", get_int(value) ? "true" : "false");
+}
+
+static int bool_check(const config_field *f, const void *value, char *why, size_t n)
+{
+    int v = get_int(value);
+    if (v == 0 || v == 1)
+        return 1;
+    snprintf(why, n, "%s: %d is not true (1) or false (0)", f->name, v);
+    return 0;
+}
+
+/* ---- u32: a whole decimal in 0..4294967295 */
+
+static config_value_result u32_parse(const config_field *f, const char *text, void *value,
+                                     char *why, size_t n)
+{
+    (void)f;
+    const char *p = text[0] == '+' ? text + 1 : text;
+    int digits = *p != '\0';
+    for (const char *q = p; *q; q++)
+        digits &= *q >= '0' && *q <= '9';
+    errno = 0;
+    unsigned long long v = digits ? strtoull(p, NULL, 10) : 0;
+    if (!digits || errno == ERANGE || v > UINT32_MAX) {
+        snprintf(why, n, "'%s' is not an integer in 0..%u", text, (unsigned)UINT32_MAX);
+        return CONFIG_VALUE_BAD;
+    }
+    uint32_t x = (uint32_t)v;
+    memcpy(value, &x, sizeof x);
+    return CONFIG_VALUE_OK;
+}
+
+static int u32_format(const config_field *f, const void *value, char *text, size_t n)
+{
+    (void)f;
+    uint32_t v;
+    memcpy(&v, value, sizeof v);
+    return snprintf(text, n, "%u", (unsigned)v);
+}
+
+/* ---- matrices (PERM, MEAN): rows of head_dim values, one per kv head */
+
+const void *config_matrix_get(const void *value)
+{
+    const void *p;
+    memcpy(&p, value, sizeof p);
+    return p;
+}
+
+void config_matrix_set(void *value, const void *matrix) { memcpy(value, &matrix, sizeof matrix); }
+
+int config_field_is_matrix(const config_field *f)
+{
+    return f->kind == CONFIG_KIND_PERM || f->kind == CONFIG_KIND_MEAN;
+}
+
+/* A mean the cache accepts: finite, within fp16's range. */
+static int mean_ok(float v) { return fabsf(v) <= CLKVQ_INPUT_MAX; }
+
+int config_matrix_check(const config_field *f, const void *matrix, int heads, int dim, char *why,
+                        size_t n)
+{
+    if (f->kind == CONFIG_KIND_PERM) {
+        const int32_t *perm = matrix;
+        for (int h = 0; h < heads; h++) {
+            unsigned char *seen = calloc((size_t)dim, 1);
+            if (!seen) {
+                snprintf(why, n, "%s: out of memory checking head %d", f->name, h);
+                return 0;
+            }
+            int c = 0;
+            for (; c < dim; c++) {
+                int32_t v = perm[(size_t)h * dim + c];
+                if (v < 0 || v >= dim || seen[v])
+                    break;
+                seen[v] = 1;
+            }
+            free(seen);
+            if (c < dim) {
+                snprintf(why, n, "%s is not a permutation of 0..%d per kv head (head %d channel %d)",
+                         f->name, dim - 1, h, c);
+                return 0;
+            }
+        }
+        return 1;
+    }
+    const float *mean = matrix;
+    for (size_t i = 0; i < (size_t)heads * (size_t)dim; i++)
+        if (!mean_ok(mean[i])) {
+            snprintf(why, n, "%s head %zu channel %zu: %g is not a finite number within +-65504",
+                     f->name, i / (size_t)dim, i % (size_t)dim, (double)mean[i]);
+            return 0;
+        }
+    return 1;
+}
+
+/* The shortest text that reads back as the same float. */
+static int float_format(float v, char *text, size_t n)
+{
+    char buf[32];
+    for (int digits = 6; digits <= 9; digits++) {
+        snprintf(buf, sizeof buf, "%.*g", digits, (double)v);
+        if (strtof(buf, NULL) == v)
+            break;
+    }
+    return snprintf(text, n, "%s", buf);
+}
+
+int config_matrix_format(const config_field *f, const void *matrix, size_t i, char *text,
+                         size_t size)
+{
+    if (f->kind == CONFIG_KIND_PERM)
+        return snprintf(text, size, "%d", (int)((const int32_t *)matrix)[i]);
+    return float_format(((const float *)matrix)[i], text, size);
+}
+
+int config_matrix_parse(const config_field *f, const char *text, int dim, void *matrix, size_t i,
+                        char *why, size_t n)
+{
+    if (f->kind == CONFIG_KIND_PERM) {
+        long v;
+        if (!config_parse_long(text, 0, dim - 1, &v)) {
+            snprintf(why, n, "'%s' is not an integer in 0..%d", text, dim - 1);
+            return 0;
+        }
+        ((int32_t *)matrix)[i] = (int32_t)v;
+        return 1;
+    }
+    float v;
+    if (!parse_float(text, &v) || !mean_ok(v)) {
+        snprintf(why, n, "'%s' is not a finite number within +-65504", text);
+        return 0;
+    }
+    ((float *)matrix)[i] = v;
+    return 1;
+}
+
 /* ---- the kind table */
 
 typedef struct {
@@ -407,8 +581,9 @@ typedef struct {
     int (*check)(const config_field *, const void *, char *, size_t);
 } kind_ops;
 
-/* PERM is a nested sequence, read and written by the YAML modules; its
- * check needs the perm's shape (clkvq_config_create). */
+/* PERM and MEAN are nested sequences, read and written by the YAML
+ * modules element by element (config_matrix_*); their check needs the
+ * matrix's shape (config_matrix_check). */
 static const kind_ops g_kinds[CONFIG_KIND_COUNT] = {
     [CONFIG_KIND_BITS] = {"a number of bits", 0, 0, bits_parse, bits_format, bits_check},
     [CONFIG_KIND_INT] = {"an integer", 0, 0, int_parse, int_format, int_check},
@@ -416,6 +591,9 @@ static const kind_ops g_kinds[CONFIG_KIND_COUNT] = {
     [CONFIG_KIND_ENUM] = {"a name", 0, 0, enum_parse, enum_format, enum_check},
     [CONFIG_KIND_TEXT] = {"a string", 1, 1, text_parse, text_format, NULL},
     [CONFIG_KIND_PERM] = {"a sequence (one per kv head)", 1, 0, NULL, NULL, NULL},
+    [CONFIG_KIND_BOOL] = {"true or false", 0, 0, bool_parse, bool_format, bool_check},
+    [CONFIG_KIND_U32] = {"an integer", 0, 0, u32_parse, u32_format, NULL},
+    [CONFIG_KIND_MEAN] = {"a sequence (one per kv head)", 1, 0, NULL, NULL, NULL},
 };
 
 const char *config_field_expect(const config_field *f) { return g_kinds[f->kind].expect; }
@@ -487,11 +665,25 @@ void config_fields_scheme_defaults(clkvq_layer_config *c, clkvq_scheme was, unsi
                    config_fields[i].size);
 }
 
-int config_has_perm(const clkvq_layer_config *c)
+void config_fields_plus_layer(clkvq_layer_config *c, int l, unsigned given)
+{
+    for (int i = 0; i < config_field_count; i++) {
+        const config_field *f = &config_fields[i];
+        if (!f->plus_layer || (given >> i & 1u))
+            continue;
+        uint32_t v; /* U32: modulo 2^32 */
+        void *dst = config_field_value(f, c, NULL);
+        memcpy(&v, dst, sizeof v);
+        v += (uint32_t)l;
+        memcpy(dst, &v, sizeof v);
+    }
+}
+
+int config_has_matrix(const clkvq_layer_config *c)
 {
     for (int i = 0; i < config_field_count; i++)
-        if (config_fields[i].kind == CONFIG_KIND_PERM &&
-            *(const int32_t *const *)config_field_cvalue(&config_fields[i], c, NULL))
+        if (config_field_is_matrix(&config_fields[i]) &&
+            config_matrix_get(config_field_cvalue(&config_fields[i], c, NULL)))
             return 1;
     return 0;
 }
@@ -517,6 +709,9 @@ int config_layer_rules(const clkvq_layer_config *c, char *why, size_t n)
     else if (c->scheme == CLKVQ_SCHEME_KIVI && (c->residual <= 0 || c->residual % c->group_size))
         snprintf(why, n, "kivi residual %d must be a positive multiple of group_size %d",
                  c->residual, c->group_size);
+    else if (c->scheme != CLKVQ_SCHEME_SKVQ && c->key_axis == CLKVQ_AXIS_CHANNEL)
+        snprintf(why, n, "key_axis channel is an skvq setting (scheme %s keys are %s)", s,
+                 c->scheme == CLKVQ_SCHEME_KIVI ? "always per channel" : "per token");
     else
         return 1;
     return 0;

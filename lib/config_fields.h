@@ -10,7 +10,7 @@
  * level only fields) at the row's offset.
  *
  * Adding a field: a per-layer flag (say `rot`) is a clkvq_layer_config
- * member, a row {IN_TOP | IN_LAYER, LAYER_AT(rot)} and, for a new kind
+ * member, a row {IN_TOP | IN_LAYER, LAYER_AT(rotate)} and, for a new kind
  * (a boolean), one g_kinds entry with its parse/format/check. A top-level
  * only field (say n_kv_heads) is a config_top member and a row {IN_TOP,
  * CONFIG_KIND_INT, TOP_AT(n_kv_heads), bounds}; the reader stores it, the
@@ -46,6 +46,9 @@ typedef enum {
     CONFIG_KIND_ENUM, /* an enum 0..count-1, written as name(value) */
     CONFIG_KIND_TEXT, /* char *, owned */
     CONFIG_KIND_PERM, /* const int32_t * [heads][dim], owned by the config (not the value) */
+    CONFIG_KIND_BOOL, /* int 0 or 1, written as false / true */
+    CONFIG_KIND_U32,  /* uint32_t, 0..4294967295 */
+    CONFIG_KIND_MEAN, /* const float * [heads][dim], finite within +-65504; owned like PERM */
     CONFIG_KIND_COUNT
 } config_kind;
 
@@ -68,11 +71,16 @@ typedef struct {
     int multiple;         /* INT: 0, or what the value must be a multiple of */
     const char *(*name_of)(int value); /* ENUM: the name of 0..count-1 */
     int count;                         /* ENUM */
-    int slot;                          /* PERM: which of the config's perm arrays */
+    int slot;                          /* PERM, MEAN: which of the config's matrices */
+    /* U32: a layer that does not give the field takes the default (the top
+     * level's, else the caller's) plus its layer index, so every layer
+     * differs (rot_seed: layers draw their own rotation signs). */
+    int plus_layer;
 } config_field;
 
-/* PERM fields: their slots are 0..CONFIG_PERM_SLOTS-1. */
-#define CONFIG_PERM_SLOTS 2
+/* Matrix fields (PERM, MEAN: one row of head_dim values per kv head, all
+ * of one shape in a config): their slots are 0..CONFIG_MATRIX_SLOTS-1. */
+#define CONFIG_MATRIX_SLOTS 4
 
 /* At most this many rows: field sets keep one bit per field. */
 #define CONFIG_FIELD_MAX 32
@@ -97,8 +105,26 @@ const void *config_field_cvalue(const config_field *f, const clkvq_layer_config 
 
 /* What a YAML value of f must be ("a number of bits"), for messages. */
 const char *config_field_expect(const config_field *f);
-/* 1 when f's value is one plain YAML scalar (not PERM). */
+/* 1 when f's value is one plain YAML scalar (not a matrix). */
 int config_field_is_scalar(const config_field *f);
+/* 1 for the matrix kinds (PERM, MEAN): a sequence of rows, one per kv head. */
+int config_field_is_matrix(const config_field *f);
+/* A matrix's pointer, read from / written to the field's value. */
+const void *config_matrix_get(const void *value);
+void config_matrix_set(void *value, const void *matrix);
+/* 1 when a matrix of f's kind (heads x dim) holds valid values: a
+ * permutation of 0..dim-1 per head (PERM), finite within +-65504 (MEAN);
+ * else 0 and the reason (naming f and the first bad place) in why. */
+int config_matrix_check(const config_field *f, const void *matrix, int heads, int dim, char *why,
+                        size_t why_size);
+/* One matrix element as YAML text (PERM an integer, MEAN the shortest
+ * float that reads back the same), snprintf's way. */
+int config_matrix_format(const config_field *f, const void *matrix, size_t i, char *text,
+                         size_t size);
+/* One element's text into matrix[i]; 0 and the reason when it cannot be
+ * one (dim: PERM indices are 0..dim-1). Under the C locale. */
+int config_matrix_parse(const config_field *f, const char *text, int dim, void *matrix, size_t i,
+                        char *why, size_t why_size);
 /* 1 when the value may need quoting in YAML (free text). */
 int config_field_is_text(const config_field *f);
 /* 1 when the value is memory the holder owns (TEXT, PERM): copied by
@@ -120,7 +146,7 @@ int config_field_format(const config_field *f, const void *value, char *text, si
 int config_field_check(const config_field *f, const void *value, char *why, size_t why_size);
 /* 1 when a top-level value is there to be written (not NULL, "" or 0). */
 int config_field_present(const config_field *f, const void *value);
-/* Frees an owned value (TEXT, PERM) and leaves NULL; nothing for others. */
+/* Frees an owned value (TEXT, PERM, MEAN) and leaves NULL; nothing for others. */
 void config_field_release(const config_field *f, void *value);
 /* The value from src to dst, leaving src zero (so an owned value moves). */
 void config_field_move(const config_field *f, void *dst, void *src);
@@ -128,13 +154,16 @@ void config_field_move(const config_field *f, void *dst, void *src);
 /* ---- whole layers */
 
 /* dst's fields in `given` (bit i: config_fields[i]) from src, except owned
- * values (perms). */
+ * values (matrices). */
 void config_fields_apply(clkvq_layer_config *dst, const clkvq_layer_config *src, unsigned given);
 /* When c's scheme differs from `was`, the fields that follow the scheme
  * and are not in `given` take the scheme's defaults. */
 void config_fields_scheme_defaults(clkvq_layer_config *c, clkvq_scheme was, unsigned given);
-/* 1 when c has any perm. */
-int config_has_perm(const clkvq_layer_config *c);
+/* A layer without its own plus_layer fields (not in `given`) takes the
+ * default plus its index l. */
+void config_fields_plus_layer(clkvq_layer_config *c, int l, unsigned given);
+/* 1 when c has any matrix (perm or mean). */
+int config_has_matrix(const clkvq_layer_config *c);
 /* Every scalar layer field of c in range; 0 and the reason when not. */
 int config_fields_check(const clkvq_layer_config *c, char *why, size_t why_size);
 /* The settings of c's scheme that the kv cache would refuse together

@@ -131,30 +131,29 @@ static int field_given(const field_set *fs, const config_field *f)
     return fs->set >> (f - config_fields) & 1u;
 }
 
-/* The perm of field f (a PERM), handed over by fs. */
-static int32_t *take_perm(field_set *fs, const config_field *f)
+/* The matrix of field f (a PERM or MEAN), handed over by fs. */
+static void *take_matrix(field_set *fs, const config_field *f)
 {
-    const int32_t **value = config_field_value(f, &fs->layer, &fs->top);
-    int32_t *perm = (int32_t *)*value;
-    *value = NULL;
-    return perm;
+    void *value = config_field_value(f, &fs->layer, &fs->top);
+    void *m = (void *)config_matrix_get(value);
+    config_matrix_set(value, NULL);
+    return m;
 }
 
-/* ---- perms */
+/* ---- matrices (perm_k, perm_v, mean_k, mean_v) */
 
 /* The row node of head h: a sequence of *dim items (any length for head 0,
  * which then sets *dim). */
-static clkvq_status perm_row_node(parser *p, const yaml_node_t *node, const char *where, int h,
-                                  long *dim, yaml_node_t **out)
+static clkvq_status matrix_row_node(parser *p, const yaml_node_t *node, const char *where, int h,
+                                    long *dim, yaml_node_t **out)
 {
     clkvq_status st = get_node(p, node->data.sequence.items.start[h], node_line(node), out);
     if (st != CLKVQ_OK)
         return st;
     yaml_node_t *row = *out;
     if (row->type != YAML_SEQUENCE_NODE)
-        return perr(p, node_line(row),
-                    "%s: head %d: expected a sequence of channel indices, got %s", where, h,
-                    kind_name(row));
+        return perr(p, node_line(row), "%s: head %d: expected a sequence of channel values, got %s",
+                    where, h, kind_name(row));
     long n = row->data.sequence.items.top - row->data.sequence.items.start;
     if (h == 0)
         *dim = n;
@@ -164,9 +163,9 @@ static clkvq_status perm_row_node(parser *p, const yaml_node_t *node, const char
     return CLKVQ_OK;
 }
 
-/* One row of a perm: dim integers in 0..dim-1. */
-static clkvq_status parse_perm_row(parser *p, const yaml_node_t *row, const char *where,
-                                   int head, int dim, int32_t *out)
+/* One row of a matrix: dim values of f's kind. */
+static clkvq_status parse_matrix_row(parser *p, const config_field *f, const yaml_node_t *row,
+                                     const char *where, int head, int dim, void *matrix)
 {
     yaml_node_item_t *items = row->data.sequence.items.start;
     for (int c = 0; c < dim; c++) {
@@ -177,27 +176,26 @@ static clkvq_status parse_perm_row(parser *p, const yaml_node_t *row, const char
         char what[192];
         snprintf(what, sizeof what, "%s head %d channel %d", where, head, c);
         const char *text = NULL;
-        long v = 0;
-        st = scalar_text(p, item, what, "an integer", &text);
+        st = scalar_text(p, item, what, f->kind == CONFIG_KIND_PERM ? "an integer" : "a number",
+                         &text);
         if (st != CLKVQ_OK)
             return st;
-        if (!config_parse_long(text, 0, dim - 1, &v))
-            return perr(p, node_line(item), "%s: '%s' is not an integer in 0..%d", what, text,
-                        dim - 1);
-        out[c] = (int32_t)v;
+        char why[128];
+        if (!config_matrix_parse(f, text, dim, matrix, (size_t)head * dim + c, why, sizeof why))
+            return perr(p, node_line(item), "%s: %s", what, why);
     }
     return CLKVQ_OK;
 }
 
-/* The shape of a perm node: every row checked before anything is
+/* The shape of a matrix node: every row checked before anything is
  * allocated, so the allocation is paid for by items really in the file. */
-static clkvq_status perm_shape(parser *p, const yaml_node_t *node, const char *where,
-                               yaml_node_t **rows, long *dim)
+static clkvq_status matrix_shape(parser *p, const yaml_node_t *node, const char *where,
+                                 yaml_node_t **rows, long *dim)
 {
     long heads = node->data.sequence.items.top - node->data.sequence.items.start;
     *dim = 0;
     for (int h = 0; h < heads; h++) {
-        clkvq_status st = perm_row_node(p, node, where, h, dim, &rows[h]);
+        clkvq_status st = matrix_row_node(p, node, where, h, dim, &rows[h]);
         if (st != CLKVQ_OK)
             return st;
     }
@@ -205,16 +203,18 @@ static clkvq_status perm_shape(parser *p, const yaml_node_t *node, const char *w
         return perr(p, node_line(node), "%s: %ld channels per head, expected 1..%d", where, *dim,
                     MAX_HEAD_DIM);
     clkvq_precision_config *cfg = p->cfg;
-    if (cfg->head_dim && (cfg->perm_heads != heads || cfg->head_dim != *dim))
-        return perr(p, node_line(node), "%s: %ld heads x %ld channels, earlier perms are %d x %d",
-                    where, heads, *dim, cfg->perm_heads, cfg->head_dim);
+    if (cfg->head_dim && (cfg->matrix_heads != heads || cfg->head_dim != *dim))
+        return perr(p, node_line(node),
+                    "%s: %ld heads x %ld channels, earlier perms/means are %d x %d", where, heads,
+                    *dim, cfg->matrix_heads, cfg->head_dim);
     return CLKVQ_OK;
 }
 
-/* perm_k / perm_v: one sequence of head_dim ints per kv head, a
- * permutation each, and the same shape as every other perm of the file. */
-static clkvq_status parse_perm_value(parser *p, const config_field *f, const yaml_node_t *node,
-                                     const char *where, int32_t **out)
+/* perm_k / perm_v / mean_k / mean_v: one sequence of head_dim values per
+ * kv head (a permutation each, or finite means), and the same shape as
+ * every other matrix of the file. */
+static clkvq_status parse_matrix_value(parser *p, const config_field *f, const yaml_node_t *node,
+                                       const char *where, void **out)
 {
     if (node->type != YAML_SEQUENCE_NODE)
         return perr(p, node_line(node), "%s: expected %s, got %s", where, config_field_expect(f),
@@ -227,24 +227,25 @@ static clkvq_status parse_perm_value(parser *p, const config_field *f, const yam
     if (!rows)
         return clkvq_fail(p->ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating %s", where);
     long dim;
-    clkvq_status st = perm_shape(p, node, where, rows, &dim);
-    int32_t *perm = NULL;
-    if (st == CLKVQ_OK && !(perm = malloc(sizeof *perm * (size_t)heads * (size_t)dim)))
+    clkvq_status st = matrix_shape(p, node, where, rows, &dim);
+    void *m = NULL;
+    if (st == CLKVQ_OK && !(m = malloc(sizeof(float) * (size_t)heads * (size_t)dim)))
         st = clkvq_fail(p->ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating %s", where);
     for (int h = 0; h < heads && st == CLKVQ_OK; h++)
-        st = parse_perm_row(p, rows[h], where, h, (int)dim, perm + (size_t)h * dim);
+        st = parse_matrix_row(p, f, rows[h], where, h, (int)dim, m);
     free(rows);
-    if (st == CLKVQ_OK && !clkvq_ref_is_permutation(perm, (int)heads, (int)dim))
+    if (st == CLKVQ_OK && f->kind == CONFIG_KIND_PERM &&
+        !clkvq_ref_is_permutation(m, (int)heads, (int)dim))
         st = perr(p, node_line(node),
                   "%s: not a permutation of 0..%ld in every head (a channel repeats)", where,
                   dim - 1);
     if (st != CLKVQ_OK) {
-        free(perm);
+        free(m);
         return st;
     }
-    p->cfg->perm_heads = (int)heads;
+    p->cfg->matrix_heads = (int)heads;
     p->cfg->head_dim = (int)dim;
-    *out = perm;
+    *out = m;
     return CLKVQ_OK;
 }
 
@@ -264,10 +265,10 @@ static clkvq_status parse_field(parser *p, field_set *fs, const config_field *f,
     fs->set |= 1u << i;
     fs->line[i] = (int)node_line(key);
     void *dst = config_field_value(f, &fs->layer, &fs->top);
-    if (!config_field_is_scalar(f)) { /* a perm */
-        int32_t *perm = NULL;
-        clkvq_status st = parse_perm_value(p, f, value, where, &perm);
-        *(const int32_t **)dst = perm;
+    if (config_field_is_matrix(f)) {
+        void *m = NULL;
+        clkvq_status st = parse_matrix_value(p, f, value, where, &m);
+        config_matrix_set(dst, m);
         return st;
     }
     const char *text = NULL;
@@ -463,13 +464,14 @@ static clkvq_status parse_heads(parser *p, const yaml_node_t *map, yaml_node_pai
 /* ---- layers */
 
 /* Combines defaults, top-level fields and the layer's own (see the top of
- * the file) into out->cfg; out takes own's perms over. */
+ * the file) into out->cfg; out takes own's matrices over. */
 static clkvq_status compose_layer(parser *p, const clkvq_layer_config *base,
                                   const field_set *top, field_set *own, int l,
                                   config_layer *out)
 {
     clkvq_layer_config c = *base;
     config_fields_apply(&c, &top->layer, top->set);
+    config_fields_plus_layer(&c, l, own->set);
     config_fields_apply(&c, &own->layer, own->set);
     config_fields_scheme_defaults(&c, base->scheme, top->set | own->set);
     char where[32];
@@ -489,13 +491,14 @@ static clkvq_status compose_layer(parser *p, const clkvq_layer_config *base,
         if (h == 0 || out->heads[h].v < c.format_v)
             c.format_v = out->heads[h].v;
     }
-    for (int i = 0; i < config_field_count; i++) { /* own perms, else the shared ones */
+    for (int i = 0; i < config_field_count; i++) { /* own matrices, else the shared ones */
         const config_field *f = &config_fields[i];
-        if (f->kind != CONFIG_KIND_PERM)
+        if (!config_field_is_matrix(f))
             continue;
-        out->perm[f->slot] = take_perm(own, f);
-        *(const int32_t **)config_field_value(f, &c, NULL) =
-            out->perm[f->slot] ? out->perm[f->slot] : p->cfg->shared_perm[f->slot];
+        out->matrix[f->slot] = take_matrix(own, f);
+        config_matrix_set(config_field_value(f, &c, NULL), out->matrix[f->slot]
+                                                              ? out->matrix[f->slot]
+                                                              : p->cfg->shared_matrix[f->slot]);
     }
     out->cfg = c;
     char why[256];
@@ -613,10 +616,10 @@ static clkvq_status parse_document(parser *p, const clkvq_layer_config *base)
                     kind_name(root));
     field_set top = {0};
     clkvq_status st = parse_fields(p, root, "top level", CONFIG_IN_TOP, &top);
-    for (int i = 0; i < config_field_count; i++) { /* the config owns top values and perms */
+    for (int i = 0; i < config_field_count; i++) { /* the config owns top values, matrices */
         const config_field *f = &config_fields[i];
-        if (f->kind == CONFIG_KIND_PERM)
-            p->cfg->shared_perm[f->slot] = take_perm(&top, f);
+        if (config_field_is_matrix(f))
+            p->cfg->shared_matrix[f->slot] = take_matrix(&top, f);
         else if (!(f->scopes & CONFIG_IN_LAYER))
             config_field_move(f, config_field_value(f, NULL, &p->cfg->top),
                               config_field_value(f, &top.layer, &top.top));
@@ -668,14 +671,15 @@ static clkvq_status check_defaults(clkvq_context *ctx, const clkvq_layer_config 
     clkvq_status st = config_check_layer(ctx, d, -1);
     if (st != CLKVQ_OK)
         return st;
-    if (!config_has_perm(d))
+    if (!config_has_matrix(d))
         return CLKVQ_OK;
-    char perms[64];
+    char perms[64], means[64];
     config_field_names(CONFIG_IN_LAYER, CONFIG_KIND_PERM, "/", perms, sizeof perms);
+    config_field_names(CONFIG_IN_LAYER, CONFIG_KIND_MEAN, "/", means, sizeof means);
     return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                      "defaults: %s must be NULL (their shape is unknown to the loader); put "
-                      "perms in the file",
-                      perms);
+                      "defaults: %s/%s must be NULL (their shape is unknown to the loader); put "
+                      "them in the file",
+                      perms, means);
 }
 
 static clkvq_status parse_impl(clkvq_context *ctx, const char *name, const char *text,

@@ -90,18 +90,19 @@ static int emit_field(yaml_emitter_t *em, const config_field *f, const clkvq_lay
     return ok;
 }
 
-/* perm: a block sequence of flow rows, one row per kv head. */
-static int emit_perm(yaml_emitter_t *em, const char *key, const int32_t *perm, int heads, int dim)
+/* A matrix (perm, mean): a block sequence of flow rows, one row per kv head. */
+static int emit_matrix(yaml_emitter_t *em, const config_field *f, const void *m, int heads,
+                       int dim)
 {
-    if (!emit_scalar(em, key, YAML_PLAIN_SCALAR_STYLE) ||
+    if (!emit_scalar(em, f->name, YAML_PLAIN_SCALAR_STYLE) ||
         !emit_sequence(em, 1, YAML_BLOCK_SEQUENCE_STYLE))
         return 0;
     for (int h = 0; h < heads; h++) {
         if (!emit_sequence(em, 1, YAML_FLOW_SEQUENCE_STYLE))
             return 0;
         for (int c = 0; c < dim; c++) {
-            char text[16];
-            snprintf(text, sizeof text, "%d", (int)perm[(size_t)h * dim + c]);
+            char text[32];
+            config_matrix_format(f, m, (size_t)h * dim + c, text, sizeof text);
             if (!emit_scalar(em, text, YAML_PLAIN_SCALAR_STYLE))
                 return 0;
         }
@@ -132,15 +133,15 @@ static int emit_heads(yaml_emitter_t *em, const config_layer *cl)
     return 1;
 }
 
-/* A top-level perm that every layer uses is written once, at the top, as
+/* A top-level matrix that every layer uses is written once, at the top, as
  * it was read. */
 static int shared_by_all(const clkvq_precision_config *cfg, const config_field *f)
 {
-    const int32_t *shared = cfg->shared_perm[f->slot];
+    const void *shared = cfg->shared_matrix[f->slot];
     if (!shared)
         return 0;
     for (int l = 0; l < cfg->n_layers; l++)
-        if (*(const int32_t *const *)config_field_cvalue(f, &cfg->layers[l].cfg, NULL) != shared)
+        if (config_matrix_get(config_field_cvalue(f, &cfg->layers[l].cfg, NULL)) != shared)
             return 0;
     return 1;
 }
@@ -161,10 +162,10 @@ static int emit_layer(yaml_emitter_t *em, const clkvq_precision_config *cfg, int
             continue;
         if ((f->scopes & CONFIG_IN_HEAD) && cl->n_heads) { /* the heads in place of these */
             ok = heads_done++ || emit_heads(em, cl);
-        } else if (f->kind == CONFIG_KIND_PERM) {
-            const int32_t *perm = *(const int32_t *const *)config_field_cvalue(f, &cl->cfg, NULL);
-            ok = !perm || shared_by_all(cfg, f) ||
-                 emit_perm(em, f->name, perm, cfg->perm_heads, cfg->head_dim);
+        } else if (config_field_is_matrix(f)) {
+            const void *m = config_matrix_get(config_field_cvalue(f, &cl->cfg, NULL));
+            ok = !m || shared_by_all(cfg, f) ||
+                 emit_matrix(em, f, m, cfg->matrix_heads, cfg->head_dim);
         } else {
             ok = emit_field(em, f, &cl->cfg, NULL);
         }
@@ -181,15 +182,15 @@ static int emit_config(yaml_emitter_t *em, const clkvq_precision_config *cfg)
         !yaml_document_start_event_initialize(&ev, NULL, NULL, NULL, 1) || !emit(em, &ev) ||
         !emit_mapping_start(em, YAML_BLOCK_MAPPING_STYLE))
         return 0;
-    for (int i = 0; i < config_field_count; i++) { /* top-level fields, shared perms */
+    for (int i = 0; i < config_field_count; i++) { /* top-level fields, shared matrices */
         const config_field *f = &config_fields[i];
         int ok = 1;
         if (!(f->scopes & CONFIG_IN_LAYER)) {
             if (config_field_present(f, config_field_cvalue(f, NULL, &cfg->top)))
                 ok = emit_field(em, f, NULL, &cfg->top);
-        } else if (f->kind == CONFIG_KIND_PERM && shared_by_all(cfg, f)) {
-            ok = emit_perm(em, f->name, cfg->shared_perm[f->slot], cfg->perm_heads,
-                           cfg->head_dim);
+        } else if (config_field_is_matrix(f) && shared_by_all(cfg, f)) {
+            ok = emit_matrix(em, f, cfg->shared_matrix[f->slot], cfg->matrix_heads,
+                             cfg->head_dim);
         }
         if (!ok)
             return 0;
@@ -215,7 +216,7 @@ clkvq_status clkvq_config_save(clkvq_context *ctx, const clkvq_precision_config 
     out_buf buf = {0};
     yaml_emitter_set_output(&em, buf_write, &buf);
     yaml_emitter_set_unicode(&em, 1);
-    yaml_emitter_set_width(&em, -1); /* a perm row stays on one line */
+    yaml_emitter_set_width(&em, -1); /* a perm or mean row stays on one line */
     config_c_numeric loc;
     config_c_numeric_enter(&loc);
     int ok = emit_config(&em, cfg);

@@ -19,6 +19,7 @@
  * plus every token the scheme keeps in fp16 (sinks, window, residual) at 16
  * bits, over n_tokens x head_dim; K and V averaged. It does not count the
  * capacity padding the cache allocates (clkvq_cache_plan reports that).
+ * bits_long is its limit as n_tokens grows: the packed size alone.
  */
 #include "kv_cache.h"
 #include "reference.h"
@@ -86,15 +87,37 @@ static double relative(double num, double den)
     return den > 0.0 ? sqrt(num / den) : sqrt(num);
 }
 
-static double tensor_rel_err(const float *x, const float *back, size_t n)
+/* Sums of squared read-back errors and of squared values. */
+static void tensor_sums(const float *x, const float *back, size_t n, double *num, double *den)
 {
-    double num = 0.0, den = 0.0;
+    *num = *den = 0.0;
     for (size_t i = 0; i < n; i++) {
         double d = (double)back[i] - (double)x[i];
-        num += d * d;
-        den += (double)x[i] * (double)x[i];
+        *num += d * d;
+        *den += (double)x[i] * (double)x[i];
     }
-    return relative(num, den);
+}
+
+/* Storage bits of one packed element as the context grows: one group's
+ * codes and params over its elements (a token's row when groups run along
+ * channels, group_size tokens of a channel when they run along tokens). */
+static clkvq_status tensor_bits_long(clkvq_context *ctx, const clkvq_layer_config *lc, int is_v,
+                                     int hd, double *bits)
+{
+    if (lc->scheme == CLKVQ_SCHEME_FP16) {
+        *bits = 16.0;
+        return CLKVQ_OK;
+    }
+    clkvq_quant_params qp = clkvq_layer_quant_params(lc, is_v);
+    int n = qp.axis == CLKVQ_AXIS_CHANNEL ? qp.group_size : 1;
+    clkvq_shape shape = {1, n, hd};
+    clkvq_quant_layout layout;
+    clkvq_status s = clkvq_quant_layout_get(&qp, &shape, &layout);
+    if (s != CLKVQ_OK)
+        return clkvq_fail(ctx, s, "clkvq_eval_layer: packed size of %c: %s", is_v ? 'V' : 'K',
+                          clkvq_last_error(NULL));
+    *bits = 8.0 * (double)(layout.code_bytes + layout.params_bytes) / ((double)n * hd);
+    return CLKVQ_OK;
 }
 
 /*
@@ -232,19 +255,28 @@ clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg,
     st = clkvq_cache_read(cache, 0, 0, k_back, v_back);
     if (st != CLKVQ_OK)
         goto done;
-    double bits_k = 0.0, bits_v = 0.0;
+    double bits_k = 0.0, bits_v = 0.0, long_k = 0.0, long_v = 0.0;
     st = tensor_bits(ctx, &cache->layers[0], 0, n_tokens, head_dim, &bits_k);
     if (st == CLKVQ_OK)
         st = tensor_bits(ctx, &cache->layers[0], 1, n_tokens, head_dim, &bits_v);
+    if (st == CLKVQ_OK)
+        st = tensor_bits_long(ctx, cfg, 0, head_dim, &long_k);
+    if (st == CLKVQ_OK)
+        st = tensor_bits_long(ctx, cfg, 1, head_dim, &long_v);
     if (st != CLKVQ_OK)
         goto done;
 
     memset(out, 0, sizeof *out);
     out->bits_per_element = 0.5 * (bits_k + bits_v);
+    out->bits_long = 0.5 * (long_k + long_v);
+    out->err_sq = acc.num;
+    out->ref_sq = acc.den;
     out->rel_err = relative(acc.num, acc.den);
     out->cosine = acc.cos_sum / (double)acc.cos_count;
-    out->k_rel_err = tensor_rel_err(k, k_back, kv_count);
-    out->v_rel_err = tensor_rel_err(v, v_back, kv_count);
+    tensor_sums(k, k_back, kv_count, &out->k_err_sq, &out->k_ref_sq);
+    tensor_sums(v, v_back, kv_count, &out->v_err_sq, &out->v_ref_sq);
+    out->k_rel_err = relative(out->k_err_sq, out->k_ref_sq);
+    out->v_rel_err = relative(out->v_err_sq, out->v_ref_sq);
     out->n_queries = n_queries;
 
 done:

@@ -5,7 +5,6 @@
  * Answers queries and builds a cache from one.
  */
 #include "precision_config.h"
-#include "reference.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,13 +17,13 @@ void clkvq_config_free(clkvq_precision_config *cfg)
     if (!cfg)
         return;
     for (int l = 0; cfg->layers && l < cfg->n_layers; l++) {
-        for (int i = 0; i < CONFIG_PERM_SLOTS; i++)
-            free(cfg->layers[l].perm[i]);
+        for (int i = 0; i < CONFIG_MATRIX_SLOTS; i++)
+            free(cfg->layers[l].matrix[i]);
         free(cfg->layers[l].heads);
     }
     free(cfg->layers);
-    for (int i = 0; i < CONFIG_PERM_SLOTS; i++)
-        free(cfg->shared_perm[i]);
+    for (int i = 0; i < CONFIG_MATRIX_SLOTS; i++)
+        free(cfg->shared_matrix[i]);
     for (int i = 0; i < config_field_count; i++)
         if (!(config_fields[i].scopes & CONFIG_IN_LAYER))
             config_field_release(&config_fields[i],
@@ -44,22 +43,8 @@ clkvq_status config_check_layer(clkvq_context *ctx, const clkvq_layer_config *c,
     return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d: %s", l, why);
 }
 
-/* A copy of perm (perm_heads x head_dim) for one layer. */
-static clkvq_status copy_perm(clkvq_context *ctx, const int32_t *perm, int heads, int dim,
-                              int32_t **out)
-{
-    *out = NULL;
-    if (!perm)
-        return CLKVQ_OK;
-    size_t bytes = sizeof *perm * (size_t)heads * (size_t)dim;
-    *out = malloc(bytes);
-    if (!*out)
-        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating a permutation");
-    memcpy(*out, perm, bytes);
-    return CLKVQ_OK;
-}
-
-/* src checked, its perms copied (out owns the copies). */
+/* src checked, its matrices (perms, means: heads x head_dim 4-byte
+ * values) copied; out owns the copies. */
 static clkvq_status create_layer(clkvq_context *ctx, const clkvq_layer_config *src, int l,
                                  int n_heads, int head_dim, config_layer *out)
 {
@@ -67,22 +52,27 @@ static clkvq_status create_layer(clkvq_context *ctx, const clkvq_layer_config *s
     if (st != CLKVQ_OK)
         return st;
     out->cfg = *src;
-    for (int i = 0; i < config_field_count && st == CLKVQ_OK; i++) {
+    for (int i = 0; i < config_field_count; i++) {
         const config_field *f = &config_fields[i];
-        if (f->kind != CONFIG_KIND_PERM)
+        if (!config_field_is_matrix(f))
             continue;
-        const int32_t **perm = config_field_value(f, &out->cfg, NULL);
-        if (*perm && !clkvq_ref_is_permutation(*perm, n_heads, head_dim))
-            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                              "layer %d: %s is not a permutation of 0..%d per kv head", l,
-                              f->name, head_dim - 1);
-        st = copy_perm(ctx, *perm, n_heads, head_dim, &out->perm[f->slot]);
-        *perm = out->perm[f->slot];
+        void *value = config_field_value(f, &out->cfg, NULL);
+        const void *m = config_matrix_get(value);
+        if (!m)
+            continue;
+        char why[256];
+        if (!config_matrix_check(f, m, n_heads, head_dim, why, sizeof why))
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d: %s", l, why);
+        size_t bytes = sizeof(float) * (size_t)n_heads * (size_t)head_dim;
+        if (!(out->matrix[f->slot] = malloc(bytes)))
+            return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating %s", f->name);
+        memcpy(out->matrix[f->slot], m, bytes);
+        config_matrix_set(value, out->matrix[f->slot]);
     }
-    return st;
+    return CLKVQ_OK;
 }
 
-/* perms, when given, are [n_kv_heads][head_dim] like the cache's. */
+/* perms and means, when given, are [n_kv_heads][head_dim] like the cache's. */
 clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_layers,
                                  const clkvq_layer_config *layers, int n_kv_heads, int head_dim,
                                  clkvq_precision_config **out)
@@ -93,14 +83,15 @@ clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_la
                           "clkvq_config_create: out/layers NULL or n_layers %d not in 1..%d",
                           n_layers, MAX_LAYERS);
     *out = NULL;
-    int has_perm = 0;
+    int has_matrix = 0;
     for (int l = 0; l < n_layers; l++)
-        has_perm |= config_has_perm(&layers[l]);
-    if (has_perm && (head_dim <= 0 || head_dim > MAX_HEAD_DIM || n_kv_heads <= 0))
+        has_matrix |= config_has_matrix(&layers[l]);
+    if (has_matrix && (head_dim <= 0 || head_dim > MAX_HEAD_DIM || n_kv_heads <= 0 ||
+                       n_kv_heads > MAX_HEADS))
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                          "clkvq_config_create: perms given but head_dim %d not in 1..%d or "
-                          "n_kv_heads %d not positive",
-                          head_dim, MAX_HEAD_DIM, n_kv_heads);
+                          "clkvq_config_create: perms or means given but head_dim %d not in "
+                          "1..%d or n_kv_heads %d not in 1..%d",
+                          head_dim, MAX_HEAD_DIM, n_kv_heads, MAX_HEADS);
     clkvq_precision_config *cfg = calloc(1, sizeof *cfg);
     if (!cfg || !(cfg->layers = calloc((size_t)n_layers, sizeof *cfg->layers)) ||
         !(cfg->top.model = strdup(model ? model : ""))) {
@@ -108,11 +99,12 @@ clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_la
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating a config");
     }
     cfg->n_layers = n_layers;
-    cfg->perm_heads = has_perm ? n_kv_heads : 0;
-    cfg->head_dim = has_perm ? head_dim : 0;
+    cfg->matrix_heads = has_matrix ? n_kv_heads : 0;
+    cfg->head_dim = has_matrix ? head_dim : 0;
     clkvq_status st = CLKVQ_OK;
     for (int l = 0; l < n_layers && st == CLKVQ_OK; l++)
-        st = create_layer(ctx, &layers[l], l, has_perm ? n_kv_heads : 1, head_dim, &cfg->layers[l]);
+        st = create_layer(ctx, &layers[l], l, has_matrix ? n_kv_heads : 1, head_dim,
+                          &cfg->layers[l]);
     if (st != CLKVQ_OK) {
         clkvq_config_free(cfg);
         return st;
@@ -250,9 +242,12 @@ int config_geometry_fits(const clkvq_precision_config *cfg, const clkvq_model_ge
     }
     if (cfg->top.head_dim && !carried_mismatch(&cfg->top, g, why, n))
         return 0;
-    if (cfg->perm_heads && (cfg->perm_heads != g->n_kv_heads || cfg->head_dim != g->head_dim)) {
-        snprintf(why, n, "perms are %d heads x %d channels, the model has %d kv heads x head_dim %d",
-                 cfg->perm_heads, cfg->head_dim, g->n_kv_heads, g->head_dim);
+    if (cfg->matrix_heads &&
+        (cfg->matrix_heads != g->n_kv_heads || cfg->head_dim != g->head_dim)) {
+        snprintf(why, n,
+                 "perms and means are %d heads x %d channels, the model has %d kv heads x "
+                 "head_dim %d",
+                 cfg->matrix_heads, cfg->head_dim, g->n_kv_heads, g->head_dim);
         return 0;
     }
     for (int l = 0; l < cfg->n_layers; l++) {
@@ -320,7 +315,7 @@ clkvq_status clkvq_config_set_geometry(clkvq_context *ctx, clkvq_precision_confi
 /* ------------------------------------------------------------ the cache */
 
 /* Per-head bits can run only when a layer's heads all agree (the kernels
- * take one pair per layer); perms must have the cache's shape. */
+ * take one pair per layer); perms and means must have the cache's shape. */
 static clkvq_status check_layer_fits(clkvq_context *ctx, const clkvq_precision_config *cfg,
                                      int l, int n_kv_heads, int head_dim)
 {
@@ -338,11 +333,11 @@ static clkvq_status check_layer_fits(clkvq_context *ctx, const clkvq_precision_c
                               clkvq_format_get(cl->heads[h].v)->bits_name,
                               clkvq_format_get(cl->heads[0].k)->bits_name,
                               clkvq_format_get(cl->heads[0].v)->bits_name);
-    if (config_has_perm(&cl->cfg) &&
-        (cfg->perm_heads != n_kv_heads || cfg->head_dim != head_dim))
+    if (config_has_matrix(&cl->cfg) &&
+        (cfg->matrix_heads != n_kv_heads || cfg->head_dim != head_dim))
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                          "layer %d: perms are %d heads x %d channels, the cache %d x %d", l,
-                          cfg->perm_heads, cfg->head_dim, n_kv_heads, head_dim);
+                          "layer %d: perms/means are %d heads x %d channels, the cache %d x %d", l,
+                          cfg->matrix_heads, cfg->head_dim, n_kv_heads, head_dim);
     return CLKVQ_OK;
 }
 

@@ -17,8 +17,8 @@ typedef struct {
 } head_pair;
 
 typedef struct {
-    clkvq_layer_config cfg; /* perm_k/perm_v: perm[], the shared perm, or NULL */
-    int32_t *perm[CONFIG_PERM_SLOTS]; /* the layer's own, [perm_heads][head_dim], or NULL */
+    clkvq_layer_config cfg; /* perm_k ... mean_v: matrix[], the shared one, or NULL */
+    void *matrix[CONFIG_MATRIX_SLOTS]; /* the layer's own, [matrix_heads][head_dim], or NULL */
     int n_heads;            /* heads with their own bits; 0 = one pair */
     head_pair *heads;
     int line;               /* of the layer key (0 when built in memory) */
@@ -27,10 +27,10 @@ typedef struct {
 struct clkvq_precision_config {
     config_top top;
     int n_layers;
-    int perm_heads, head_dim; /* the shape every perm has (0, 0 if none) */
-    /* Top-level perm_k/perm_v, shared by every layer without its own: one
-     * copy, so a file cannot multiply one perm by its layer count. */
-    int32_t *shared_perm[CONFIG_PERM_SLOTS];
+    int matrix_heads, head_dim; /* the shape every perm and mean has (0, 0 if none) */
+    /* Top-level perm_k ... mean_v, shared by every layer without its own:
+     * one copy, so a file cannot multiply one matrix by its layer count. */
+    void *shared_matrix[CONFIG_MATRIX_SLOTS];
     config_layer *layers;
 };
 
@@ -47,7 +47,7 @@ static inline head_pair head_from_layer(const clkvq_layer_config *c)
 }
 
 /* Every scalar field of c in range (CLKVQ_ERR_INVALID_ARG naming layer l,
- * or "defaults" when l < 0); perms are the caller's to check. */
+ * or "defaults" when l < 0); matrices are the caller's to check. */
 clkvq_status config_check_layer(clkvq_context *ctx, const clkvq_layer_config *c, int l);
 
 /* 1 when cfg fits a model of geometry g; else 0 and the first mismatch in

@@ -3,12 +3,20 @@
  * layer under each (key bits, value bits) pair on a calibration dump,
  * prune, cluster, and solve the multiple-choice knapsack exactly.
  *
- * Units: a pair costs (bits_k + bits_v) / 2 bits (KVTuner's count); with
- * bits in {8, 4, 3, 2, 1.5} that is always a multiple of 1/4, so the
- * knapsack runs over integer quarter-bits and is exact.
- * Error: the sum over layers of clkvq_eval_layer's relative attention
- * error. That sum is the search's assumption: layers are measured one at a
- * time with the others unquantized, as KVTuner does.
+ * Error: what clkvq-eval reports for a config, pooled over layers,
+ *   E = sqrt(sum_l N_l / sum_l D_l),
+ * N_l = sum over heads and evaluated queries of |o - o_ref|^2 under the
+ * layer's pair, D_l = sum of |o_ref|^2 (the fp64 reference over the
+ * original K/V: the same for every pair). Both tools measure a layer with
+ * the others unquantized, so this is an identity, not an approximation,
+ * and since sqrt is monotone, minimizing E is the additive knapsack with
+ * cost[l][p] = N_lp / sum_j D_j; a front point's error is sqrt(its cost).
+ *
+ * Weights: KVTuner's average (bits_k + bits_v) / 2, or bits_long (codes +
+ * params per element). Both are exact multiples of 1/64 bit for every
+ * group of up to 512 (bits in {8, 4, 3, 2, 1.5}, params 16 or 32 bits per
+ * group), so the knapsack runs over integer 64ths and is exact; a pair
+ * that is not is refused rather than rounded.
  */
 #include "internal.h"
 #include "quant_format.h"
@@ -21,16 +29,24 @@
 
 #define MAX_PAIRS 32
 #define KMEANS_ITERS 50
+#define UNITS_PER_BIT 64
 
 struct clkvq_search_result {
     int n_layers, n_pairs, n_q_heads, n_kv_heads, head_dim;
     char model[128];
     clkvq_layer_config defaults;
     clkvq_bit_pair pairs[MAX_PAIRS];
-    double *err;      /* [layer][pair], -1 where pruned */
+    clkvq_search_weight weight;
+    int units[MAX_PAIRS]; /* weight of each pair, 64ths of a bit */
+    double *err;      /* [layer][pair] relative error, -1 where pruned */
+    double *err_sq;   /* [layer][pair] N: squared output error */
+    double *ref_sq;   /* [layer] D: squared reference output */
     double *bpe;      /* [layer][pair] bits/element, ours */
-    float *clip;      /* [layer][pair][2] calibrated clips (skvq) */
-    int32_t **perm;   /* [layer][2] calibrated perms or NULL */
+    double *bits_long;/* [layer][pair] */
+    float *clip;      /* [layer][pair][2] fitted clips */
+    int32_t **perm;   /* [layer][2] fitted perms or NULL */
+    float **mean;     /* [layer][2] fitted means or NULL */
+    int fitted;       /* clips come from clip[] */
     double latency_us[MAX_PAIRS]; /* measured decode time per layer, < 0 unknown */
     int n_front;
     clkvq_front_point *front;
@@ -43,18 +59,21 @@ static double pair_bits(const clkvq_bit_pair *p)
             atof(clkvq_format_get(p->format_v)->bits_name)) / 2.0;
 }
 
-static int pair_units(const clkvq_bit_pair *p) { return (int)lround(pair_bits(p) * 4.0); }
-
 void clkvq_search_free(clkvq_search_result *res)
 {
     if (!res)
         return;
-    if (res->perm)
-        for (int i = 0; i < 2 * res->n_layers; i++)
-            free(res->perm[i]);
+    for (int i = 0; res->perm && i < 2 * res->n_layers; i++)
+        free(res->perm[i]);
+    for (int i = 0; res->mean && i < 2 * res->n_layers; i++)
+        free(res->mean[i]);
     free(res->perm);
+    free(res->mean);
     free(res->err);
+    free(res->err_sq);
+    free(res->ref_sq);
     free(res->bpe);
+    free(res->bits_long);
     free(res->clip);
     free(res->front);
     free(res->choices);
@@ -63,66 +82,101 @@ void clkvq_search_free(clkvq_search_result *res)
 
 /* ------------------------------------------------------------ measuring */
 
-/* SKVQ calibration of one layer on the dump itself: a permutation per
- * tensor, a clip per (tensor, format) over 0.80..1.00. */
-static clkvq_status calibrate_layer(clkvq_context *ctx, clkvq_search_result *res, int l,
-                                    const clkvq_dump_info *info, const float *k, const float *v)
-{
-    const float *x[2] = {k, v};
-    clkvq_shape shape = {info->n_kv_heads, info->n_tokens, info->head_dim};
-    for (int i = 0; i < 2; i++) {
-        int32_t *perm = malloc(sizeof(int32_t) * (size_t)info->n_kv_heads * info->head_dim);
-        if (!perm)
-            return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search: permutation");
-        res->perm[2 * l + i] = perm;
-        clkvq_status st = clkvq_calibrate_permutation(ctx, &shape, x[i], res->defaults.group_size,
-                                                      perm);
-        if (st != CLKVQ_OK)
-            return st;
-        for (int p = 0; p < res->n_pairs; p++) {
-            clkvq_quant_params qp = clkvq_quant_params_default();
-            qp.format = i ? res->pairs[p].format_v : res->pairs[p].format_k;
-            qp.group_size = res->defaults.group_size;
-            qp.param_type = res->defaults.param_type;
-            qp.zero_mode = res->defaults.zero_mode;
-            double mse;
-            float alpha;
-            /* the same format was calibrated for an earlier pair: reuse it */
-            int reuse = -1;
-            for (int q = 0; q < p && reuse < 0; q++)
-                if ((i ? res->pairs[q].format_v : res->pairs[q].format_k) == qp.format)
-                    reuse = q;
-            if (reuse >= 0) {
-                alpha = res->clip[((size_t)l * res->n_pairs + reuse) * 2 + i];
-            } else {
-                st = clkvq_calibrate_clip(ctx, &qp, &shape, x[i], perm, 0.80f, 1.00f, 0.02f,
-                                          &alpha, &mse);
-                if (st != CLKVQ_OK)
-                    return st;
-            }
-            res->clip[((size_t)l * res->n_pairs + p) * 2 + i] = alpha;
-        }
-    }
-    return CLKVQ_OK;
-}
-
+/* Layer l under pair p: the defaults, the pair's formats, the layer's
+ * rotation seed, and what was fitted. */
 static clkvq_layer_config layer_config(const clkvq_search_result *res, int l, int p)
 {
     clkvq_layer_config lc = res->defaults;
     lc.format_k = res->pairs[p].format_k;
     lc.format_v = res->pairs[p].format_v;
-    if (res->perm && res->perm[2 * l]) {
+    lc.rot_seed = res->defaults.rot_seed + (uint32_t)l; /* as clkvq-eval's and a config's */
+    if (res->perm) {
         lc.perm_k = res->perm[2 * l];
         lc.perm_v = res->perm[2 * l + 1];
+    }
+    if (res->mean) {
+        lc.mean_k = res->mean[2 * l];
+        lc.mean_v = res->mean[2 * l + 1];
+    }
+    if (res->fitted) {
         lc.clip_k = res->clip[((size_t)l * res->n_pairs + p) * 2];
         lc.clip_v = res->clip[((size_t)l * res->n_pairs + p) * 2 + 1];
     }
     return lc;
 }
 
+/* The fits of layer l on the dump: means and perms once (they do not
+ * depend on the bits), a clip per (tensor, format), reused by every pair
+ * with that format. */
+static clkvq_status fit_layer(clkvq_context *ctx, clkvq_search_result *res, int l,
+                              unsigned fit, const clkvq_dump_info *info, const float *k,
+                              const float *v)
+{
+    const size_t hd = (size_t)info->n_kv_heads * info->head_dim;
+    unsigned once = fit & (CLKVQ_FIT_MEAN | CLKVQ_FIT_PERM);
+    clkvq_calib_options opt = {.fit = once};
+    float *means[2] = {NULL, NULL};
+    int32_t *perms[2] = {NULL, NULL};
+    for (int i = 0; i < 2; i++) {
+        if ((once & (i ? CLKVQ_FIT_MEAN_V : CLKVQ_FIT_MEAN_K)) &&
+            !(means[i] = res->mean[2 * l + i] = malloc(sizeof(float) * hd)))
+            return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search: means");
+        if ((once & (i ? CLKVQ_FIT_PERM_V : CLKVQ_FIT_PERM_K)) &&
+            !(perms[i] = res->perm[2 * l + i] = malloc(sizeof(int32_t) * hd)))
+            return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search: permutations");
+    }
+    opt.mean_k = means[0];
+    opt.mean_v = means[1];
+    opt.perm_k = perms[0];
+    opt.perm_v = perms[1];
+    clkvq_layer_config lc = layer_config(res, l, 0), out = lc;
+    clkvq_status st = once ? clkvq_calibrate_layer(ctx, &lc, info->n_kv_heads, info->n_tokens,
+                                                   info->head_dim, k, v, &opt, &out)
+                           : CLKVQ_OK;
+    if (st != CLKVQ_OK)
+        return st;
+    for (int i = 0; i < 2; i++) { /* what a fit left unset (a key perm per channel) */
+        const int32_t *got = i ? out.perm_v : out.perm_k;
+        if (perms[i] && !got) {
+            free(perms[i]);
+            res->perm[2 * l + i] = NULL;
+        }
+    }
+    for (int p = 0; p < res->n_pairs; p++) {
+        float *clip = res->clip + ((size_t)l * res->n_pairs + p) * 2;
+        clip[0] = res->defaults.clip_k;
+        clip[1] = res->defaults.clip_v;
+        clkvq_calib_options copt = {.fit = 0};
+        for (int i = 0; i < 2; i++) {
+            if (!(fit & (i ? CLKVQ_FIT_CLIP_V : CLKVQ_FIT_CLIP_K)))
+                continue;
+            int reuse = -1;
+            for (int q = 0; q < p && reuse < 0; q++)
+                if ((i ? res->pairs[q].format_v == res->pairs[p].format_v
+                       : res->pairs[q].format_k == res->pairs[p].format_k))
+                    reuse = q;
+            if (reuse >= 0)
+                clip[i] = res->clip[((size_t)l * res->n_pairs + reuse) * 2 + i];
+            else
+                copt.fit |= i ? CLKVQ_FIT_CLIP_V : CLKVQ_FIT_CLIP_K;
+        }
+        if (!copt.fit)
+            continue;
+        lc = layer_config(res, l, p);
+        if ((st = clkvq_calibrate_layer(ctx, &lc, info->n_kv_heads, info->n_tokens,
+                                        info->head_dim, k, v, &copt, &out)) != CLKVQ_OK)
+            return st;
+        if (copt.fit & CLKVQ_FIT_CLIP_K)
+            clip[0] = out.clip_k;
+        if (copt.fit & CLKVQ_FIT_CLIP_V)
+            clip[1] = out.clip_v;
+    }
+    return CLKVQ_OK;
+}
+
 static clkvq_status measure(clkvq_context *ctx, clkvq_search_result *res,
                             const clkvq_kv_dump *dump, const clkvq_dump_info *info,
-                            const clkvq_search_options *opt)
+                            const clkvq_search_options *opt, unsigned fit)
 {
     size_t kv = (size_t)info->n_kv_heads * info->n_tokens * info->head_dim;
     size_t qn = (size_t)info->n_q_heads * info->n_tokens * info->head_dim;
@@ -130,7 +184,7 @@ static clkvq_status measure(clkvq_context *ctx, clkvq_search_result *res,
           *v = malloc(kv * sizeof(float));
     clkvq_status st = q && k && v ? CLKVQ_OK
                                   : clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search: layer data");
-    int n_queries = opt->n_queries > 0 ? opt->n_queries : 16;
+    int n_queries = opt->n_queries > 0 ? opt->n_queries : CLKVQ_DEFAULT_QUERIES;
     if (n_queries > info->n_tokens)
         n_queries = info->n_tokens;
     int done = 0, total = res->n_layers * res->n_pairs;
@@ -139,8 +193,8 @@ static clkvq_status measure(clkvq_context *ctx, clkvq_search_result *res,
             (st = clkvq_dump_read(dump, l, 'k', k)) != CLKVQ_OK ||
             (st = clkvq_dump_read(dump, l, 'v', v)) != CLKVQ_OK)
             break;
-        if (res->perm)
-            st = calibrate_layer(ctx, res, l, info, k, v);
+        if (fit)
+            st = fit_layer(ctx, res, l, fit, info, k, v);
         for (int p = 0; p < res->n_pairs && st == CLKVQ_OK; p++) {
             clkvq_layer_config lc = layer_config(res, l, p);
             clkvq_eval_result ev;
@@ -148,8 +202,12 @@ static clkvq_status measure(clkvq_context *ctx, clkvq_search_result *res,
                                   info->head_dim, q, k, v, n_queries, &ev);
             if (st != CLKVQ_OK)
                 break;
-            res->err[(size_t)l * res->n_pairs + p] = ev.rel_err;
-            res->bpe[(size_t)l * res->n_pairs + p] = ev.bits_per_element;
+            size_t i = (size_t)l * res->n_pairs + p;
+            res->err[i] = ev.rel_err;
+            res->err_sq[i] = ev.err_sq;
+            res->ref_sq[l] = ev.ref_sq; /* the reference: the same for every pair */
+            res->bpe[i] = ev.bits_per_element;
+            res->bits_long[i] = ev.bits_long;
             if (opt->progress) {
                 char what[96];
                 snprintf(what, sizeof what, "layer %d K%sV%s: error %.4f", l,
@@ -165,6 +223,26 @@ static clkvq_status measure(clkvq_context *ctx, clkvq_search_result *res,
     return st;
 }
 
+/* Each pair's weight in 64ths of a bit: KVTuner's (k + v) / 2, or its
+ * bits_long (the same in every layer: the layers share their settings). */
+static clkvq_status set_units(clkvq_context *ctx, clkvq_search_result *res)
+{
+    for (int p = 0; p < res->n_pairs; p++) {
+        double bits = res->weight == CLKVQ_SEARCH_WEIGHT_BITS_LONG ? res->bits_long[p]
+                                                                   : pair_bits(&res->pairs[p]);
+        double units = bits * UNITS_PER_BIT;
+        if (fabs(units - nearbyint(units)) > 1e-6)
+            return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
+                              "search: pair K%sV%s weighs %.9g bits, not a multiple of 1/%d "
+                              "(a group over 512?): the knapsack would not be exact",
+                              clkvq_format_get(res->pairs[p].format_k)->bits_name,
+                              clkvq_format_get(res->pairs[p].format_v)->bits_name, bits,
+                              UNITS_PER_BIT);
+        res->units[p] = (int)nearbyint(units);
+    }
+    return CLKVQ_OK;
+}
+
 /* Decode time per pair at the dump's shape, with this device's tuned
  * parameters, when tuning results exist for it (else left < 0). */
 static void measure_latency(clkvq_context *ctx, clkvq_search_result *res,
@@ -173,7 +251,8 @@ static void measure_latency(clkvq_context *ctx, clkvq_search_result *res,
     for (int p = 0; p < res->n_pairs; p++) {
         res->latency_us[p] = -1.0;
         clkvq_layer_config lc = layer_config(res, 0, p);
-        lc.perm_k = lc.perm_v = NULL; /* timing does not depend on them */
+        lc.perm_k = lc.perm_v = NULL; /* timing does not depend on their values */
+        lc.mean_k = lc.mean_v = NULL;
         clkvq_tune_shape shape = {lc.scheme, lc.format_k, lc.format_v, lc.group_size,
                                   info->head_dim, info->n_q_heads, info->n_kv_heads,
                                   info->n_tokens, 1};
@@ -224,7 +303,7 @@ static void prune(clkvq_search_result *res)
             for (int q = 0; q < res->n_pairs; q++) {
                 if (q == p)
                     continue;
-                int bq = pair_units(&res->pairs[q]), bp = pair_units(&res->pairs[p]);
+                int bq = res->units[q], bp = res->units[p];
                 int no_worse = bq <= bp && keep[q] <= keep[p];
                 int better = bq < bp || keep[q] < keep[p] || q < p;
                 if (no_worse && better) {
@@ -301,17 +380,18 @@ static void cluster(const clkvq_search_result *res, const double *raw_err, int k
 /* ------------------------------------------------------------ knapsack */
 
 /* Exact multiple-choice knapsack over groups: each group picks one pair
- * (cost = sum of its layers' errors, weight = layers x quarter-bits);
- * every reachable total weight keeps its minimal error, and the points
- * whose error beats every lighter point form the front. */
-static clkvq_status solve(clkvq_context *ctx, clkvq_search_result *res, const double *raw_err,
+ * (cost = the sum of its layers' costs N_lp / sum D, weight = layers x the
+ * pair's 64ths of a bit); every reachable total weight keeps its least
+ * cost, and the points whose cost beats every lighter point form the
+ * front, each with error sqrt(cost). */
+static clkvq_status solve(clkvq_context *ctx, clkvq_search_result *res, const double *cost_lp,
                           const int *label, int n_groups)
 {
     int L = res->n_layers, P = res->n_pairs;
     int max_units = 0;
     for (int p = 0; p < P; p++)
-        if (pair_units(&res->pairs[p]) > max_units)
-            max_units = pair_units(&res->pairs[p]);
+        if (res->units[p] > max_units)
+            max_units = res->units[p];
     int W = L * max_units + 1;
     double *dp = malloc(sizeof(double) * (size_t)(n_groups + 1) * W);
     signed char *pick = malloc((size_t)n_groups * W);
@@ -337,12 +417,12 @@ static clkvq_status solve(clkvq_context *ctx, clkvq_search_result *res, const do
             int alive = 0;
             for (int l = 0; l < L; l++)
                 if (label[l] == g) {
-                    cost += raw_err[(size_t)l * P + p];
+                    cost += cost_lp[(size_t)l * P + p];
                     alive |= res->err[(size_t)l * P + p] >= 0;
                 }
             if (!alive)
                 continue;
-            int wp = members * pair_units(&res->pairs[p]);
+            int wp = members * res->units[p];
             for (int w = 0; w + wp < W; w++)
                 if (prev[w] + cost < cur[w + wp]) {
                     cur[w + wp] = prev[w] + cost;
@@ -381,21 +461,24 @@ static clkvq_status solve(clkvq_context *ctx, clkvq_search_result *res, const do
                     choice[l] = p;
                     members++;
                 }
-            rest -= members * pair_units(&res->pairs[p]);
+            rest -= members * res->units[p];
         }
         clkvq_front_point *pt = &res->front[f++];
-        pt->avg_bits = w / 4.0 / L;
-        pt->total_error = last[w];
+        pt->total_error = sqrt(last[w]);
         pt->choice = choice;
-        double bpe = 0.0, lat = 0.0;
+        double avg = 0.0, bpe = 0.0, bl = 0.0, lat = 0.0;
         int lat_known = 1;
         for (int l = 0; l < L; l++) {
-            bpe += res->bpe[(size_t)l * res->n_pairs + choice[l]] / L;
+            avg += pair_bits(&res->pairs[choice[l]]) / L;
+            bpe += res->bpe[(size_t)l * P + choice[l]] / L;
+            bl += res->bits_long[(size_t)l * P + choice[l]] / L;
             if (res->latency_us[choice[l]] < 0)
                 lat_known = 0;
             lat += res->latency_us[choice[l]];
         }
+        pt->avg_bits = avg;
         pt->bits_per_element = bpe;
+        pt->bits_long = bl;
         pt->latency_us = lat_known ? lat : -1.0;
     }
     res->n_front = f;
@@ -405,6 +488,17 @@ static clkvq_status solve(clkvq_context *ctx, clkvq_search_result *res, const do
 }
 
 /* ------------------------------------------------------------ API */
+
+/* What calibrate fits: the options' flags, or skvq's permutation and clip
+ * (the meaning calibrate had before it had flags). */
+static unsigned fit_flags(const clkvq_search_options *opt, const clkvq_layer_config *d)
+{
+    if (!opt->calibrate || d->scheme == CLKVQ_SCHEME_FP16)
+        return 0;
+    if (opt->fit)
+        return opt->fit;
+    return d->scheme == CLKVQ_SCHEME_SKVQ ? (unsigned)(CLKVQ_FIT_PERM | CLKVQ_FIT_CLIP) : 0u;
+}
 
 clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dump,
                                     const clkvq_search_options *opt, clkvq_search_result **out)
@@ -419,6 +513,12 @@ clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dum
     for (int p = 0; p < opt->n_pairs; p++)
         if (!clkvq_format_get(opt->pairs[p].format_k) || !clkvq_format_get(opt->pairs[p].format_v))
             return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED, "pair %d: format not in the table", p);
+    if (opt->weight != CLKVQ_SEARCH_WEIGHT_KVTUNER && opt->weight != CLKVQ_SEARCH_WEIGHT_BITS_LONG)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "search weight %d is unknown",
+                          (int)opt->weight);
+    if (opt->fit & ~(unsigned)(CLKVQ_FIT_CLIP | CLKVQ_FIT_MEAN | CLKVQ_FIT_PERM))
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "search fit 0x%x has unknown flags",
+                          opt->fit);
     clkvq_dump_info info;
     clkvq_status st = clkvq_dump_info_get(dump, &info);
     if (st != CLKVQ_OK)
@@ -431,43 +531,67 @@ clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dum
     res->n_q_heads = info.n_q_heads;
     res->n_kv_heads = info.n_kv_heads;
     res->head_dim = info.head_dim;
+    res->weight = opt->weight;
     snprintf(res->model, sizeof res->model, "%s", info.model);
     res->defaults = opt->defaults ? *opt->defaults : clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
     res->defaults.perm_k = res->defaults.perm_v = NULL;
+    res->defaults.mean_k = res->defaults.mean_v = NULL;
     memcpy(res->pairs, opt->pairs, sizeof(clkvq_bit_pair) * (size_t)opt->n_pairs);
     size_t cells = (size_t)info.n_layers * opt->n_pairs;
     res->err = calloc(cells, sizeof(double));
+    res->err_sq = calloc(cells, sizeof(double));
+    res->ref_sq = calloc((size_t)info.n_layers, sizeof(double));
     res->bpe = calloc(cells, sizeof(double));
+    res->bits_long = calloc(cells, sizeof(double));
     res->clip = calloc(cells * 2, sizeof(float));
-    int calibrate = opt->calibrate && res->defaults.scheme == CLKVQ_SCHEME_SKVQ;
-    if (calibrate)
+    unsigned fit = fit_flags(opt, &res->defaults);
+    res->fitted = fit != 0;
+    if (fit & CLKVQ_FIT_PERM)
         res->perm = calloc((size_t)2 * info.n_layers, sizeof(int32_t *));
-    if (!res->err || !res->bpe || !res->clip || (calibrate && !res->perm)) {
+    if (fit & CLKVQ_FIT_MEAN)
+        res->mean = calloc((size_t)2 * info.n_layers, sizeof(float *));
+    if (!res->err || !res->err_sq || !res->ref_sq || !res->bpe || !res->bits_long || !res->clip ||
+        ((fit & CLKVQ_FIT_PERM) && !res->perm) || ((fit & CLKVQ_FIT_MEAN) && !res->mean)) {
         clkvq_search_free(res);
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search tables");
     }
-    st = measure(ctx, res, dump, &info, opt);
-    double *raw = NULL;
+    st = measure(ctx, res, dump, &info, opt, fit);
+    if (st == CLKVQ_OK)
+        st = set_units(ctx, res);
+    double *cost = NULL;
     int *label = NULL;
     if (st == CLKVQ_OK) {
         measure_latency(ctx, res, &info);
-        raw = malloc(sizeof(double) * cells);
+        cost = malloc(sizeof(double) * cells);
         label = malloc(sizeof(int) * (size_t)info.n_layers);
-        if (!raw || !label)
+        if (!cost || !label)
             st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search tables");
     }
     if (st == CLKVQ_OK) {
-        memcpy(raw, res->err, sizeof(double) * cells);
+        double den = 0.0;
+        for (int l = 0; l < info.n_layers; l++)
+            den += res->ref_sq[l];
+        /* an all-zero reference: the error is absolute (as clkvq-eval's) */
+        for (size_t i = 0; i < cells; i++)
+            cost[i] = den > 0.0 ? res->err_sq[i] / den : res->err_sq[i];
+        /* clustering looks at the relative errors, before pruning */
+        double *raw = malloc(sizeof(double) * cells);
+        if (!raw)
+            st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search tables");
+        else
+            memcpy(raw, res->err, sizeof(double) * cells);
         prune(res);
         int k = opt->n_clusters > 0 && opt->n_clusters < info.n_layers ? opt->n_clusters : 0;
-        if (k)
+        if (st == CLKVQ_OK && k)
             cluster(res, raw, k, label);
         else
             for (int l = 0; l < info.n_layers; l++)
                 label[l] = l;
-        st = solve(ctx, res, raw, label, k ? k : info.n_layers);
+        free(raw);
+        if (st == CLKVQ_OK)
+            st = solve(ctx, res, cost, label, k ? k : info.n_layers);
     }
-    free(raw);
+    free(cost);
     free(label);
     if (st != CLKVQ_OK) {
         clkvq_search_free(res);
@@ -495,19 +619,31 @@ double clkvq_search_layer_error(const clkvq_search_result *res, int layer, int p
     return res->err[(size_t)layer * res->n_pairs + pair];
 }
 
+int clkvq_search_front_index(const clkvq_search_result *res, double budget_bits)
+{
+    if (!res)
+        return -1;
+    int best = -1, by_long = res->weight == CLKVQ_SEARCH_WEIGHT_BITS_LONG;
+    for (int f = 0; f < res->n_front; f++)
+        if ((by_long ? res->front[f].bits_long : res->front[f].avg_bits) <= budget_bits + 1e-9)
+            best = f; /* ordered by bits: the last one within budget has the least error */
+    return best;
+}
+
 clkvq_status clkvq_search_config(clkvq_context *ctx, const clkvq_search_result *res,
                                  double budget_bits, clkvq_precision_config **out)
 {
     if (!res || !out)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "clkvq_search_config: NULL argument");
-    int best = -1;
-    for (int f = 0; f < res->n_front; f++)
-        if (res->front[f].avg_bits <= budget_bits + 1e-9)
-            best = f; /* ordered by bits: the last one within budget has the least error */
+    int best = clkvq_search_front_index(res, budget_bits);
+    int by_long = res->weight == CLKVQ_SEARCH_WEIGHT_BITS_LONG;
     if (best < 0)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                          "no searched configuration fits %.3g bits (the smallest needs %.3g)",
-                          budget_bits, res->n_front ? res->front[0].avg_bits : 0.0);
+                          "no searched configuration fits %.3g bits%s (the smallest needs %.3g)",
+                          budget_bits, by_long ? " (bits_long)" : "",
+                          res->n_front ? (by_long ? res->front[0].bits_long
+                                                  : res->front[0].avg_bits)
+                                       : 0.0);
     clkvq_layer_config *layers = calloc((size_t)res->n_layers, sizeof *layers);
     if (!layers)
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search config");

@@ -44,9 +44,13 @@ for v in q32:kv8:dx:l32 q0:kv8:d128:l32 q32:kv8:d128 q32:kv8:d128:l32:l1 q30:kv8
 done
 expect --model nonesuch "$tune" --model nonesuch
 
-for v in nan abc 0 9 -3; do
+for v in nan abc 0 17 -3; do
   expect --budget "$v" "$tune" precision --calib x.safetensors --budget "$v"
 done
+expect --rot-seed 4294967296 "$tune" precision --calib x --budget 3 --rot-seed 4294967296
+expect --rot-seed -1 "$tune" precision --calib x --budget 3 --rot-seed -1
+expect --weight bits "$tune" precision --calib x --budget 3 --weight bits
+expect --fit clip,mean "$tune" precision --calib x --budget 3 --fit clip,mean
 expect --queries abc "$tune" precision --calib x --budget 3 --queries abc
 expect --clusters -2 "$tune" precision --calib x --budget 3 --clusters -2
 expect --group 32k "$tune" precision --calib x --budget 3 --group 32k
@@ -58,6 +62,8 @@ expect --queries abc "$eval_" --calib x --scheme fp16 --queries abc
 expect --queries nan "$eval_" --calib x --scheme fp16 --queries nan
 expect group 3x "$eval_" --calib x --scheme token:k4v4:g3x
 expect clip nan "$eval_" --calib x --scheme token:k4v4:anan
+expect "rotation seed" 9x "$eval_" --calib x --scheme skvq:k2v2:rot9x
+expect "rotation seed" 4294967296 "$eval_" --calib x --scheme skvq:k2v2:rot4294967296
 
 expect --tokens abc "$synth" -o x.st --tokens abc
 expect --layers 0 "$synth" -o x.st --layers 0

@@ -1,6 +1,7 @@
-/* Calibration (channel permutation, clip search) and the synthetic KV
- * generator. All host-side: no OpenCL context is needed. */
+/* Calibration (channel permutation, clip search, a layer's fits) and the
+ * synthetic KV generator. All host-side: no OpenCL context is needed. */
 #include "test_util.h"
+#include "clkvq_packing.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -557,6 +558,263 @@ START_TEST(synth_bad_args)
 }
 END_TEST
 
+
+/* ------------------------------------------------------------ a layer */
+
+#define LH 2    /* kv heads */
+#define LT 133  /* tokens: 5 sinks + 128, so 4 whole blocks of 32 */
+#define LD 64   /* head_dim */
+
+/* Keys and values with per-channel offsets (what centering removes), a
+ * heavy-tailed channel and a huge first token (a sink the fits must not
+ * see). */
+static void layer_data(uint64_t seed, float *k, float *v)
+{
+    clkvq_shape s = {LH, LT, LD};
+    ck_assert_int_eq(clkvq_synth_kv(seed, &s, k, v), CLKVQ_OK);
+    for (int h = 0; h < LH; h++)
+        for (int t = 0; t < LT; t++)
+            for (int c = 0; c < LD; c++) {
+                size_t i = ((size_t)h * LT + t) * LD + c;
+                v[i] += (float)(c % 7) - 3.0f;
+                if (t == 0)
+                    k[i] = v[i] = 3000.0f * (float)((c % 3) - 1);
+            }
+}
+
+/* tokens [first, LT) of x, centered by mean (may be NULL) and rotated as
+ * the cache stores them: the expectation the fits are checked against */
+static float *stored(const float *x, const float *mean, int rotate, uint32_t seed, int first)
+{
+    int n = LT - first;
+    float *y = alloc_floats((size_t)LH * n * LD);
+    for (int h = 0; h < LH; h++)
+        for (int t = 0; t < n; t++) {
+            float *o = y + ((size_t)h * n + t) * LD;
+            for (int c = 0; c < LD; c++)
+                o[c] = x[((size_t)h * LT + first + t) * LD + c] -
+                       (mean ? mean[(size_t)h * LD + c] : 0.0f);
+            if (rotate)
+                kvq_rotate(o, LD, seed, h);
+        }
+    return y;
+}
+
+/* Whether alpha is a point of the grid lo + i * step (as the search forms it). */
+static int on_grid(float alpha, double lo, double hi, double step)
+{
+    for (int i = 0; lo + i * step <= hi + 1e-6; i++)
+        if (alpha == (float)fmin(lo + i * step, hi))
+            return 1;
+    return 0;
+}
+
+static clkvq_layer_config skvq_layer(clkvq_format fk, clkvq_format fv)
+{
+    clkvq_layer_config lc = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    lc.format_k = fk;
+    lc.format_v = fv;
+    lc.group_size = 32;
+    lc.n_sink = 5;
+    return lc;
+}
+
+/* Means over the tokens after the sinks, exactly (double sums), and the
+ * clips fitted on the centered, rotated rows: the same alpha that
+ * clkvq_calibrate_clip finds there, a point of the wide default grid. */
+START_TEST(layer_means_exact_clips_on_rotated_centered_rows)
+{
+    float *k = alloc_floats((size_t)LH * LT * LD), *v = alloc_floats((size_t)LH * LT * LD);
+    layer_data(3, k, v);
+    clkvq_layer_config in = skvq_layer(CLKVQ_FMT_Q3, CLKVQ_FMT_Q2);
+    in.rotate = 1;
+    in.rot_seed = 17;
+    in.param_type = CLKVQ_PARAM_FP8_E4M3;
+    float mean_k[LH * LD], mean_v[LH * LD];
+    clkvq_calib_options opt = {.fit = CLKVQ_FIT_CLIP | CLKVQ_FIT_MEAN, .mean_k = mean_k,
+                               .mean_v = mean_v};
+    clkvq_layer_config out;
+    clkvq_status st = clkvq_calibrate_layer(NULL, &in, LH, LT, LD, k, v, &opt, &out);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(NULL));
+    ck_assert_ptr_eq(out.mean_k, mean_k);
+    ck_assert_ptr_eq(out.mean_v, mean_v);
+    ck_assert_ptr_null(out.perm_k);
+    ck_assert_int_eq(out.rotate, 1);
+    ck_assert_uint_eq(out.rot_seed, 17);
+    int bad_mean = 0;
+    for (int i = 0; i < 2; i++)
+        for (int h = 0; h < LH; h++)
+            for (int c = 0; c < LD; c++) {
+                double sum = 0.0;
+                for (int t = 5; t < LT; t++)
+                    sum += (i ? v : k)[((size_t)h * LT + t) * LD + c];
+                float want = (float)(sum / (LT - 5));
+                bad_mean += (i ? mean_v : mean_k)[h * LD + c] != want;
+            }
+    ck_assert_msg(bad_mean == 0, "%d means differ from the double mean after the sinks", bad_mean);
+
+    for (int i = 0; i < 2; i++) {
+        float *y = stored(i ? v : k, i ? mean_v : mean_k, 1, 17, 5);
+        clkvq_quant_params qp = clkvq_quant_params_default();
+        qp.format = i ? CLKVQ_FMT_Q2 : CLKVQ_FMT_Q3;
+        qp.param_type = CLKVQ_PARAM_FP8_E4M3;
+        clkvq_shape s = {LH, LT - 5, LD};
+        float alpha;
+        double mse;
+        ck_assert_int_eq(clkvq_calibrate_clip(NULL, &qp, &s, y, NULL, 0.40f, 1.00f, 0.02f,
+                                              &alpha, &mse),
+                         CLKVQ_OK);
+        float got = i ? out.clip_v : out.clip_k;
+        ck_assert_msg(got == alpha && on_grid(got, 0.40, 1.00, 0.02),
+                      "clip_%c %.9g, expected %.9g (on the grid 0.40..1.00 step 0.02)",
+                      i ? 'v' : 'k', (double)got, (double)alpha);
+        free(y);
+    }
+    /* 2-bit values: the optimum is well inside the wide grid, below the
+     * old 0.80 edge */
+    ck_assert_msg(out.clip_v < 0.80f, "clip_v %.3g", (double)out.clip_v);
+    free(k);
+    free(v);
+}
+END_TEST
+
+/* Per-channel keys (skvq key_axis channel): the key clip sees whole blocks
+ * of 32 tokens after the sinks, per channel, as the cache packs them; a
+ * key permutation is not fitted (it changes nothing there), the value one
+ * is, on the centered rows; an explicit grid is used as given. */
+START_TEST(layer_channel_keys_and_perms)
+{
+    float *k = alloc_floats((size_t)LH * LT * LD), *v = alloc_floats((size_t)LH * LT * LD);
+    layer_data(4, k, v);
+    /* 100 tokens after the sinks: 3 whole blocks of 32 */
+    const int T = 105;
+    float *k2 = alloc_floats((size_t)LH * T * LD), *v2 = alloc_floats((size_t)LH * T * LD);
+    for (int h = 0; h < LH; h++) {
+        memcpy(k2 + (size_t)h * T * LD, k + (size_t)h * LT * LD, sizeof(float) * T * LD);
+        memcpy(v2 + (size_t)h * T * LD, v + (size_t)h * LT * LD, sizeof(float) * T * LD);
+    }
+    clkvq_layer_config in = skvq_layer(CLKVQ_FMT_Q2, CLKVQ_FMT_Q4);
+    in.key_axis = CLKVQ_AXIS_CHANNEL;
+    float mean_v[LH * LD];
+    int32_t perm_k[LH * LD], perm_v[LH * LD];
+    perm_k[0] = -7;
+    clkvq_calib_options opt = {.fit = CLKVQ_FIT_CLIP | CLKVQ_FIT_MEAN_V | CLKVQ_FIT_PERM,
+                               .clip_lo = 0.5f, .clip_hi = 1.0f, .clip_step = 0.05f,
+                               .mean_v = mean_v, .perm_k = perm_k, .perm_v = perm_v};
+    clkvq_layer_config out;
+    clkvq_status st = clkvq_calibrate_layer(NULL, &in, LH, T, LD, k2, v2, &opt, &out);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(NULL));
+    ck_assert_msg(!out.perm_k && perm_k[0] == -7 && out.perm_v == perm_v && !out.mean_k &&
+                      out.mean_v == mean_v,
+                  "perm_k %p, perm_v %p", (const void *)out.perm_k, (const void *)out.perm_v);
+
+    /* keys: raw, the first 96 tokens after the sinks, channel groups of 32 */
+    float *yk = alloc_floats((size_t)LH * 96 * LD);
+    for (int h = 0; h < LH; h++)
+        memcpy(yk + (size_t)h * 96 * LD, k2 + ((size_t)h * T + 5) * LD, sizeof(float) * 96 * LD);
+    clkvq_quant_params qp = clkvq_quant_params_default();
+    qp.format = CLKVQ_FMT_Q2;
+    qp.axis = CLKVQ_AXIS_CHANNEL;
+    clkvq_shape sk = {LH, 96, LD};
+    float alpha;
+    double mse;
+    ck_assert_int_eq(clkvq_calibrate_clip(NULL, &qp, &sk, yk, NULL, 0.5f, 1.0f, 0.05f, &alpha, &mse),
+                     CLKVQ_OK);
+    ck_assert_msg(out.clip_k == alpha, "clip_k %.9g, expected %.9g", (double)out.clip_k,
+                  (double)alpha);
+
+    /* values: centered, permuted by the perm fitted on the centered rows */
+    float *yv = alloc_floats((size_t)LH * (T - 5) * LD);
+    for (int h = 0; h < LH; h++)
+        for (int t = 0; t < T - 5; t++)
+            for (int c = 0; c < LD; c++)
+                yv[((size_t)h * (T - 5) + t) * LD + c] =
+                    v2[((size_t)h * T + 5 + t) * LD + c] - mean_v[h * LD + c];
+    clkvq_shape sv = {LH, T - 5, LD};
+    int32_t want_perm[LH * LD];
+    ck_assert_int_eq(clkvq_calibrate_permutation(NULL, &sv, yv, 32, want_perm), CLKVQ_OK);
+    ck_assert_msg(!memcmp(want_perm, perm_v, sizeof want_perm), "perm_v differs");
+    qp.format = CLKVQ_FMT_Q4;
+    qp.axis = CLKVQ_AXIS_TOKEN;
+    ck_assert_int_eq(clkvq_calibrate_clip(NULL, &qp, &sv, yv, want_perm, 0.5f, 1.0f, 0.05f, &alpha,
+                                          &mse),
+                     CLKVQ_OK);
+    ck_assert_msg(out.clip_v == alpha && on_grid(out.clip_v, 0.5, 1.0, 0.05),
+                  "clip_v %.9g, expected %.9g", (double)out.clip_v, (double)alpha);
+    free(yk);
+    free(yv);
+    free(k);
+    free(v);
+    free(k2);
+    free(v2);
+}
+END_TEST
+
+/* Bad input: a clear status naming the problem, and out and the storage
+ * untouched. NaN in a sink is fine (never fitted on). */
+START_TEST(layer_bad_args)
+{
+    float *k = alloc_floats((size_t)LH * LT * LD), *v = alloc_floats((size_t)LH * LT * LD);
+    layer_data(5, k, v);
+    float mean[LH * LD];
+    for (int i = 0; i < LH * LD; i++)
+        mean[i] = 123.0f;
+    clkvq_layer_config in = skvq_layer(CLKVQ_FMT_Q2, CLKVQ_FMT_Q2), out, sentinel;
+    memset(&sentinel, 0x5a, sizeof sentinel);
+    struct {
+        const char *what;
+        clkvq_layer_config lc;
+        int tokens;
+        clkvq_calib_options opt;
+        int nan_at; /* token of k set to NaN, or -1 */
+        clkvq_status status;
+        const char *needle;
+    } cases[] = {
+        {"mean storage", in, LT, {.fit = CLKVQ_FIT_MEAN_K}, -1, CLKVQ_ERR_INVALID_ARG,
+         "options->mean_k"},
+        {"perm storage", in, LT, {.fit = CLKVQ_FIT_PERM_V, .mean_k = mean}, -1,
+         CLKVQ_ERR_INVALID_ARG, "options->perm_v"},
+        {"unknown flag", in, LT, {.fit = 1u << 9}, -1, CLKVQ_ERR_INVALID_ARG, "unknown flags"},
+        {"bad grid", in, LT, {.fit = CLKVQ_FIT_CLIP, .clip_lo = 0.9f, .clip_hi = 0.5f,
+         .clip_step = 0.1f}, -1, CLKVQ_ERR_INVALID_ARG, "clip grid"},
+        {"only sinks", in, 5, {.fit = CLKVQ_FIT_CLIP}, -1, CLKVQ_ERR_INVALID_ARG,
+         "within the 5 sinks"},
+        {"NaN after the sinks", in, LT, {.fit = CLKVQ_FIT_MEAN_K, .mean_k = mean}, 40,
+         CLKVQ_ERR_NONFINITE, "k[head 0][token 40]"},
+        {"group vs head_dim", in, LT, {.fit = CLKVQ_FIT_CLIP}, -1, CLKVQ_ERR_INVALID_ARG,
+         "clip_k"},
+        {"fp16", clkvq_layer_config_default(CLKVQ_SCHEME_FP16), LT, {.fit = CLKVQ_FIT_CLIP}, -1,
+         CLKVQ_ERR_INVALID_ARG, "fp16"},
+        {"short channel blocks", in, 30, {.fit = CLKVQ_FIT_CLIP_K}, -1, CLKVQ_ERR_INVALID_ARG,
+         "whole blocks"},
+    };
+    cases[6].lc.group_size = 128; /* does not divide head_dim 64 */
+    cases[8].lc.key_axis = CLKVQ_AXIS_CHANNEL;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (cases[i].nan_at >= 0)
+            k[(size_t)cases[i].nan_at * LD] = NAN;
+        out = sentinel;
+        clkvq_status st = clkvq_calibrate_layer(NULL, &cases[i].lc, LH, cases[i].tokens, LD, k, v,
+                                                &cases[i].opt, &out);
+        const char *msg = clkvq_last_error(NULL);
+        ck_assert_msg(st == cases[i].status && strstr(msg, cases[i].needle) &&
+                          !memcmp(&out, &sentinel, sizeof out) && mean[0] == 123.0f,
+                      "%s: %s: %s", cases[i].what, clkvq_status_string(st), msg);
+        if (cases[i].nan_at >= 0)
+            k[(size_t)cases[i].nan_at * LD] = 0.0f;
+    }
+    ck_assert_int_eq(clkvq_calibrate_layer(NULL, NULL, LH, LT, LD, k, v, &cases[0].opt, &out),
+                     CLKVQ_ERR_INVALID_ARG);
+    /* a NaN in a sink is never fitted on */
+    k[3] = NAN;
+    clkvq_calib_options opt = {.fit = CLKVQ_FIT_MEAN_K | CLKVQ_FIT_CLIP, .mean_k = mean};
+    clkvq_status st = clkvq_calibrate_layer(NULL, &in, LH, LT, LD, k, v, &opt, &out);
+    ck_assert_msg(st == CLKVQ_OK && isfinite(mean[3]), "%s", clkvq_last_error(NULL));
+    free(k);
+    free(v);
+}
+END_TEST
+
 static Suite *calibrate_suite(void)
 {
     Suite *suite = suite_create("calibrate");
@@ -574,6 +832,13 @@ static Suite *calibrate_suite(void)
     tcase_add_test(clip, clip_with_calibrated_perm_on_synth_keys);
     tcase_add_test(clip, clip_bad_args);
     suite_add_tcase(suite, clip);
+
+    TCase *layer = tcase_create("layer");
+    tcase_set_timeout(layer, 600);
+    tcase_add_test(layer, layer_means_exact_clips_on_rotated_centered_rows);
+    tcase_add_test(layer, layer_channel_keys_and_perms);
+    tcase_add_test(layer, layer_bad_args);
+    suite_add_tcase(suite, layer);
 
     TCase *synth = tcase_create("synth");
     tcase_set_timeout(synth, 600);

@@ -179,6 +179,26 @@ static void fill_perm(int32_t *perm, int heads, int dim, int shift)
             perm[h * dim + c] = (c * 5 + shift + h) % dim; /* 5 is coprime to dim = 32 */
 }
 
+/* Means that test the float text: negative zero, tiny, values with no
+ * short decimal form (fp16's limits: created_config_round_trips). */
+static void fill_mean(float *mean, int heads, int dim, int shift)
+{
+    static const float special[] = {-0.0f, 1e-7f, 1e-30f, -2.5f, 0.1f, 1.0f / 3.0f};
+    for (int i = 0; i < heads * dim; i++)
+        mean[i] = i < 6 ? special[(i + shift) % 6] : (float)(i * 0.037 - 0.51) * (float)shift;
+}
+
+static void append_mean_row(char *buf, size_t cap, const float *row, int dim)
+{
+    strncat(buf, "    - [", cap - strlen(buf) - 1);
+    for (int c = 0; c < dim; c++) {
+        char num[32];
+        snprintf(num, sizeof num, c ? ", %.9g" : "%.9g", (double)row[c]);
+        strncat(buf, num, cap - strlen(buf) - 1);
+    }
+    strncat(buf, "]\n", cap - strlen(buf) - 1);
+}
+
 static void append_row(char *buf, size_t cap, const int32_t *row, int dim)
 {
     strncat(buf, "    - [", cap - strlen(buf) - 1);
@@ -190,24 +210,35 @@ static void append_row(char *buf, size_t cap, const int32_t *row, int dim)
     strncat(buf, "]\n", cap - strlen(buf) - 1);
 }
 
-/* A config with every field set somewhere: skvq with 2-head perms, fp8
- * params, int zero and 1.5-bit values; kivi; a per-head layer; a model
- * name that needs quoting; CRLF line ends. */
-static char *full_yaml(int32_t *perm_k, int32_t *perm_v)
+/* A config with every field set somewhere: skvq with 2-head perms and
+ * means, per-channel keys, rotation, fp8 params, int zero and 1.5-bit
+ * values; kivi; a per-head layer; a top-level rot_seed (a base: layers
+ * without their own get base + index); a model name that needs quoting;
+ * CRLF line ends. */
+static char *full_yaml(int32_t *perm_k, int32_t *perm_v, float *mean_k, float *mean_v)
 {
-    size_t cap = 16384;
+    size_t cap = 32768;
     char *y = calloc(cap, 1);
     fill_perm(perm_k, RT_HEADS, RT_DIM, 3);
     fill_perm(perm_v, RT_HEADS, RT_DIM, 7);
-    strcat(y, "model: \"llama: \\\"x\\\" #1\"\r\n"
+    fill_mean(mean_k, RT_HEADS, RT_DIM, 1);
+    fill_mean(mean_v, RT_HEADS, RT_DIM, 4);
+    strcat(y, "model: \"llama: \\\"x\\\" #1\"\r\nrot_seed: 7\r\n"
               "0:\r\n  nbits_key: 8\r\n  nbits_value: 1.5\r\n  scheme: skvq\r\n"
               "  group_size: 32\r\n  clip_k: 0.92\r\n  clip_v: 0.875\r\n  window: 16\r\n"
-              "  n_sink: 3\r\n  param_type: fp8\r\n  zero_mode: int\r\n  perm_k:\r\n");
+              "  n_sink: 3\r\n  param_type: fp8\r\n  zero_mode: int\r\n  key_axis: channel\r\n"
+              "  rot: true\r\n  rot_seed: 4000000000\r\n  perm_k:\r\n");
     for (int h = 0; h < RT_HEADS; h++)
         append_row(y, cap, perm_k + h * RT_DIM, RT_DIM);
     strcat(y, "  perm_v:\n");
     for (int h = 0; h < RT_HEADS; h++)
         append_row(y, cap, perm_v + h * RT_DIM, RT_DIM);
+    strcat(y, "  mean_k:\n");
+    for (int h = 0; h < RT_HEADS; h++)
+        append_mean_row(y, cap, mean_k + h * RT_DIM, RT_DIM);
+    strcat(y, "  mean_v:\n");
+    for (int h = 0; h < RT_HEADS; h++)
+        append_mean_row(y, cap, mean_v + h * RT_DIM, RT_DIM);
     strcat(y, "1: {nbits_key: 2, nbits_value: 3, scheme: kivi, residual: 64, clip_k: 0.3}\r\n"
               "2:\r\n  0: {nbits_key: 4, nbits_value: 1.5}\r\n"
               "  1: {nbits_key: 2, nbits_value: 1.5}\r\n  zero_mode: int\r\n");
@@ -215,6 +246,14 @@ static char *full_yaml(int32_t *perm_k, int32_t *perm_v)
 }
 
 static int same_perm(const int32_t *a, const int32_t *b, size_t n)
+{
+    if (!a || !b)
+        return a == b;
+    return !memcmp(a, b, n * sizeof *a);
+}
+
+/* Bit for bit (a -0 mean must come back as -0). */
+static int same_mean(const float *a, const float *b, size_t n)
 {
     if (!a || !b)
         return a == b;
@@ -240,7 +279,10 @@ static int configs_equal(const clkvq_precision_config *a, const clkvq_precision_
                    x.clip_k == y.clip_k && x.clip_v == y.clip_v && x.param_type == y.param_type &&
                    x.zero_mode == y.zero_mode && x.window == y.window && x.n_sink == y.n_sink &&
                    x.residual == y.residual && same_perm(x.perm_k, y.perm_k, perm_len) &&
-                   same_perm(x.perm_v, y.perm_v, perm_len) &&
+                   same_perm(x.perm_v, y.perm_v, perm_len) && x.key_axis == y.key_axis &&
+                   x.rotate == y.rotate && x.rot_seed == y.rot_seed &&
+                   same_mean(x.mean_k, y.mean_k, perm_len) &&
+                   same_mean(x.mean_v, y.mean_v, perm_len) &&
                    clkvq_config_n_heads(a, l) == clkvq_config_n_heads(b, l);
         for (int h = 0; same && h < clkvq_config_n_heads(a, l); h++) {
             clkvq_format ak, av, bk, bv;
@@ -295,7 +337,8 @@ static void check_round_trip(const clkvq_precision_config *c, size_t perm_len, c
 START_TEST(every_field_round_trips)
 {
     int32_t perm_k[RT_HEADS * RT_DIM], perm_v[RT_HEADS * RT_DIM];
-    char *y = full_yaml(perm_k, perm_v);
+    float mean_k[RT_HEADS * RT_DIM], mean_v[RT_HEADS * RT_DIM];
+    char *y = full_yaml(perm_k, perm_v, mean_k, mean_v);
     clkvq_precision_config *c = NULL;
     clkvq_status st = clkvq_config_parse(NULL, y, strlen(y), NULL, &c);
     ck_assert_msg(st == CLKVQ_OK, "%s\n%s", clkvq_last_error(NULL), y);
@@ -315,6 +358,12 @@ START_TEST(every_field_round_trips)
             l0.param_type == CLKVQ_PARAM_FP8_E4M3 && l0.zero_mode == CLKVQ_ZERO_INT &&
             same_perm(l0.perm_k, perm_k, RT_HEADS * RT_DIM) &&
             same_perm(l0.perm_v, perm_v, RT_HEADS * RT_DIM) &&
+            same_mean(l0.mean_k, mean_k, RT_HEADS * RT_DIM) &&
+            same_mean(l0.mean_v, mean_v, RT_HEADS * RT_DIM) &&
+            l0.key_axis == CLKVQ_AXIS_CHANNEL && l0.rotate == 1 && l0.rot_seed == 4000000000u &&
+            /* the top-level rot_seed 7 is a base: layer l without its own gets 7 + l */
+            l1.rot_seed == 8 && l2.rot_seed == 9 && !l1.rotate && !l1.mean_k &&
+            l1.key_axis == CLKVQ_AXIS_TOKEN &&
             /* kivi brings its own defaults (group 32) where the file is silent */
             l1.scheme == CLKVQ_SCHEME_KIVI && l1.residual == 64 && l1.group_size == 32 &&
             l1.format_k == CLKVQ_FMT_Q2 && l1.format_v == CLKVQ_FMT_Q3 && l1.clip_k == 0.3f &&
@@ -356,34 +405,66 @@ START_TEST(shared_perms_round_trip)
 }
 END_TEST
 
-/* Built in memory (perms of one head, as clkvq_config_create takes them). */
+/* Built in memory (perms and means of one head, as clkvq_config_create
+ * takes them). */
 START_TEST(created_config_round_trips)
 {
     int32_t perm[RT_DIM];
+    float mean[RT_DIM];
     fill_perm(perm, 1, RT_DIM, 11);
+    fill_mean(mean, 1, RT_DIM, 2);
+    mean[7] = 65504.0f; /* fp16's limits are means a cache takes */
+    mean[8] = -65504.0f;
+    mean[9] = FLT_MIN / 4; /* subnormal */
     clkvq_layer_config layers[3] = {clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ),
                                     clkvq_layer_config_default(CLKVQ_SCHEME_FP16),
                                     clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN)};
     layers[0].format_v = CLKVQ_FMT_T15;
     layers[0].clip_k = 0.1f; /* not exact in decimal: the shortest text must still round-trip */
     layers[0].perm_k = perm;
+    layers[0].key_axis = CLKVQ_AXIS_CHANNEL;
+    layers[0].mean_v = mean;
+    layers[1].rotate = 1;
+    layers[1].rot_seed = 0xffffffffu;
     layers[2].format_k = CLKVQ_FMT_Q3;
     layers[2].param_type = CLKVQ_PARAM_FP8_E4M3;
     layers[2].perm_v = perm;
+    layers[2].mean_k = mean;
+    layers[2].rotate = 1;
+    layers[2].rot_seed = 5;
     clkvq_precision_config *c = NULL;
     clkvq_status st = clkvq_config_create(NULL, NULL, 3, layers, 1, RT_DIM, &c);
     ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(NULL));
-    perm[0] = 99; /* the config holds its own copy */
-    clkvq_layer_config l0;
+    perm[0] = 99; /* the config holds its own copies */
+    float mean0 = mean[0];
+    mean[0] = 42.0f;
+    clkvq_layer_config l0, l1, l2;
     clkvq_config_layer(c, 0, &l0);
-    ck_assert_msg(l0.perm_k && l0.perm_k[0] == 11 && !strcmp(clkvq_config_model(c), ""),
-                  "perm not copied");
+    clkvq_config_layer(c, 1, &l1);
+    clkvq_config_layer(c, 2, &l2);
+    ck_assert_msg(l0.perm_k && l0.perm_k[0] == 11 && !strcmp(clkvq_config_model(c), "") &&
+                      l0.mean_v && !memcmp(&l0.mean_v[0], &mean0, sizeof mean0) &&
+                      l0.mean_v != l2.mean_k && l1.rot_seed == 0xffffffffu && l2.rot_seed == 5,
+                  "perm or mean not copied");
     check_round_trip(c, RT_DIM, "created");
     clkvq_config_free(c);
 
     layers[0].perm_k = perm; /* perm[0] = 99: no longer a permutation */
     st = clkvq_config_create(NULL, "m", 3, layers, 1, RT_DIM, &c);
     ck_assert_msg(st == CLKVQ_ERR_INVALID_ARG && strstr(clkvq_last_error(NULL), "perm_k"),
+                  "%s", clkvq_last_error(NULL));
+    perm[0] = 11;
+    mean[3] = NAN; /* a mean the cache would refuse */
+    st = clkvq_config_create(NULL, "m", 3, layers, 1, RT_DIM, &c);
+    ck_assert_msg(st == CLKVQ_ERR_INVALID_ARG &&
+                      strstr(clkvq_last_error(NULL), "layer 0: mean_v head 0 channel 3") &&
+                      strstr(clkvq_last_error(NULL), "not a finite number"),
+                  "%s", clkvq_last_error(NULL));
+    mean[3] = 65505.0f;
+    layers[0].mean_v = NULL;
+    st = clkvq_config_create(NULL, "m", 3, layers, 1, RT_DIM, &c);
+    ck_assert_msg(st == CLKVQ_ERR_INVALID_ARG &&
+                      strstr(clkvq_last_error(NULL), "layer 2: mean_k head 0 channel 3"),
                   "%s", clkvq_last_error(NULL));
 }
 END_TEST
@@ -420,7 +501,7 @@ static const error_case g_errors[] = {
      CLKVQ_ERR_CORRUPT, {"<memory>:6:", "head 1 has 1 channels, head 0 has 2"}},
     {"perms of two shapes",
      "perm_k: [[1, 0]]\n0:\n  nbits_key: 4\n  nbits_value: 4\n  perm_v: [[2, 1, 0]]\n",
-     CLKVQ_ERR_CORRUPT, {"<memory>:5:", "perm_v", "earlier perms are 1 x 2"}},
+     CLKVQ_ERR_CORRUPT, {"<memory>:5:", "perm_v", "earlier perms/means are 1 x 2"}},
     {"bits of the wrong type", "0:\n  nbits_key: [4]\n  nbits_value: 4\n", CLKVQ_ERR_CORRUPT,
      {"<memory>:2:", "nbits_key", "expected a number of bits, got a sequence"}},
     {"layer not a mapping", "0: 4\n", CLKVQ_ERR_CORRUPT,
@@ -460,6 +541,23 @@ static const error_case g_errors[] = {
      CLKVQ_ERR_CORRUPT, {"<memory>:1:", "residual 40 must be a positive multiple"}},
     {"integer overflow", "0: {nbits_key: 4, nbits_value: 4, window: 99999999999999999999}\n",
      CLKVQ_ERR_CORRUPT, {"<memory>:1:", "window", "not an integer"}},
+    {"mean not a number", "0:\n  nbits_key: 4\n  nbits_value: 4\n  mean_v: [[0.5, x]]\n",
+     CLKVQ_ERR_CORRUPT, {"<memory>:4:", "mean_v head 0 channel 1", "'x' is not a finite number"}},
+    {"mean not finite", "0:\n  nbits_key: 4\n  nbits_value: 4\n  mean_k: [[.nan, 1]]\n",
+     CLKVQ_ERR_CORRUPT, {"<memory>:4:", "mean_k head 0 channel 0", "not a finite number"}},
+    {"mean and perm shapes", "perm_k: [[1, 0]]\n0:\n  nbits_key: 4\n  nbits_value: 4\n"
+     "  mean_v: [[1, 2], [3, 4]]\n", CLKVQ_ERR_CORRUPT,
+     {"<memory>:5:", "mean_v", "2 heads x 2 channels, earlier perms/means are 1 x 2"}},
+    {"mean rows differ", "0:\n  nbits_key: 4\n  nbits_value: 4\n  mean_v:\n    - [0, 1]\n"
+     "    - [0]\n", CLKVQ_ERR_CORRUPT, {"<memory>:6:", "head 1 has 1 channels, head 0 has 2"}},
+    {"rot not a bool", "0: {nbits_key: 4, nbits_value: 4, rot: 2}\n", CLKVQ_ERR_CORRUPT,
+     {"<memory>:1:", "layer 0: rot", "'2' is not true or false"}},
+    {"rot_seed too big", "rot_seed: 4294967296\n0: " OK_LAYER "\n", CLKVQ_ERR_CORRUPT,
+     {"<memory>:1:", "top level: rot_seed", "not an integer in 0..4294967295"}},
+    {"key_axis unknown", "0: {nbits_key: 4, nbits_value: 4, scheme: skvq, key_axis: head}\n",
+     CLKVQ_ERR_CORRUPT, {"<memory>:1:", "key_axis", "'head' is not one of token, channel"}},
+    {"channel keys without skvq", "0: {nbits_key: 4, nbits_value: 4, key_axis: channel}\n",
+     CLKVQ_ERR_CORRUPT, {"<memory>:1:", "layer 0: key_axis channel is an skvq setting"}},
 };
 
 /* Every case: its status, and a message naming the input, line and field. */
@@ -514,7 +612,26 @@ START_TEST(file_and_model_errors)
                       strstr(clkvq_last_error(ctx), "32"),
                   "%s", clkvq_last_error(ctx));
     ck_assert_int_eq(clkvq_config_check_model(ctx, c, 28), CLKVQ_OK);
+    /* a KVTuner file knows none of our transforms: none is on, and each
+     * layer's rot_seed is the default's plus its index */
+    for (int l = 0; l < 28; l++) {
+        clkvq_layer_config lc;
+        clkvq_config_layer(c, l, &lc);
+        ck_assert_msg(!lc.rotate && lc.rot_seed == (uint32_t)l && !lc.mean_k && !lc.mean_v &&
+                          lc.key_axis == CLKVQ_AXIS_TOKEN,
+                      "layer %d: rot %d seed %u", l, lc.rotate, (unsigned)lc.rot_seed);
+    }
     clkvq_config_free(c);
+
+    /* defaults cannot carry means (their shape is the file's) */
+    float mean[4] = {0};
+    clkvq_layer_config d = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    d.mean_v = mean;
+    const char *y = "0: " OK_LAYER "\n";
+    st = clkvq_config_parse(ctx, y, strlen(y), &d, &c);
+    ck_assert_msg(st == CLKVQ_ERR_INVALID_ARG && !c &&
+                      strstr(clkvq_last_error(ctx), "perm_k/perm_v/mean_k/mean_v must be NULL"),
+                  "%s", clkvq_last_error(ctx));
 }
 END_TEST
 
@@ -551,6 +668,16 @@ static int table_candidates(const config_field *f, double *vals)
             vals[n++] = clips[i];
         break;
     }
+    case CONFIG_KIND_BOOL:
+        vals[n++] = 0;
+        vals[n++] = 1;
+        break;
+    case CONFIG_KIND_U32: {
+        const double seeds[] = {0, 1, 2147483648.0, 4294967295.0};
+        for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++)
+            vals[n++] = seeds[i];
+        break;
+    }
     default: break; /* not a scalar layer field: covered by the tests above */
     }
     return n;
@@ -561,6 +688,9 @@ static void table_set(const config_field *f, clkvq_layer_config *c, double v)
     void *dst = config_field_value(f, c, NULL);
     if (f->kind == CONFIG_KIND_CLIP) {
         float x = (float)v;
+        memcpy(dst, &x, sizeof x);
+    } else if (f->kind == CONFIG_KIND_U32) {
+        uint32_t x = (uint32_t)v;
         memcpy(dst, &x, sizeof x);
     } else {
         int x = (int)v;
@@ -647,7 +777,13 @@ static int table_bad_value(const config_field *f, int which, double *v, const ch
     case CONFIG_KIND_ENUM: *says = "is not one of"; break;
     case CONFIG_KIND_INT: *says = which == 2 ? "is not a multiple of" : "is not in"; break;
     case CONFIG_KIND_CLIP: *says = "is not a clip ratio in (0, 1]"; break;
-    default: return 0;
+    case CONFIG_KIND_BOOL:
+        *says = "is not true (1) or false (0)";
+        if (which >= 2)
+            return 0;
+        *v = which ? 2 : -1;
+        return 1;
+    default: return 0; /* U32: every value is a seed */
     }
     double lo = f->kind == CONFIG_KIND_BITS   ? 0
                 : f->kind == CONFIG_KIND_ENUM ? 0
@@ -728,6 +864,9 @@ static const char *table_bad_text(const config_field *f, const char **says)
     case CONFIG_KIND_ENUM: *says = "'nonesuch' is not one of"; return "nonesuch";
     case CONFIG_KIND_PERM: *says = "not a permutation"; return "[[0, 0]]";
     case CONFIG_KIND_TEXT: *says = "expected a string, got a sequence"; return "[x]";
+    case CONFIG_KIND_BOOL: *says = "'maybe' is not true or false"; return "maybe";
+    case CONFIG_KIND_U32: *says = "'-1' is not an integer in 0..4294967295"; return "-1";
+    case CONFIG_KIND_MEAN: *says = "head 1 has 2 channels, head 0 has 1"; return "[[1], [1, 2]]";
     default: return NULL;
     }
 }
@@ -782,7 +921,7 @@ START_TEST(table_fields_yaml_errors)
             if (!(f->scopes & scope))
                 continue;
             /* twice: the second names the first's line */
-            const char *good = f->kind == CONFIG_KIND_PERM ? "[[0]]"
+            const char *good = config_field_is_matrix(f) ? "[[0]]"
                                : f->kind == CONFIG_KIND_BITS ? "4"
                                : NULL;
             char text[64];
@@ -898,7 +1037,8 @@ END_TEST
 START_TEST(own_config_builds_a_cache)
 {
     int32_t perm_k[RT_HEADS * RT_DIM], perm_v[RT_HEADS * RT_DIM];
-    char *y = full_yaml(perm_k, perm_v);
+    float mean_k[RT_HEADS * RT_DIM], mean_v[RT_HEADS * RT_DIM];
+    char *y = full_yaml(perm_k, perm_v, mean_k, mean_v);
     /* layer 2's heads must agree to run: head 1 becomes head 0's K4 V1.5 */
     char *diff = strstr(y, "{nbits_key: 2, nbits_value: 1.5}");
     ck_assert(diff != NULL);
@@ -923,7 +1063,7 @@ START_TEST(own_config_builds_a_cache)
     /* perms of 2 heads x 32 do not fit 4 kv heads or head_dim 64 */
     st = clkvq_cache_create_from_config(ctx, c, 1, 48, 4, 4, RT_DIM, CLKVQ_LAYOUT_TOKEN_MAJOR,
                                         CLKVQ_LAYOUT_TOKEN_MAJOR, &cache);
-    ck_assert_msg(st == CLKVQ_ERR_INVALID_ARG && strstr(clkvq_last_error(ctx), "perms are 2 heads"),
+    ck_assert_msg(st == CLKVQ_ERR_INVALID_ARG && strstr(clkvq_last_error(ctx), "perms/means are 2 heads"),
                   "%s", clkvq_last_error(ctx));
     clkvq_config_free(c);
 }

@@ -2,12 +2,15 @@
  * clkvq-eval report. fp16 must measure only fp16 rounding, more bits must
  * mean less error, a window covering every token must look like fp16, the
  * storage count must match a hand computation, and bad arguments must be
- * refused with a message. */
+ * refused with a message. And the clkvq-eval program: fits made on
+ * another dump (--fit) are out of sample, rotated rows run. */
 #include "test_util.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define KV_HEADS 2
 #define Q_HEADS 4
@@ -183,6 +186,22 @@ START_TEST(bits_match_hand_count)
     double kv_k = (8.0 * 128 * 8 * 12 + 44.0 * 16 * HEAD_DIM) / elems;
     double kv_v = (172.0 * 4 * 8 * 12 + 128.0 * 16 * HEAD_DIM) / elems;
 
+    /* bits_long: the packed size alone (no sinks, window or residual):
+     * skvq K q4 g128 fp16 params 4.25, V t1.5 26 bytes + 4 per 128 = 1.875;
+     * kivi K per channel 32 tokens (8 code + 4 param bytes) 3, V 3 */
+    ck_assert_msg(r_t4.bits_long == 5.0 && r_t4f8.bits_long == 4.125 &&
+                      r_sk.bits_long == 0.5 * (4.25 + 1.875) && r_kv.bits_long == 3.0,
+                  "bits_long: token q4 %.6g, g128 fp8 %.6g, skvq %.6g, kivi %.6g",
+                  r_t4.bits_long, r_t4f8.bits_long, r_sk.bits_long, r_kv.bits_long);
+    /* the sums behind the ratios */
+    const clkvq_eval_result *all[4] = {&r_t4, &r_t4f8, &r_sk, &r_kv};
+    for (int i = 0; i < 4; i++)
+        ck_assert_msg(all[i]->ref_sq > 0 && all[i]->k_ref_sq > 0 && all[i]->v_ref_sq > 0 &&
+                          all[i]->rel_err == sqrt(all[i]->err_sq / all[i]->ref_sq) &&
+                          all[i]->k_rel_err == sqrt(all[i]->k_err_sq / all[i]->k_ref_sq) &&
+                          all[i]->v_rel_err == sqrt(all[i]->v_err_sq / all[i]->v_ref_sq),
+                      "row %d: sums %.6g/%.6g do not give rel_err %.6g", i, all[i]->err_sq,
+                      all[i]->ref_sq, all[i]->rel_err);
     ck_assert_msg(r_t4.bits_per_element == 5.0 && r_t4f8.bits_per_element == 4.125 &&
                       fabs(r_sk.bits_per_element - 0.5 * (sk_k + sk_v)) < 1e-12 &&
                       fabs(r_kv.bits_per_element - 0.5 * (kv_k + kv_v)) < 1e-12,
@@ -255,6 +274,192 @@ START_TEST(bad_arguments)
 }
 END_TEST
 
+
+/* ------------------------------------------------------------ clkvq-eval */
+
+#define TL 2   /* layers */
+#define TH 2   /* kv heads = q heads */
+#define TD 32  /* head_dim: skvq's default group becomes 32 */
+#define TT 200 /* tokens */
+
+/* A dump whose values carry a per-channel offset `sign` * 6 sin(c) and
+ * heavy tails scaled by `tail`: centering and clips fitted on one sign
+ * and tail are wrong for the other. Queries copy (scaled) the key of a
+ * recent token, so attention is peaked. */
+static void tool_dump(const char *path, double sign, float tail, uint64_t seed)
+{
+    size_t n = (size_t)TH * TT * TD;
+    float *q[TL], *k[TL], *v[TL];
+    uint64_t s = seed;
+    for (int l = 0; l < TL; l++) {
+        q[l] = malloc(sizeof(float) * n);
+        k[l] = malloc(sizeof(float) * n);
+        v[l] = malloc(sizeof(float) * n);
+        for (size_t i = 0; i < n; i++) {
+            int c = (int)(i % TD);
+            double z = test_normal(&s);
+            k[l][i] = (float)(test_normal(&s) + 2.0 * sign * cos(c));
+            v[l][i] = (float)(6.0 * sign * sin(c + l) + z * (fabs(z) > 2.0 ? tail : 1.0f));
+        }
+        for (int h = 0; h < TH; h++)
+            for (int t = 0; t < TT; t++) {
+                int j = t - (int)(test_uniform(&s) * 4.0);
+                j = j < 0 ? 0 : j;
+                for (int c = 0; c < TD; c++)
+                    q[l][((size_t)h * TT + t) * TD + c] =
+                        0.8f * k[l][((size_t)h * TT + j) * TD + c] + (float)test_normal(&s) * 0.1f;
+            }
+    }
+    clkvq_dump_info info;
+    memset(&info, 0, sizeof info);
+    info.n_layers = TL;
+    info.n_q_heads = info.n_kv_heads = TH;
+    info.n_tokens = TT;
+    info.head_dim = TD;
+    clkvq_status st = clkvq_dump_write(test_ctx(), path, &info, (const float *const *)q,
+                                       (const float *const *)k, (const float *const *)v, 0);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(test_ctx()));
+    for (int l = 0; l < TL; l++) {
+        free(q[l]);
+        free(k[l]);
+        free(v[l]);
+    }
+}
+
+/* clkvq-eval's JSON for the given arguments (malloc'd), its exit status in *rc. */
+static char *run_tool(const char *args, int *rc)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "'%s' --json --queries 24 %s 2>/dev/null", CLKVQ_EVAL_BIN, args);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    size_t cap = 1 << 16, len = 0;
+    char *out = calloc(cap, 1);
+    while (len + 1 < cap && fgets(out + len, (int)(cap - len), p))
+        len += strlen(out + len);
+    *rc = pclose(p);
+    return out;
+}
+
+/* A number of the result row of `scheme` ("rel_err", "bits_long", ...). */
+static double row_number(const char *json, const char *scheme, const char *key)
+{
+    char needle[256];
+    snprintf(needle, sizeof needle, "{\"scheme\": \"%s\"", scheme);
+    const char *row = strstr(json, needle);
+    ck_assert_msg(row != NULL, "no row %s in\n%s", scheme, json);
+    snprintf(needle, sizeof needle, "\"%s\": ", key);
+    const char *at = strstr(row, needle);
+    ck_assert_msg(at != NULL, "row %s has no %s", scheme, key);
+    return atof(at + strlen(needle));
+}
+
+static const char *row_text(const char *json, const char *scheme, const char *key, char *buf,
+                            size_t size)
+{
+    char needle[256];
+    snprintf(needle, sizeof needle, "{\"scheme\": \"%s\"", scheme);
+    const char *row = strstr(json, needle);
+    ck_assert_ptr_nonnull(row);
+    snprintf(needle, sizeof needle, "\"%s\": ", key);
+    const char *at = strstr(row, needle);
+    ck_assert_ptr_nonnull(at);
+    at += strlen(needle);
+    size_t n = strcspn(at, ",}");
+    snprintf(buf, size, "%.*s", (int)(n < size - 1 ? n : size - 1), at);
+    return buf;
+}
+
+/*
+ * Fitted on dump A itself (in-sample), fitted on B (--fit B: out of
+ * sample) and fitted on A through --fit A. B's offsets have the other sign
+ * and its tails are heavier, so its means and clips are wrong for A: the
+ * out-of-sample row must be worse, --fit A must give the in-sample numbers
+ * exactly, and the JSON must say which is which. Rows with rotation (the
+ * issue's spec strings among them) run and report bits_long.
+ */
+START_TEST(tool_fit_is_out_of_sample)
+{
+    char a[64], b[64];
+    snprintf(a, sizeof a, "/tmp/clkvq-eval-a-XXXXXX");
+    snprintf(b, sizeof b, "/tmp/clkvq-eval-b-XXXXXX");
+    int fa = mkstemp(a), fb = mkstemp(b);
+    ck_assert(fa >= 0 && fb >= 0);
+    close(fa);
+    close(fb);
+    tool_dump(a, 1.0, 1.0f, 1);
+    tool_dump(b, -1.0, 6.0f, 2);
+    const char *fitted = "token:k2v2:g32:center:calib";
+    const char *rows = "--scheme fp16 --scheme token:k2v2:g32:center:calib "
+                       "--scheme skvq:k2v2:g32:w128:s5:rot:calib "
+                       "--scheme skvq:k2v1.5:g32:w128:s5:rot:calib "
+                       "--scheme skvq:k3v2:g32:w128:s5:fp8:rot:calib "
+                       "--scheme skvq:k3v2:w64:s5:kc:fp8:rot7:center:calib";
+    char args[1024];
+    int rc_in, rc_out, rc_self;
+    snprintf(args, sizeof args, "--calib %s %s", a, rows);
+    char *in = run_tool(args, &rc_in);
+    snprintf(args, sizeof args, "--calib %s --fit %s %s", a, b, rows);
+    char *out = run_tool(args, &rc_out);
+    snprintf(args, sizeof args, "--calib %s --fit %s %s", a, a, rows);
+    char *self = run_tool(args, &rc_self);
+    ck_assert_msg(rc_in == 0 && rc_out == 0 && rc_self == 0, "exit %d %d %d\n%s\n%s", rc_in,
+                  rc_out, rc_self, in, out);
+
+    double e_in = row_number(in, fitted, "rel_err"), e_out = row_number(out, fitted, "rel_err"),
+           e_self = row_number(self, fitted, "rel_err");
+    ck_assert_msg(e_out > 1.2 * e_in && e_self == e_in,
+                  "in-sample %.6g, fitted on the other dump %.6g, --fit on itself %.6g", e_in,
+                  e_out, e_self);
+    char buf[64];
+    ck_assert_str_eq(row_text(in, fitted, "fitted", buf, sizeof buf), "\"in-sample\"");
+    ck_assert_str_eq(row_text(in, fitted, "in_sample", buf, sizeof buf), "true");
+    ck_assert_str_eq(row_text(out, fitted, "fitted", buf, sizeof buf), "\"out-of-sample\"");
+    ck_assert_str_eq(row_text(out, fitted, "in_sample", buf, sizeof buf), "false");
+    ck_assert_str_eq(row_text(out, "fp16", "fitted", buf, sizeof buf), "\"-\"");
+    /* nothing fitted: the same number either way */
+    ck_assert_double_eq(row_number(in, "fp16", "rel_err"), row_number(out, "fp16", "rel_err"));
+
+    /* the rotated rows ran, with the storage they should have */
+    const char *named[] = {"skvq:k2v2:g32:w128:s5:rot:calib", "skvq:k2v1.5:g32:w128:s5:rot:calib",
+                           "skvq:k3v2:g32:w128:s5:fp8:rot:calib",
+                           "skvq:k3v2:w64:s5:kc:fp8:rot7:center:calib"};
+    const double bits_long[] = {3.0, 0.5 * (3.0 + 2.75), 3.0, 3.0};
+    for (int i = 0; i < 4; i++) {
+        double e = row_number(out, named[i], "rel_err"), bl = row_number(out, named[i], "bits_long");
+        ck_assert_msg(e > 1e-4 && e < 1.0 && bl == bits_long[i], "%s: rel_err %.6g bits_long %.6g",
+                      named[i], e, bl);
+    }
+
+    /* every example spec of --help runs on this head_dim-32 dump (skvq's
+     * default group follows the head) */
+    char cmd[512], word[256], examples[1024] = "";
+    snprintf(cmd, sizeof cmd, "'%s' --help", CLKVQ_EVAL_BIN);
+    FILE *help = popen(cmd, "r");
+    ck_assert_ptr_nonnull(help);
+    int n_examples = 0;
+    while (fscanf(help, "%255s", word) == 1)
+        if ((!strcmp(word, "fp16") || !strncmp(word, "token:", 6) || !strncmp(word, "kivi:", 5) ||
+             (!strncmp(word, "skvq:", 5) && word[5])) &&
+            !strstr(examples, word)) {
+            size_t len = strlen(examples);
+            snprintf(examples + len, sizeof examples - len, " --scheme %s", word);
+            n_examples++;
+        }
+    ck_assert_int_eq(pclose(help), 0);
+    snprintf(args, sizeof args, "--calib %s%s", a, examples);
+    char *ex = run_tool(args, &rc_in);
+    ck_assert_msg(rc_in == 0 && n_examples >= 8, "%d examples:%s\nexit %d", n_examples, examples,
+                  rc_in);
+    free(ex);
+    free(in);
+    free(out);
+    free(self);
+    unlink(a);
+    unlink(b);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("eval");
@@ -266,6 +471,7 @@ int main(void)
     tcase_add_test(tc, bits_match_hand_count);
     tcase_add_test(tc, all_positions_as_queries);
     tcase_add_test(tc, bad_arguments);
+    tcase_add_test(tc, tool_fit_is_out_of_sample);
     suite_add_tcase(s, tc);
     return test_run_suite(s);
 }

@@ -234,7 +234,7 @@ START_TEST(config_geometry_errors_in_files)
         {"n_q_heads: 4\nn_kv_heads: 4\nhead_dim: 96\ngroup_size: 64\n0: " LAYER(4, 4) "\n",
          {"<memory>:1:", "layer 0: group_size 64 does not divide the model's head_dim 96", NULL}},
         {"n_q_heads: 2\nn_kv_heads: 2\nhead_dim: 2\nperm_k: [[1, 0]]\n0: " LAYER(4, 4) "\n",
-         {"<memory>:1:", "perms are 1 heads x 2 channels", NULL}},
+         {"<memory>:1:", "perms and means are 1 heads x 2 channels", NULL}},
         {"n_q_heads: 0\nn_kv_heads: 2\nhead_dim: 64\n0: " LAYER(4, 4) "\n",
          {"<memory>:1:", "n_q_heads", "'0' is not an integer in 1..1024"}},
     };

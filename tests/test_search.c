@@ -1,5 +1,7 @@
 /* The layer precision search: planted sensitive layers get more bits, the
- * front is monotone, and the config it writes loads and runs. */
+ * front is monotone, the config it writes loads and runs, and it minimizes
+ * exactly the pooled error clkvq-eval reports (no configuration within the
+ * budget does better; the written config measures what it predicted). */
 #include "test_util.h"
 
 #include <math.h>
@@ -87,8 +89,9 @@ START_TEST(sensitive_layers_get_more_bits)
     clkvq_kv_dump *dump = NULL;
     ck_assert_int_eq(clkvq_dump_open(ctx, path, &dump), CLKVQ_OK);
     clkvq_layer_config defaults = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
-    clkvq_search_options opt = {&defaults, g_pairs, (int)(sizeof g_pairs / sizeof g_pairs[0]),
-                                8, 0, 0, NULL, NULL};
+    clkvq_search_options opt = {.defaults = &defaults, .pairs = g_pairs,
+                                .n_pairs = (int)(sizeof g_pairs / sizeof g_pairs[0]),
+                                .n_queries = 8};
     clkvq_search_result *res = NULL;
     clkvq_status st = clkvq_precision_search(ctx, dump, &opt, &res);
     ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
@@ -154,13 +157,219 @@ START_TEST(sensitive_layers_get_more_bits)
 }
 END_TEST
 
+
+/* ------------------------------------------------------------ optimality */
+
+/* What clkvq-eval measures for layer l under pair p, computed here on its
+ * own: the layer's config (rotation seed + l), fitted per (layer, pair)
+ * with clkvq_calibrate_layer, evaluated with clkvq_eval_layer. */
+typedef struct {
+    double err_sq[LAYERS][8], ref_sq[LAYERS], bits_long[8];
+} layer_table;
+
+static void measure_all(const clkvq_layer_config *defaults, unsigned fit,
+                        const clkvq_bit_pair *pairs, int n_pairs, const clkvq_kv_dump *dump,
+                        int queries, layer_table *t)
+{
+    clkvq_context *ctx = test_ctx();
+    size_t qn = (size_t)Q_HEADS * TOKENS * DIM, kvn = (size_t)KV_HEADS * TOKENS * DIM;
+    float *q = malloc(qn * sizeof(float)), *k = malloc(kvn * sizeof(float)),
+          *v = malloc(kvn * sizeof(float));
+    float means[2][KV_HEADS * DIM];
+    int32_t perms[2][KV_HEADS * DIM];
+    for (int l = 0; l < LAYERS; l++) {
+        ck_assert_int_eq(clkvq_dump_read(dump, l, 'q', q), CLKVQ_OK);
+        ck_assert_int_eq(clkvq_dump_read(dump, l, 'k', k), CLKVQ_OK);
+        ck_assert_int_eq(clkvq_dump_read(dump, l, 'v', v), CLKVQ_OK);
+        for (int p = 0; p < n_pairs; p++) {
+            clkvq_layer_config lc = *defaults;
+            lc.format_k = pairs[p].format_k;
+            lc.format_v = pairs[p].format_v;
+            lc.rot_seed = defaults->rot_seed + (uint32_t)l;
+            clkvq_calib_options opt = {.fit = fit, .mean_k = means[0], .mean_v = means[1],
+                                       .perm_k = perms[0], .perm_v = perms[1]};
+            if (fit)
+                ck_assert_msg(clkvq_calibrate_layer(ctx, &lc, KV_HEADS, TOKENS, DIM, k, v, &opt,
+                                                    &lc) == CLKVQ_OK,
+                              "%s", clkvq_last_error(ctx));
+            clkvq_eval_result r;
+            clkvq_status st = clkvq_eval_layer(ctx, &lc, Q_HEADS, KV_HEADS, TOKENS, DIM, q, k, v,
+                                               queries, &r);
+            ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
+            t->err_sq[l][p] = r.err_sq;
+            t->ref_sq[l] = r.ref_sq;
+            t->bits_long[p] = r.bits_long;
+        }
+    }
+    free(q);
+    free(k);
+    free(v);
+}
+
+/* The pooled error clkvq-eval reports for a choice of pairs. */
+static double pooled(const layer_table *t, const int *choice)
+{
+    double num = 0.0, den = 0.0;
+    for (int l = 0; l < LAYERS; l++) {
+        num += t->err_sq[l][choice[l]];
+        den += t->ref_sq[l];
+    }
+    return sqrt(num / den);
+}
+
+/*
+ * The search minimizes exactly what clkvq-eval reports: its front point's
+ * error is the pooled error of its choice, measured independently here; no
+ * configuration within the budget scores lower (all 6^6 are tried); and
+ * the config it writes, loaded back and evaluated layer by layer as
+ * clkvq-eval does, gives the error it predicted. Twice: the token scheme
+ * under KVTuner's bits, and skvq with per-channel keys, rotation, centered
+ * values and fitted clips under bits_long.
+ */
+static void check_search_is_optimal(const clkvq_layer_config *defaults, unsigned fit,
+                                    clkvq_search_weight weight, const clkvq_bit_pair *pairs,
+                                    int n_pairs, double budget)
+{
+    clkvq_context *ctx = test_ctx();
+    char *path = write_dump();
+    clkvq_kv_dump *dump = NULL;
+    ck_assert_int_eq(clkvq_dump_open(ctx, path, &dump), CLKVQ_OK);
+    const int queries = 8;
+    clkvq_search_options opt = {.defaults = defaults, .pairs = pairs, .n_pairs = n_pairs,
+                                .n_queries = queries, .calibrate = fit != 0, .fit = fit,
+                                .weight = weight};
+    clkvq_search_result *res = NULL;
+    clkvq_status st = clkvq_precision_search(ctx, dump, &opt, &res);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
+    int best = clkvq_search_front_index(res, budget);
+    ck_assert_int_ge(best, 0);
+    clkvq_front_point pt;
+    ck_assert_int_eq(clkvq_search_front_point(res, best, &pt), CLKVQ_OK);
+
+    layer_table t;
+    measure_all(defaults, fit, pairs, n_pairs, dump, queries, &t);
+    double mine = pooled(&t, pt.choice);
+    ck_assert_msg(fabs(pt.total_error - mine) <= 1e-9 * mine,
+                  "search says %.12g, the same choice measures %.12g", pt.total_error, mine);
+
+    /* every configuration within the budget */
+    int choice[LAYERS] = {0}, tried = 0, within = 0;
+    double lowest = INFINITY;
+    for (;;) {
+        double bits = 0.0;
+        for (int l = 0; l < LAYERS; l++)
+            bits += (weight == CLKVQ_SEARCH_WEIGHT_BITS_LONG
+                         ? t.bits_long[choice[l]]
+                         : (bits_of(pairs[choice[l]].format_k) +
+                            bits_of(pairs[choice[l]].format_v)) / 2) / LAYERS;
+        tried++;
+        if (bits <= budget + 1e-9) {
+            within++;
+            double e = pooled(&t, choice);
+            lowest = e < lowest ? e : lowest;
+        }
+        int l = 0;
+        while (l < LAYERS && ++choice[l] == n_pairs)
+            choice[l++] = 0;
+        if (l == LAYERS)
+            break;
+    }
+    ck_assert_msg(within > 1 && lowest >= mine * (1 - 1e-12),
+                  "%d of %d configs within %.3g bits; the best scores %.9g, the search's %.9g",
+                  within, tried, budget, lowest, mine);
+
+    /* the config it writes: what clkvq-eval --config measures */
+    clkvq_precision_config *cfg = NULL, *back = NULL;
+    ck_assert_int_eq(clkvq_search_config(ctx, res, budget, &cfg), CLKVQ_OK);
+    char yaml[80];
+    snprintf(yaml, sizeof yaml, "%s.yaml", path);
+    ck_assert_int_eq(clkvq_config_save(ctx, cfg, yaml), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_config_load(ctx, yaml, NULL, &back), CLKVQ_OK);
+    size_t qn = (size_t)Q_HEADS * TOKENS * DIM, kvn = (size_t)KV_HEADS * TOKENS * DIM;
+    float *q = malloc(qn * sizeof(float)), *k = malloc(kvn * sizeof(float)),
+          *v = malloc(kvn * sizeof(float));
+    double num = 0.0, den = 0.0;
+    for (int l = 0; l < LAYERS; l++) {
+        clkvq_layer_config lc;
+        clkvq_config_layer(back, l, &lc);
+        ck_assert_msg(lc.rot_seed == defaults->rot_seed + (uint32_t)l &&
+                          lc.rotate == defaults->rotate && lc.key_axis == defaults->key_axis &&
+                          (!(fit & CLKVQ_FIT_MEAN_V) || lc.mean_v),
+                      "layer %d: seed %u rot %d axis %d", l, (unsigned)lc.rot_seed, lc.rotate,
+                      (int)lc.key_axis);
+        ck_assert_int_eq(clkvq_dump_read(dump, l, 'q', q), CLKVQ_OK);
+        ck_assert_int_eq(clkvq_dump_read(dump, l, 'k', k), CLKVQ_OK);
+        ck_assert_int_eq(clkvq_dump_read(dump, l, 'v', v), CLKVQ_OK);
+        clkvq_eval_result r;
+        st = clkvq_eval_layer(ctx, &lc, Q_HEADS, KV_HEADS, TOKENS, DIM, q, k, v, queries, &r);
+        ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
+        num += r.err_sq;
+        den += r.ref_sq;
+    }
+    double measured = sqrt(num / den);
+    ck_assert_msg(fabs(measured - pt.total_error) <= 1e-6 * measured,
+                  "the written config measures %.9g, the search predicted %.9g", measured,
+                  pt.total_error);
+    free(q);
+    free(k);
+    free(v);
+    clkvq_config_free(back);
+    clkvq_config_free(cfg);
+    clkvq_search_free(res);
+    clkvq_dump_close(dump);
+    unlink(yaml);
+    unlink(path);
+}
+
+START_TEST(search_minimizes_the_pooled_error_kvtuner_bits)
+{
+    clkvq_layer_config d = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
+    check_search_is_optimal(&d, 0, CLKVQ_SEARCH_WEIGHT_KVTUNER, g_pairs,
+                            (int)(sizeof g_pairs / sizeof g_pairs[0]), 3.25);
+}
+END_TEST
+
+START_TEST(search_minimizes_the_pooled_error_bits_long_kc_rot)
+{
+    static const clkvq_bit_pair pairs[] = {
+        {CLKVQ_FMT_Q4, CLKVQ_FMT_Q4}, {CLKVQ_FMT_Q4, CLKVQ_FMT_Q3}, {CLKVQ_FMT_Q3, CLKVQ_FMT_Q2},
+        {CLKVQ_FMT_Q2, CLKVQ_FMT_Q3}, {CLKVQ_FMT_Q2, CLKVQ_FMT_Q2}, {CLKVQ_FMT_Q2, CLKVQ_FMT_T15},
+    };
+    clkvq_layer_config d = clkvq_layer_config_default(CLKVQ_SCHEME_SKVQ);
+    d.group_size = 32;
+    d.window = 64;
+    d.key_axis = CLKVQ_AXIS_CHANNEL;
+    d.param_type = CLKVQ_PARAM_FP8_E4M3;
+    d.rotate = 1;
+    d.rot_seed = 11;
+    check_search_is_optimal(&d, CLKVQ_FIT_CLIP | CLKVQ_FIT_MEAN_V, CLKVQ_SEARCH_WEIGHT_BITS_LONG,
+                            pairs, (int)(sizeof pairs / sizeof pairs[0]), 3.0);
+}
+END_TEST
+
 START_TEST(search_bad_arguments)
 {
     clkvq_context *ctx = test_ctx();
     clkvq_search_result *res = NULL;
-    clkvq_search_options opt = {NULL, g_pairs, 0, 8, 0, 0, NULL, NULL};
+    clkvq_search_options opt = {.pairs = g_pairs, .n_queries = 8};
     ck_assert_int_eq(clkvq_precision_search(ctx, NULL, &opt, &res), CLKVQ_ERR_INVALID_ARG);
     ck_assert_ptr_null(res);
+    char *path = write_dump();
+    clkvq_kv_dump *dump = NULL;
+    ck_assert_int_eq(clkvq_dump_open(ctx, path, &dump), CLKVQ_OK);
+    opt.n_pairs = 1;
+    opt.weight = (clkvq_search_weight)7;
+    ck_assert_int_eq(clkvq_precision_search(ctx, dump, &opt, &res), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_msg(strstr(clkvq_last_error(ctx), "weight 7"), "%s", clkvq_last_error(ctx));
+    opt.weight = CLKVQ_SEARCH_WEIGHT_KVTUNER;
+    opt.fit = 1u << 12;
+    opt.calibrate = 1;
+    ck_assert_int_eq(clkvq_precision_search(ctx, dump, &opt, &res), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_msg(strstr(clkvq_last_error(ctx), "unknown flags"), "%s", clkvq_last_error(ctx));
+    ck_assert_ptr_null(res);
+    ck_assert_int_eq(clkvq_search_front_index(NULL, 3.0), -1);
+    clkvq_dump_close(dump);
+    unlink(path);
     ck_assert_int_eq(clkvq_search_front_size(NULL), 0);
     ck_assert_double_eq(clkvq_search_layer_error(NULL, 0, 0), -1.0);
 }
@@ -173,6 +382,8 @@ int main(void)
     tcase_set_timeout(tc, 900);
     tcase_add_test(tc, search_bad_arguments);
     tcase_add_test(tc, sensitive_layers_get_more_bits);
+    tcase_add_test(tc, search_minimizes_the_pooled_error_kvtuner_bits);
+    tcase_add_test(tc, search_minimizes_the_pooled_error_bits_long_kc_rot);
     suite_add_tcase(s, tc);
     return test_run_suite(s);
 }

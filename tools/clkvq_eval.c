@@ -4,15 +4,19 @@
  * kernels (clkvq_eval_layer), one row per scheme.
  *
  *   clkvq-eval --calib FILE --scheme SPEC [--scheme SPEC ...] [--config FILE]
- *              [--queries M] [--per-layer] [--json] [--device D]
+ *              [--fit FILE] [--queries M] [--per-layer] [--json] [--device D]
  *
  * Aggregates over layers: errors as sqrt(sum num / sum den) (every layer's
- * squared error over every layer's squared reference, so a layer counts by
- * its share of the signal, not by its ratio), cosine and bits as means
- * (every layer has the same number of elements and (head, query) pairs).
- * clkvq_eval_result carries ratios only, so the per-layer denominators
- * (|o_ref|^2 over the evaluated queries, |K|^2, |V|^2) are computed here
- * once per layer, with the same fp64 attention the library uses.
+ * squared error over every layer's squared reference, from the sums
+ * clkvq_eval_result carries, so a layer counts by its share of the signal,
+ * not by its ratio), cosine and bits as means (every layer has the same
+ * number of elements and (head, query) pairs). The layer precision search
+ * minimizes exactly this pooled error.
+ *
+ * Rows that fit something (calib, perm, center) fit it per layer with
+ * clkvq_calibrate_layer: on the evaluated dump itself (in-sample, an
+ * optimistic number) or, with --fit FILE, on another dump of the same
+ * model (out of sample).
  *
  * Public API only: this is what a user of the installed library can run.
  * Exit status: 0 done, 1 a library/IO failure, 2 a usage error.
@@ -27,20 +31,17 @@
 #include <string.h>
 
 #define MAX_ROWS 64
-#define CLIP_LO 0.80f
-#define CLIP_HI 1.00f
-#define CLIP_STEP 0.01f
 
 typedef struct {
-    double bits, num, den, cos, k_num, k_den, v_num, v_den;
-    float clip_k, clip_v; /* what the layer ran with (calibrated rows: found) */
+    double bits, bits_long, num, den, cos, k_num, k_den, v_num, v_den;
+    float clip_k, clip_v; /* what the layer ran with (fitted rows: found) */
 } layer_result;
 
 typedef struct {
     char name[256];
-    clkvq_layer_config base; /* spec rows */
-    int calib;               /* skvq :calib (1): perm + clip per layer, in-sample;
-                                :perm (2): the permutation alone, clip as given */
+    clkvq_layer_config base; /* spec rows; rot_seed is layer 0's (layer l: + l) */
+    unsigned fit;            /* CLKVQ_FIT_* the spec asks for (calib, perm, center) */
+    int have_group;          /* gN given; else skvq takes min(128, head_dim) */
     clkvq_precision_config *config; /* --config rows */
     layer_result *layers;
 } eval_row;
@@ -49,39 +50,53 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: clkvq-eval --calib FILE --scheme SPEC [--scheme SPEC ...] [--config FILE]\n"
-            "                  [--config-scheme SPEC] [--queries M] [--per-layer] [--json]\n"
-            "                  [--device D]\n"
+            "                  [--config-scheme SPEC] [--fit FILE] [--queries M] [--per-layer]\n"
+            "                  [--json] [--device D]\n"
             "Attention-output error of KV-cache schemes on a calibration dump (layers.<i>.q/k/v),\n"
             "through the library's cache and fused decode kernels, against fp64 attention over\n"
             "the original K/V, for the last M positions of every layer.\n"
             "\n"
             "SPEC: SCHEME[:FIELD]... with SCHEME fp16 | token | kivi | skvq, fields:\n"
             "  kBvB     key and value bits, B in 8, 4, 3, 2, 1.5   (default k4v4)\n"
-            "  gN       group size, a multiple of 32 (token/kivi 32, skvq 128)\n"
+            "  gN       group size, a multiple of 32 (token/kivi 32, skvq min(128, head_dim))\n"
             "  rN       kivi residual R, a multiple of the group    (default 128)\n"
             "  wN       skvq fp16 window of recent tokens           (default 128)\n"
             "  sN       skvq fp16 attention sinks (first tokens)    (default 5)\n"
+            "  kc       skvq: keys per channel in blocks of N tokens (KIVI's key groups) inside\n"
+            "           the sinks/window layout; values stay per token\n"
             "  fp8      scale/zero as fp8 e4m3 instead of fp16\n"
             "  int      integer zero point (KVTuner) instead of a float one\n"
             "  aX       clip ratio X in (0, 1] for K and V (default 1)\n"
-            "  calib    skvq: per layer, K and V apart, channel permutation\n"
-            "           (clkvq_calibrate_permutation) and clip searched over\n"
-            "           0.80..1.00 step 0.01 (clkvq_calibrate_clip) on this dump's own K/V:\n"
-            "           in-sample, so an optimistic number\n"
-            "  perm     skvq: the calibrated permutation alone (clip from aX, default 1)\n"
-            "  e.g. fp16  token:k4v4:g32  kivi:k2v2:g32:r128  skvq:k2v1.5:g128:w128:s5:a0.92\n"
-            "       skvq:k2v1.5:g128:w128:s5:fp8:calib\n"
+            "  rot[S]   randomized Walsh-Hadamard rotation per kv head, signs from seed S\n"
+            "           (default 0) plus the layer index\n"
+            "  center   subtract per-channel means (fitted): values, and keys unless they are\n"
+            "           grouped per channel (kivi, kc), where the zero point already holds them\n"
+            "  calib    clip per layer, K and V apart, by reconstruction MSE over 0.40..1.00\n"
+            "           step 0.02 on the rows as stored (centered, rotated, permuted)\n"
+            "  perm     channel permutation per layer (range-sorted groups, per-token tensors)\n"
+            "  calib, perm and center are fitted per layer (clkvq_calibrate_layer) on this dump\n"
+            "  (in-sample, optimistic) or, with --fit, on another (out of sample)\n"
+            "  e.g. fp16  token:k4v4:g32  kivi:k2v2:g32:r128  skvq:k2v1.5:w128:s5:a0.92\n"
+            "       skvq:k2v2:g32:w128:s5:rot:calib  skvq:k2v1.5:g32:w128:s5:rot:calib\n"
+            "       skvq:k3v2:g32:w128:s5:fp8:rot:calib\n"
+            "       skvq:k3v2:g32:w128:s5:kc:fp8:center:calib   (per-channel 3-bit keys, centered\n"
+            "                                                   2-bit values: bits_long 3.0)\n"
             "\n"
-            "  --calib FILE          the dump (safetensors, F32/F16/BF16)\n"
+            "  --calib FILE          the dump evaluated on (safetensors, F32/F16/BF16)\n"
             "  --scheme SPEC         a row (repeatable)\n"
             "  --config FILE         a layer precision config (YAML) as one more row named after\n"
             "                        the file, each layer with its own settings (repeatable)\n"
             "  --config-scheme SPEC  what the config leaves out (default: token defaults)\n"
-            "  --queries M           evaluated positions per layer (default 128)\n"
+            "  --fit FILE            fit calib/perm/center on this dump instead (same layers,\n"
+            "                        kv heads and head_dim; another text): out of sample\n"
+            "  --queries M           evaluated positions per layer (default %d)\n"
             "  --per-layer           a row per layer too\n"
             "  --json                one JSON object instead of a Markdown table\n"
             "  --device D            OpenCL device: index or name substring ($CLKVQ_DEVICE)\n"
-            "Exit status: 0 ok, 1 library or I/O failure, 2 usage error.\n");
+            "Columns: bits/elem = storage at this length (packed codes + params + fp16 sinks,\n"
+            "window, residual); bits_long = as the context grows without bound (packed only).\n"
+            "Exit status: 0 ok, 1 library or I/O failure, 2 usage error.\n",
+            CLKVQ_DEFAULT_QUERIES);
 }
 
 /* ------------------------------------------------------------ SPEC */
@@ -121,7 +136,18 @@ static int parse_bits(const char *field, const char *spec, clkvq_format *fk, clk
     return 0;
 }
 
-static int parse_spec(const char *spec, clkvq_layer_config *out, int *calib)
+/* A field that takes no value and belongs to some schemes: 0, or -1
+ * after saying why not. */
+static int scheme_field_ok(const char *spec, const char *field, int ok, const char *schemes)
+{
+    if (ok)
+        return 0;
+    fprintf(stderr, "clkvq-eval: scheme '%s': %s is a%s %s field\n", spec, field,
+            schemes[0] == 's' ? "n" : "", schemes);
+    return -1;
+}
+
+static int parse_spec(const char *spec, eval_row *row)
 {
     char buf[256];
     if (strlen(spec) >= sizeof buf) {
@@ -137,8 +163,9 @@ static int parse_spec(const char *spec, clkvq_layer_config *out, int *calib)
         return -1;
     }
     clkvq_layer_config lc = clkvq_layer_config_default(scheme);
-    int have_clip = 0;
-    *calib = 0;
+    int have_clip = 0, center = 0;
+    row->fit = 0;
+    row->have_group = 0;
     while ((field = strtok_r(NULL, ":", &save))) {
         int is_skvq = scheme == CLKVQ_SCHEME_SKVQ, n;
         if (scheme == CLKVQ_SCHEME_FP16) {
@@ -150,23 +177,32 @@ static int parse_spec(const char *spec, clkvq_layer_config *out, int *calib)
         } else if (!strcmp(field, "int")) {
             lc.zero_mode = CLKVQ_ZERO_INT;
         } else if (!strcmp(field, "calib")) {
-            if (!is_skvq) {
-                fprintf(stderr, "clkvq-eval: scheme '%s': calib is an skvq field\n", spec);
-                return -1;
-            }
-            *calib = 1;
+            row->fit |= CLKVQ_FIT_CLIP;
         } else if (!strcmp(field, "perm")) {
-            if (!is_skvq) {
-                fprintf(stderr, "clkvq-eval: scheme '%s': perm is an skvq field\n", spec);
+            row->fit |= CLKVQ_FIT_PERM;
+        } else if (!strcmp(field, "center")) {
+            center = 1;
+        } else if (!strcmp(field, "kc")) {
+            if (scheme_field_ok(spec, "kc", is_skvq, "skvq"))
+                return -1;
+            lc.key_axis = CLKVQ_AXIS_CHANNEL;
+        } else if (!strncmp(field, "rot", 3)) {
+            uint64_t seed = 0;
+            if (field[3] && (cli_u64(field + 3, &seed) || seed > UINT32_MAX)) {
+                fprintf(stderr, "clkvq-eval: scheme '%s': rotation seed '%s' is not an integer "
+                                "in [0, 4294967295]\n",
+                        spec, field + 3);
                 return -1;
             }
-            *calib = 2;
+            lc.rotate = 1;
+            lc.rot_seed = (uint32_t)seed;
         } else if (field[0] == 'k') {
             if (parse_bits(field, spec, &lc.format_k, &lc.format_v))
                 return -1;
         } else if (field[0] == 'g') {
             if (parse_positive(field + 1, spec, "group", &lc.group_size))
                 return -1;
+            row->have_group = 1;
         } else if (field[0] == 'r' || field[0] == 'w' || field[0] == 's') {
             const char *what = field[0] == 'r' ? "residual" : field[0] == 'w' ? "window" : "sinks";
             int ok_scheme = field[0] == 'r' ? scheme == CLKVQ_SCHEME_KIVI : is_skvq;
@@ -196,109 +232,20 @@ static int parse_spec(const char *spec, clkvq_layer_config *out, int *calib)
             return -1;
         }
     }
-    if (have_clip && *calib == 1) {
-        fprintf(stderr, "clkvq-eval: scheme '%s': aX fixes the clip, calib searches it: pick one\n",
+    if (have_clip && (row->fit & CLKVQ_FIT_CLIP)) {
+        fprintf(stderr, "clkvq-eval: scheme '%s': aX fixes the clip, calib fits it: pick one\n",
                 spec);
         return -1;
     }
-    *out = lc;
+    /* keys grouped per channel keep their offsets in the zero points */
+    int channel_keys = scheme == CLKVQ_SCHEME_KIVI || lc.key_axis == CLKVQ_AXIS_CHANNEL;
+    if (center)
+        row->fit |= CLKVQ_FIT_MEAN_V | (channel_keys ? 0u : (unsigned)CLKVQ_FIT_MEAN_K);
+    row->base = lc;
     return 0;
 }
 
 /* ------------------------------------------------------------ evaluation */
-
-/* Sum over q heads and the last n_queries positions of |o_ref|^2, fp64
- * causal attention over the original K/V: the denominator clkvq_eval_layer
- * divides by, which its result does not carry. */
-static double reference_sq_norm(const float *q, const float *k, const float *v, int n_q,
-                                int n_kv, int n_tokens, int hd, int n_queries)
-{
-    const int group = n_q / n_kv;
-    const double scale = (double)(float)(1.0 / sqrt((double)hd));
-    double *s = malloc(sizeof(double) * (size_t)n_tokens);
-    double *o = malloc(sizeof(double) * (size_t)hd);
-    double total = 0.0;
-    for (int h = 0; h < n_q; h++) {
-        const float *kb = k + (size_t)(h / group) * n_tokens * hd;
-        const float *vb = v + (size_t)(h / group) * n_tokens * hd;
-        for (int p = n_tokens - n_queries; p < n_tokens; p++) {
-            const float *qv = q + ((size_t)h * n_tokens + p) * hd;
-            double m = -INFINITY, l = 0.0;
-            for (int t = 0; t <= p; t++) {
-                double d = 0.0;
-                for (int c = 0; c < hd; c++)
-                    d += (double)qv[c] * kb[(size_t)t * hd + c];
-                s[t] = d * scale;
-                m = s[t] > m ? s[t] : m;
-            }
-            for (int t = 0; t <= p; t++)
-                l += s[t] = exp(s[t] - m);
-            for (int c = 0; c < hd; c++)
-                o[c] = 0.0;
-            for (int t = 0; t <= p; t++)
-                for (int c = 0; c < hd; c++)
-                    o[c] += s[t] / l * vb[(size_t)t * hd + c];
-            for (int c = 0; c < hd; c++)
-                total += o[c] * o[c];
-        }
-    }
-    free(s);
-    free(o);
-    return total;
-}
-
-static double sq_norm(const float *x, size_t n)
-{
-    double s = 0.0;
-    for (size_t i = 0; i < n; i++)
-        s += (double)x[i] * x[i];
-    return s;
-}
-
-/* Tokens [n_sink, n_tokens) of x [heads][n_tokens][hd], contiguous. */
-static float *drop_sinks(const float *x, int heads, int n_tokens, int hd, int n_sink)
-{
-    int n = n_tokens - n_sink;
-    float *out = malloc(sizeof(float) * (size_t)heads * n * hd);
-    if (!out)
-        return NULL;
-    for (int h = 0; h < heads; h++)
-        memcpy(out + (size_t)h * n * hd, x + ((size_t)h * n_tokens + n_sink) * hd,
-               sizeof(float) * (size_t)n * hd);
-    return out;
-}
-
-/*
- * SKVQ calibration of one tensor: permutation, then (search_clip) the clip
- * under it.
- * Calibrated on the tokens that are ever quantized: the sinks stay fp16,
- * and the synthetic (and real) sink token carries channels far larger than
- * anything else, which would set those channels' ranges on its own.
- */
-static clkvq_status calibrate_tensor(clkvq_context *ctx, const clkvq_layer_config *lc, int is_v,
-                                     const float *x, int n_kv, int n_tokens, int hd,
-                                     int search_clip, int32_t *perm, float *clip)
-{
-    int n_sink = lc->n_sink < n_tokens - 1 ? lc->n_sink : 0;
-    float *data = drop_sinks(x, n_kv, n_tokens, hd, n_sink);
-    if (!data)
-        return CLKVQ_ERR_OUT_OF_MEMORY;
-    clkvq_shape shape = {n_kv, n_tokens - n_sink, hd};
-    clkvq_status st = clkvq_calibrate_permutation(ctx, &shape, data, lc->group_size, perm);
-    if (st == CLKVQ_OK && search_clip) {
-        clkvq_quant_params qp = clkvq_quant_params_default();
-        qp.format = is_v ? lc->format_v : lc->format_k;
-        qp.axis = CLKVQ_AXIS_TOKEN;
-        qp.group_size = lc->group_size;
-        qp.param_type = lc->param_type;
-        qp.zero_mode = lc->zero_mode;
-        double mse;
-        st = clkvq_calibrate_clip(ctx, &qp, &shape, data, perm, CLIP_LO, CLIP_HI, CLIP_STEP,
-                                  clip, &mse);
-    }
-    free(data);
-    return st;
-}
 
 static void aggregate(const eval_row *row, int n_layers, layer_result *out)
 {
@@ -306,6 +253,7 @@ static void aggregate(const eval_row *row, int n_layers, layer_result *out)
     for (int l = 0; l < n_layers; l++) {
         const layer_result *r = &row->layers[l];
         out->bits += r->bits / n_layers;
+        out->bits_long += r->bits_long / n_layers;
         out->cos += r->cos / n_layers;
         out->num += r->num;
         out->den += r->den;
@@ -317,6 +265,12 @@ static void aggregate(const eval_row *row, int n_layers, layer_result *out)
 }
 
 static double ratio(double num, double den) { return den > 0.0 ? sqrt(num / den) : sqrt(num); }
+
+/* What a row's fits are: "-" (none), "in-sample" or "out-of-sample". */
+static const char *fit_kind(const eval_row *row, const char *fit_path)
+{
+    return !row->fit ? "-" : fit_path ? "out-of-sample" : "in-sample";
+}
 
 /* ------------------------------------------------------------ output */
 
@@ -337,17 +291,22 @@ static void json_string(const char *s)
 
 static void json_numbers(const layer_result *r)
 {
-    printf("\"bits_per_element\": %.6f, \"rel_err\": %.6e, \"cosine\": %.9f, "
-           "\"k_rel_err\": %.6e, \"v_rel_err\": %.6e",
-           r->bits, ratio(r->num, r->den), r->cos, ratio(r->k_num, r->k_den),
+    printf("\"bits_per_element\": %.6f, \"bits_long\": %.6f, \"rel_err\": %.6e, "
+           "\"cosine\": %.9f, \"k_rel_err\": %.6e, \"v_rel_err\": %.6e",
+           r->bits, r->bits_long, ratio(r->num, r->den), r->cos, ratio(r->k_num, r->k_den),
            ratio(r->v_num, r->v_den));
 }
 
-static void print_json(const char *calib, const clkvq_dump_info *info, int n_queries,
-                       const eval_row *rows, int n_rows, int per_layer)
+static void print_json(const char *calib, const char *fit_path, const clkvq_dump_info *info,
+                       int n_queries, const eval_row *rows, int n_rows, int per_layer)
 {
     printf("{\"calib\": ");
     json_string(calib);
+    printf(", \"fit\": ");
+    if (fit_path)
+        json_string(fit_path);
+    else
+        printf("null");
     printf(", \"model\": ");
     json_string(info->model);
     printf(", \"n_layers\": %d, \"n_tokens\": %d, \"n_q_heads\": %d, \"n_kv_heads\": %d, "
@@ -361,14 +320,16 @@ static void print_json(const char *calib, const clkvq_dump_info *info, int n_que
         json_string(rows[i].name);
         printf(", ");
         json_numbers(&all);
-        printf(", \"in_sample\": %s", rows[i].calib ? "true" : "false");
+        printf(", \"fitted\": ");
+        json_string(fit_kind(&rows[i], fit_path));
+        printf(", \"in_sample\": %s", rows[i].fit && !fit_path ? "true" : "false");
         if (per_layer) {
             printf(",\n   \"layers\": [");
             for (int l = 0; l < info->n_layers; l++) {
                 const layer_result *r = &rows[i].layers[l];
                 printf("%s\n    {\"layer\": %d, ", l ? "," : "", l);
                 json_numbers(r);
-                printf(", \"clip_k\": %.2f, \"clip_v\": %.2f}", (double)r->clip_k,
+                printf(", \"clip_k\": %.6g, \"clip_v\": %.6g}", (double)r->clip_k,
                        (double)r->clip_v);
             }
             printf("]");
@@ -378,45 +339,48 @@ static void print_json(const char *calib, const clkvq_dump_info *info, int n_que
     printf("]}\n");
 }
 
-static void print_row(const char *name, const char *layer, const layer_result *r, int per_layer)
+static void print_row(const char *name, const char *fit, const char *layer,
+                      const layer_result *r, int per_layer)
 {
-    printf("| %-40s |", name);
+    printf("| %-40s | %-13s |", name, fit);
     if (per_layer)
         printf(" %5s |", layer);
-    printf(" %9.4f | %9.3e | %9.6f | %9.3e | %9.3e |\n", r->bits, ratio(r->num, r->den), r->cos,
-           ratio(r->k_num, r->k_den), ratio(r->v_num, r->v_den));
+    printf(" %9.4f | %9.4f | %9.3e | %9.6f | %9.3e | %9.3e |\n", r->bits, r->bits_long,
+           ratio(r->num, r->den), r->cos, ratio(r->k_num, r->k_den), ratio(r->v_num, r->v_den));
 }
 
-static void print_table(const char *calib, const clkvq_dump_info *info, int n_queries,
-                        const eval_row *rows, int n_rows, int per_layer)
+static void print_table(const char *calib, const char *fit_path, const clkvq_dump_info *info,
+                        int n_queries, const eval_row *rows, int n_rows, int per_layer)
 {
-    int any_calib = 0;
+    int any_fit = 0;
     for (int i = 0; i < n_rows; i++)
-        any_calib |= rows[i].calib;
+        any_fit |= rows[i].fit != 0;
     printf("calib: %s (%s%s%d layers x %d tokens, %d q / %d kv heads, head_dim %d); last %d "
            "positions per layer decoded\n",
            calib, info->model, info->model[0] ? ", " : "", info->n_layers, info->n_tokens,
            info->n_q_heads, info->n_kv_heads, info->head_dim, n_queries);
-    if (any_calib)
-        printf("note: ':calib' and ':perm' rows are calibrated (permutation, clip) on this "
-               "same dump: in-sample\n");
-    printf("\n| %-40s |", "scheme");
+    if (any_fit && fit_path)
+        printf("note: calib/perm/center rows are fitted on %s: out of sample\n", fit_path);
+    else if (any_fit)
+        printf("note: calib/perm/center rows are fitted on this same dump: in-sample\n");
+    printf("\n| %-40s | %-13s |", "scheme", "fit");
     if (per_layer)
         printf(" layer |");
-    printf(" bits/elem |   rel_err |    cosine | k_rel_err | v_rel_err |\n|:%s|", 
-           "-----------------------------------------");
+    printf(" bits/elem | bits_long |   rel_err |    cosine | k_rel_err | v_rel_err |\n|:%s|:%s|",
+           "-----------------------------------------", "-------------");
     if (per_layer)
         printf("------:|");
-    printf("----------:|----------:|----------:|----------:|----------:|\n");
+    printf("----------:|----------:|----------:|----------:|----------:|----------:|\n");
     for (int i = 0; i < n_rows; i++) {
         layer_result all;
         aggregate(&rows[i], info->n_layers, &all);
-        print_row(rows[i].name, "all", &all, per_layer);
+        const char *fit = fit_kind(&rows[i], fit_path);
+        print_row(rows[i].name, fit, "all", &all, per_layer);
         if (per_layer)
             for (int l = 0; l < info->n_layers; l++) {
                 char lname[16];
                 snprintf(lname, sizeof lname, "%d", l);
-                print_row(rows[i].name, lname, &rows[i].layers[l], per_layer);
+                print_row(rows[i].name, fit, lname, &rows[i].layers[l], per_layer);
             }
     }
 }
@@ -429,18 +393,39 @@ static const char *base_name(const char *path)
     return slash ? slash + 1 : path;
 }
 
+/* Layer l of a row: its config (spec rows: rotation seed + l), fitted when
+ * the row asks, on fk/fv (n_fit tokens). Storage: 4 arrays of heads x dim. */
+static clkvq_status row_layer(clkvq_context *ctx, const eval_row *row, int l,
+                              const clkvq_dump_info *info, int n_fit, const float *fk,
+                              const float *fv, float *store_f, int32_t *store_i,
+                              clkvq_layer_config *lc)
+{
+    if (row->config)
+        return clkvq_config_layer(row->config, l, lc);
+    *lc = row->base;
+    lc->rot_seed = row->base.rot_seed + (uint32_t)l; /* as a config's layers get them */
+    if (!row->fit)
+        return CLKVQ_OK;
+    const size_t hd = (size_t)info->n_kv_heads * info->head_dim;
+    clkvq_calib_options opt = {.fit = row->fit, .mean_k = store_f, .mean_v = store_f + hd,
+                               .perm_k = store_i, .perm_v = store_i + hd};
+    return clkvq_calibrate_layer(ctx, lc, info->n_kv_heads, n_fit, info->head_dim, fk, fv, &opt,
+                                 lc);
+}
+
 int main(int argc, char **argv)
 {
-    const char *calib = NULL, *device = NULL, *config_scheme = NULL;
+    const char *calib = NULL, *device = NULL, *config_scheme = NULL, *fit_path = NULL;
     const char *specs[MAX_ROWS], *configs[MAX_ROWS];
-    int n_specs = 0, n_configs = 0, n_queries = 128, per_layer = 0, json = 0;
-    enum { OPT_CALIB = 256, OPT_SCHEME, OPT_CONFIG, OPT_CONFIG_SCHEME, OPT_QUERIES,
+    int n_specs = 0, n_configs = 0, n_queries = CLKVQ_DEFAULT_QUERIES, per_layer = 0, json = 0;
+    enum { OPT_CALIB = 256, OPT_SCHEME, OPT_CONFIG, OPT_CONFIG_SCHEME, OPT_FIT, OPT_QUERIES,
            OPT_PER_LAYER, OPT_JSON, OPT_DEVICE };
     static const struct option opts[] = {
         {"calib", required_argument, NULL, OPT_CALIB},
         {"scheme", required_argument, NULL, OPT_SCHEME},
         {"config", required_argument, NULL, OPT_CONFIG},
         {"config-scheme", required_argument, NULL, OPT_CONFIG_SCHEME},
+        {"fit", required_argument, NULL, OPT_FIT},
         {"queries", required_argument, NULL, OPT_QUERIES},
         {"per-layer", no_argument, NULL, OPT_PER_LAYER},
         {"json", no_argument, NULL, OPT_JSON},
@@ -464,6 +449,7 @@ int main(int argc, char **argv)
                 configs[n_configs++] = optarg;
             break;
         case OPT_CONFIG_SCHEME: config_scheme = optarg; break;
+        case OPT_FIT: fit_path = optarg; break;
         case OPT_QUERIES:
             if (cli_parse_int("clkvq-eval", "--queries", optarg, 1, 1 << 24, &n_queries))
                 return 2;
@@ -488,44 +474,64 @@ int main(int argc, char **argv)
     memset(rows, 0, sizeof rows);
     int n_rows = 0;
     for (int i = 0; i < n_specs; i++, n_rows++) {
-        if (parse_spec(specs[i], &rows[n_rows].base, &rows[n_rows].calib))
+        if (parse_spec(specs[i], &rows[n_rows]))
             return 2;
         snprintf(rows[n_rows].name, sizeof rows[n_rows].name, "%s", specs[i]);
     }
     clkvq_layer_config config_defaults = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
-    int config_calib = 0;
-    if (config_scheme && parse_spec(config_scheme, &config_defaults, &config_calib))
-        return 2;
-    if (config_calib) {
-        fprintf(stderr, "clkvq-eval: --config-scheme cannot calibrate: a config carries its own "
-                        "permutations and clips\n");
-        return 2;
+    if (config_scheme) {
+        eval_row def;
+        memset(&def, 0, sizeof def);
+        if (parse_spec(config_scheme, &def))
+            return 2;
+        if (def.fit) {
+            fprintf(stderr, "clkvq-eval: --config-scheme cannot fit (calib, perm, center): a "
+                            "config carries its own clips, permutations and means\n");
+            return 2;
+        }
+        config_defaults = def.base;
     }
 
     int rc = 1;
     clkvq_context *ctx = NULL;
-    clkvq_kv_dump *dump = NULL;
-    float *q = NULL, *k = NULL, *v = NULL;
-    int32_t *perm_k = NULL, *perm_v = NULL;
+    clkvq_kv_dump *dump = NULL, *fit_dump = NULL;
+    float *q = NULL, *k = NULL, *v = NULL, *fk = NULL, *fv = NULL, *store_f = NULL;
+    int32_t *store_i = NULL;
     clkvq_status st = clkvq_context_create(&ctx, device);
     if (st != CLKVQ_OK) {
         fprintf(stderr, "clkvq-eval: %s: %s\n", clkvq_status_string(st), clkvq_last_error(NULL));
         return 1;
     }
-    clkvq_dump_info info;
+    clkvq_dump_info info, fit_info;
     if ((st = clkvq_dump_open(ctx, calib, &dump)) != CLKVQ_OK ||
         (st = clkvq_dump_info_get(dump, &info)) != CLKVQ_OK)
         goto fail;
+    fit_info = info;
+    if (fit_path && ((st = clkvq_dump_open(ctx, fit_path, &fit_dump)) != CLKVQ_OK ||
+                     (st = clkvq_dump_info_get(fit_dump, &fit_info)) != CLKVQ_OK))
+        goto fail;
+    if (fit_info.n_layers != info.n_layers || fit_info.n_kv_heads != info.n_kv_heads ||
+        fit_info.head_dim != info.head_dim) {
+        fprintf(stderr, "clkvq-eval: --fit %s has %d layers x %d kv heads x head_dim %d, --calib "
+                        "%s %d x %d x %d: fit on a dump of the same model\n",
+                fit_path, fit_info.n_layers, fit_info.n_kv_heads, fit_info.head_dim, calib,
+                info.n_layers, info.n_kv_heads, info.head_dim);
+        rc = 2;
+        goto out;
+    }
     if (n_queries > info.n_tokens) {
         fprintf(stderr, "clkvq-eval: --queries %d is more than the dump's %d tokens\n", n_queries,
                 info.n_tokens);
         rc = 2;
         goto out;
     }
-    /* A SPEC the cache would refuse for this dump's shape (group vs
-     * head_dim, residual vs group, ...) is a usage error: say so before an
-     * hour of evaluation, with the cache's own reason. */
+    /* skvq's group follows the head (min(128, head_dim)) unless given. A
+     * SPEC the cache would refuse for this dump's shape (group vs head_dim,
+     * residual vs group, ...) is a usage error: say so before an hour of
+     * evaluation, with the cache's own reason. */
     for (int i = 0; i < n_rows; i++) {
+        if (rows[i].base.scheme == CLKVQ_SCHEME_SKVQ && !rows[i].have_group)
+            rows[i].base.group_size = info.head_dim < 128 ? info.head_dim : 128;
         clkvq_cache_config plan = {.n_layers = 1, .n_seqs = 1, .capacity = info.n_tokens,
                                    .n_kv_heads = info.n_kv_heads, .n_q_heads = info.n_q_heads,
                                    .head_dim = info.head_dim, .layout_k = CLKVQ_LAYOUT_AUTO,
@@ -560,47 +566,40 @@ int main(int argc, char **argv)
 
     const size_t q_count = (size_t)info.n_q_heads * info.n_tokens * info.head_dim;
     const size_t kv_count = (size_t)info.n_kv_heads * info.n_tokens * info.head_dim;
-    const size_t perm_count = (size_t)info.n_kv_heads * info.head_dim;
+    const size_t fit_count = (size_t)info.n_kv_heads * fit_info.n_tokens * info.head_dim;
+    const size_t hd = (size_t)info.n_kv_heads * info.head_dim;
     q = malloc(sizeof(float) * q_count);
     k = malloc(sizeof(float) * kv_count);
     v = malloc(sizeof(float) * kv_count);
-    perm_k = malloc(sizeof(int32_t) * perm_count);
-    perm_v = malloc(sizeof(int32_t) * perm_count);
-    if (!q || !k || !v || !perm_k || !perm_v) {
+    store_f = malloc(sizeof(float) * 2 * hd);
+    store_i = malloc(sizeof(int32_t) * 2 * hd);
+    if (fit_dump) {
+        fk = malloc(sizeof(float) * fit_count);
+        fv = malloc(sizeof(float) * fit_count);
+    }
+    if (!q || !k || !v || !store_f || !store_i || (fit_dump && (!fk || !fv))) {
         st = CLKVQ_ERR_OUT_OF_MEMORY;
         goto fail;
     }
 
-    /* Layers outer: each layer's tensors are read and its reference norms
-     * computed once for every row. */
+    /* Layers outer: each layer's tensors are read once for every row. */
     for (int l = 0; l < info.n_layers; l++) {
         if ((st = clkvq_dump_read(dump, l, 'q', q)) != CLKVQ_OK ||
             (st = clkvq_dump_read(dump, l, 'k', k)) != CLKVQ_OK ||
             (st = clkvq_dump_read(dump, l, 'v', v)) != CLKVQ_OK)
             goto fail;
-        double out_den = reference_sq_norm(q, k, v, info.n_q_heads, info.n_kv_heads,
-                                           info.n_tokens, info.head_dim, n_queries);
-        double k_den = sq_norm(k, kv_count), v_den = sq_norm(v, kv_count);
+        if (fit_dump && ((st = clkvq_dump_read(fit_dump, l, 'k', fk)) != CLKVQ_OK ||
+                         (st = clkvq_dump_read(fit_dump, l, 'v', fv)) != CLKVQ_OK))
+            goto fail;
         for (int i = 0; i < n_rows; i++) {
             eval_row *row = &rows[i];
-            clkvq_layer_config lc = row->base;
-            if (row->config && (st = clkvq_config_layer(row->config, l, &lc)) != CLKVQ_OK)
-                goto fail;
-            if (row->calib) {
-                int search = row->calib == 1;
-                if ((st = calibrate_tensor(ctx, &lc, 0, k, info.n_kv_heads, info.n_tokens,
-                                           info.head_dim, search, perm_k, &lc.clip_k)) !=
-                        CLKVQ_OK ||
-                    (st = calibrate_tensor(ctx, &lc, 1, v, info.n_kv_heads, info.n_tokens,
-                                           info.head_dim, search, perm_v, &lc.clip_v)) !=
-                        CLKVQ_OK)
-                    goto fail;
-                lc.perm_k = perm_k;
-                lc.perm_v = perm_v;
-            }
+            clkvq_layer_config lc;
             clkvq_eval_result r;
-            st = clkvq_eval_layer(ctx, &lc, info.n_q_heads, info.n_kv_heads, info.n_tokens,
-                                  info.head_dim, q, k, v, n_queries, &r);
+            st = row_layer(ctx, row, l, &info, fit_info.n_tokens, fit_dump ? fk : k,
+                           fit_dump ? fv : v, store_f, store_i, &lc);
+            if (st == CLKVQ_OK)
+                st = clkvq_eval_layer(ctx, &lc, info.n_q_heads, info.n_kv_heads, info.n_tokens,
+                                      info.head_dim, q, k, v, n_queries, &r);
             if (st != CLKVQ_OK) {
                 fprintf(stderr, "clkvq-eval: layer %d, %s: %s: %s\n", l, row->name,
                         clkvq_status_string(st), clkvq_last_error(ctx));
@@ -608,13 +607,14 @@ int main(int argc, char **argv)
             }
             layer_result *lr = &row->layers[l];
             lr->bits = r.bits_per_element;
-            lr->num = r.rel_err * r.rel_err * out_den;
-            lr->den = out_den;
+            lr->bits_long = r.bits_long;
+            lr->num = r.err_sq;
+            lr->den = r.ref_sq;
             lr->cos = r.cosine;
-            lr->k_num = r.k_rel_err * r.k_rel_err * k_den;
-            lr->k_den = k_den;
-            lr->v_num = r.v_rel_err * r.v_rel_err * v_den;
-            lr->v_den = v_den;
+            lr->k_num = r.k_err_sq;
+            lr->k_den = r.k_ref_sq;
+            lr->v_num = r.v_err_sq;
+            lr->v_den = r.v_ref_sq;
             lr->clip_k = lc.clip_k;
             lr->clip_v = lc.clip_v;
             fprintf(stderr, "layer %d/%d  %-40s rel_err %.3e  bits %.3f\n", l + 1,
@@ -622,9 +622,9 @@ int main(int argc, char **argv)
         }
     }
     if (json)
-        print_json(calib, &info, n_queries, rows, n_rows, per_layer);
+        print_json(calib, fit_path, &info, n_queries, rows, n_rows, per_layer);
     else
-        print_table(calib, &info, n_queries, rows, n_rows, per_layer);
+        print_table(calib, fit_path, &info, n_queries, rows, n_rows, per_layer);
     rc = fflush(stdout) == 0 ? 0 : 1;
     goto out;
 
@@ -639,9 +639,12 @@ out:
     free(q);
     free(k);
     free(v);
-    free(perm_k);
-    free(perm_v);
+    free(fk);
+    free(fv);
+    free(store_f);
+    free(store_i);
     clkvq_dump_close(dump);
+    clkvq_dump_close(fit_dump);
     clkvq_context_release(ctx);
     return rc;
 }
