@@ -72,6 +72,28 @@ class Context:
         self._handle = handle.value
         self._lib = lib
 
+    @classmethod
+    def wrap(cls, cl_context: Any, cl_device: Any, cl_queue: Any) -> "Context":
+        """clkvq_context_wrap: a context over a runtime's own OpenCL objects
+        (ints, or objects with an ``int_ptr`` as pyopencl's), retained by
+        the library and released with this context."""
+        def ptr(x: Any, name: str) -> int:
+            v = getattr(x, "int_ptr", x)
+            if isinstance(v, bool) or not isinstance(v, int) or v == 0:
+                raise invalid(f"{name} must be a non-NULL OpenCL handle", "Context.wrap")
+            return v
+
+        lib = _lib.load()
+        self = cls.__new__(cls)
+        self._handle, self._lock, self._children = None, threading.Lock(), weakref.WeakSet()
+        self._lib = lib
+        handle = ctypes.c_void_p()
+        check_status(lib.clkvq_context_wrap(ctypes.byref(handle), ptr(cl_context, "cl_context"),
+                                            ptr(cl_device, "cl_device"),
+                                            ptr(cl_queue, "cl_queue")), None, "Context.wrap")
+        self._handle = handle.value
+        return self
+
     # ---- lifetime
 
     @property

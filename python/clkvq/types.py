@@ -348,11 +348,14 @@ class AttnTuning:
     chunk: int = 0
     vw: int = 0
 
+    def __post_init__(self) -> None:
+        call = "AttnTuning"
+        object.__setattr__(self, "variant", AttnVariant.coerce(self.variant, "variant", call))
+        for name in ("wgs", "chunk", "vw"):
+            object.__setattr__(self, name, as_int(getattr(self, name), name, call))
+
     def to_c(self) -> _lib.AttnTuningC:
-        return _lib.AttnTuningC(int(AttnVariant.coerce(self.variant, "variant")),
-                                as_int(self.wgs, "wgs", "AttnTuning"),
-                                as_int(self.chunk, "chunk", "AttnTuning"),
-                                as_int(self.vw, "vw", "AttnTuning"))
+        return _lib.AttnTuningC(int(self.variant), self.wgs, self.chunk, self.vw)
 
     @classmethod
     def from_c(cls, c: _lib.AttnTuningC) -> "AttnTuning":
