@@ -15,8 +15,11 @@ import pytest
 import clkvq
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The shape most tests use: few distinct kernel builds keep the run short.
-NKV, NQ, HD = 2, 4, 64
+# One shape and a few schemes for every test: each distinct kernel
+# configuration is a program build (seconds each on PoCL when nothing is
+# cached yet), so the tests share them.
+NKV, NQ, HD = 2, 4, 32
+SCHEMES = ["fp16", "token:k4v4:g32", "kivi:k2v2:g32:r32", "skvq:k2v1.5:g32:w16:s2"]
 
 
 def pytest_report_header(config):

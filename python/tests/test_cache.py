@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import clkvq
-from conftest import HD, NKV, NQ, attention, rng
+from conftest import HD, NKV, NQ, SCHEMES, attention, rng
 
 C = np.ascontiguousarray
 SCALE = 1.0 / math.sqrt(HD)
@@ -27,17 +27,17 @@ def queries(seed, *shape):
     return rng(seed).standard_normal(shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("bits", ["8", "4", "2", "1.5"])
-def test_read_back_is_the_quantize_kernels(ctx, bits):
+@pytest.mark.parametrize("kbits,vbits", [("8", "2"), ("4", "1.5")])
+def test_read_back_is_the_quantize_kernels(ctx, kbits, vbits):
     k, v = kv(1, 70)
-    with make(ctx, f"token:k{bits}v{bits}:g32") as c:
+    with make(ctx, f"token:k{kbits}v{vbits}:g32") as c:
         c.append(1, 0, C(k[:, :33]), C(v[:, :33]))
         c.append(1, 0, C(k[:, 33:]), C(v[:, 33:]))
         assert c.length(1, 0) == 70 and c.length(0, 0) == 0 and c.length(1, 1) == 0
         kr, vr = c.read(1, 0)
-    qp = clkvq.QuantParams(bits, group_size=32)
-    assert np.array_equal(kr, clkvq.dequantize(ctx, clkvq.quantize(ctx, k, qp)))
-    assert np.array_equal(vr, clkvq.dequantize(ctx, clkvq.quantize(ctx, v, qp)))
+    for x, back, bits in ((k, kr, kbits), (v, vr, vbits)):
+        qp = clkvq.QuantParams(bits, group_size=32)
+        assert np.array_equal(back, clkvq.dequantize(ctx, clkvq.quantize(ctx, x, qp)))
 
 
 def test_fp16_scheme_reads_back_fp16(ctx):
@@ -49,8 +49,7 @@ def test_fp16_scheme_reads_back_fp16(ctx):
     assert np.array_equal(vr, v.astype(np.float16).astype(np.float32))
 
 
-@pytest.mark.parametrize("spec", ["token:k4v4:g32", "kivi:k2v2:g32:r32",
-                                  "skvq:k2v1.5:g32:w16:s2", "fp16"])
+@pytest.mark.parametrize("spec", SCHEMES)
 def test_decode_is_attention_over_the_read_back(ctx, spec):
     with make(ctx, spec) as c:
         for s in range(2):
@@ -67,36 +66,39 @@ def test_decode_is_attention_over_the_read_back(ctx, spec):
         assert c.decode(0, q, out=buf) is buf and np.array_equal(buf, out)
 
 
-def test_rotation_and_channel_keys_leave_attention_unchanged(ctx):
+@pytest.mark.parametrize("field", ["rot", "kc"])
+def test_rotation_and_channel_keys_in_the_fused_decode(ctx, field):
+    """The query is rotated and the output rotated back inside decode: the
+    fused result is attention over the (unrotated) read-back."""
     k, v = kv(7, 90)
-    q = queries(8, 1, NQ, HD)
-    outs = []
-    for spec in ["skvq:k8v8:g32:w16:s1", "skvq:k8v8:g32:w16:s1:rot", "skvq:k8v8:g32:w16:s1:kc"]:
-        with make(ctx, spec, n_layers=1, n_seqs=1) as c:
-            c.append(0, 0, k, v)
-            kr, vr = c.read(0, 0)
-            out = c.decode(0, q)
-            ref = attention(q[0][:, None, :], kr, vr, SCALE)[:, 0]
-            assert np.abs(out[0] - ref).max() <= 2e-5 * np.abs(ref).max()
-            outs.append(out)
-    exact = attention(q[0][:, None, :], k, v, SCALE)[:, 0]
-    for out in outs:  # 8 bits: every variant close to the unquantized attention
-        assert np.abs(out[0] - exact).max() < 0.02 * np.abs(exact).max()
+    q = queries(8, 2, NQ, HD)
+    with make(ctx, SCHEMES[3] + ":" + field) as c:
+        c.append(0, 0, k, v)
+        c.append(0, 1, *kv(8, 40))
+        out = c.decode(0, q)
+        for s in range(2):
+            kr, vr = c.read(0, s)
+            ref = attention(q[s][:, None, :], kr, vr, SCALE)[:, 0]
+            assert np.abs(out[s] - ref).max() <= 2e-5 * np.abs(ref).max()
+        exact = attention(q[0][:, None, :], k, v, SCALE)[:, 0]
+        assert np.abs(out[0] - exact).max() < 0.5 * np.abs(exact).max()
 
 
 def test_centering_means_are_added_back(ctx):
     k, v = kv(9, 60)
     mk, mv = C(k.mean(1)), C(v.mean(1))
-    lc = clkvq.parse_spec("token:k8v8:g32").config.replace(mean_k=mk, mean_v=mv)
+    lc = clkvq.parse_spec("token:k4v4:g32").config.replace(mean_k=mk, mean_v=mv)
     with make(ctx, lc, n_layers=1, n_seqs=1) as c:
         c.append(0, 0, k, v)
         kr, vr = c.read(0, 0)
-    assert np.abs(kr - k).max() < 0.02 * np.abs(k).max()
-    assert np.abs(vr - v).max() < 0.02 * np.abs(v).max()
+    plain = clkvq.dequantize(ctx, clkvq.quantize(ctx, k))
+    # centred rows have a smaller range: they come back closer than plain q4
+    assert np.abs(kr - k).max() < np.abs(plain - k).max()
+    assert np.abs(vr - v).max() < 0.2 * np.abs(v).max()
 
 
 def test_decode_multi_and_prefill_are_causal(ctx):
-    with make(ctx, "skvq:k4v4:g32:w16:s2") as c:
+    with make(ctx, "token:k4v4:g32") as c:
         for s in range(2):
             c.append(1, s, *kv(20 + s, 50))
         q = queries(4, 2, 3, NQ, HD)
@@ -203,7 +205,7 @@ def test_float16_append_and_queries(ctx):
 
 
 def test_layers_plan_memory_and_tuning(ctx):
-    specs = ["token:k8v8:g32", "kivi:k2v2:g32:r32"]
+    specs = [SCHEMES[1], SCHEMES[2]]
     with clkvq.Cache(ctx, specs, capacity=256, n_kv_heads=NKV, n_q_heads=NQ,
                      head_dim=HD) as c:
         assert c.n_layers == 2 and c.layers[1].scheme == clkvq.Scheme.KIVI

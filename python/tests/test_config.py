@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import clkvq
-from conftest import HD, NKV, NQ, REPO
+from conftest import HD, NKV, NQ, REPO, SCHEMES
 
 PRESETS = sorted(glob.glob(os.path.join(REPO, "configs", "kvtuner", "*.yaml")))
 
@@ -56,7 +56,7 @@ def test_defaults_fill_what_the_file_leaves_out():
 
 
 def test_cache_from_config(ctx, tmp_path):
-    layers = ["token:k8v4:g32", "token:k4v4:g32"]
+    layers = [SCHEMES[2], SCHEMES[1]]
     with clkvq.PrecisionConfig.create(layers) as c:
         c.save(tmp_path / "c.yaml")
         args = dict(capacity=64, n_kv_heads=NKV, n_q_heads=NQ, head_dim=HD)
@@ -65,7 +65,7 @@ def test_cache_from_config(ctx, tmp_path):
                 clkvq.Cache(ctx, layers, **args) as ref:
             k, v = clkvq.synth_kv(3, (NKV, 40, HD))
             for cache in (a, b, ref):
-                assert cache.n_layers == 2 and cache.layers[0].format_k == clkvq.Format.Q8
+                assert cache.n_layers == 2 and cache.layers[0].format_k == clkvq.Format.Q2
                 cache.append(0, 0, k, v)
             assert np.array_equal(a.read(0, 0)[0], ref.read(0, 0)[0])
             assert np.array_equal(b.read(0, 0)[1], ref.read(0, 0)[1])

@@ -48,7 +48,7 @@ def test_wrap_shares_the_opencl_objects(ctx):
     w = clkvq.Context.wrap(ctx.cl_context, ctx.cl_device, ctx.cl_queue)
     assert w.cl_context == ctx.cl_context and w.cl_queue == ctx.cl_queue
     k, v = clkvq.synth_kv(1, (NKV, 40, HD))
-    with clkvq.Cache(w, "token:k8v8:g32", n_layers=1, capacity=64, n_kv_heads=NKV,
+    with clkvq.Cache(w, "token:k4v4:g32", n_layers=1, capacity=64, n_kv_heads=NKV,
                      n_q_heads=NQ, head_dim=HD) as c:
         c.append(0, 0, k, v)
     w.close()
@@ -59,7 +59,8 @@ def test_wrap_shares_the_opencl_objects(ctx):
 
 def test_close_closes_children():
     c = clkvq.Context()
-    cache = clkvq.Cache(c, "fp16", n_layers=1, capacity=16, n_kv_heads=1, head_dim=32)
+    cache = clkvq.Cache(c, "fp16", n_layers=1, capacity=16, n_kv_heads=NKV, n_q_heads=NQ,
+                        head_dim=HD)
     c.close()
     assert cache.closed
     with pytest.raises(clkvq.ClkvqError, match="closed"):

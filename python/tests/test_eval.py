@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 import clkvq
-from conftest import run
+from conftest import SCHEMES, run
 
-SPECS = ["fp16", "token:k4v4:g32", "kivi:k2v2:g32:r32", "skvq:k2v1.5:g32:w16:s2:fp8",
-         "skvq:k4v2:g32:w16:s2:calib", "token:k2v2:g32:int"]
+# the schemes the other tests build kernels for, and calibration on the dump
+SPECS = SCHEMES + [SCHEMES[3] + ":calib"]
 QUERIES = 8
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "mixed.yaml"
-    with clkvq.PrecisionConfig.create(["token:k8v4:g32", "token:k2v2:g32"], "mixed") as c:
+    with clkvq.PrecisionConfig.create([SCHEMES[2], SCHEMES[1]], "mixed") as c:
         c.save(path)
     return str(path)
 
@@ -43,6 +43,7 @@ def test_evaluate_dump_matches_clkvq_eval(ctx, tiny_dump, config_file, c_rows):
             # clkvq-eval prints 7 significant digits
             assert got[key] == pytest.approx(c[key], rel=2e-6, abs=1e-12), (r.scheme, key)
     assert rows[0].rel_err < 1e-3 < rows[2].rel_err
+    assert rows[4].in_sample and not rows[3].in_sample
 
 
 def test_eval_layer(ctx, tiny_dump):
@@ -50,7 +51,7 @@ def test_eval_layer(ctx, tiny_dump):
         q, k, v = (d.read(1, w) for w in "qkv")
     r = clkvq.eval_layer(ctx, "token:k4v4:g32", q, k, v, QUERIES)
     assert r.n_queries == QUERIES and 0 < r.rel_err < 1 and 0 < r.cosine <= 1
-    assert r.bits_per_element == pytest.approx(5.0)
+    assert r.bits_per_element == pytest.approx(5.0)  # q4 codes + fp16 scale and zero per 32
     f16 = clkvq.eval_layer(ctx, "fp16", q.astype(np.float16), k, v, QUERIES)
     assert f16.rel_err < r.rel_err
     with pytest.raises(clkvq.InvalidArgumentError):
