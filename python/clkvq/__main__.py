@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from ._lib import LibraryNotFoundError, library_path
 from .context import Context, list_devices

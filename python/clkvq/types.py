@@ -11,7 +11,7 @@ import ctypes
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import numpy as np
 
@@ -321,7 +321,7 @@ class LayerConfig:
                head_dim: Optional[int] = None) -> "LayerConfig":
         """Copies a C struct; its perm/mean arrays are copied when their size
         (n_kv_heads x head_dim) is given, and refused when it is not."""
-        arrays = {}
+        arrays: Dict[str, Optional[np.ndarray]] = {}
         for name, ct in (("perm_k", np.int32), ("perm_v", np.int32), ("mean_k", np.float32),
                          ("mean_v", np.float32)):
             ptr = getattr(c, name)

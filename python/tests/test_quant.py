@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import clkvq
-from conftest import HD, NKV, REPO, rng, run
+from conftest import HD, NKV, rng, run
 
 # The README's format table: levels, bits/code, codes and bytes per block.
 TABLE = {"q8": (256, 8.0, 4, 4), "q4": (16, 4.0, 8, 4), "q3": (8, 3.0, 32, 12),
