@@ -17,7 +17,9 @@ python3 -m venv --system-site-packages "$venv"
 CLKVQ_BUILD_DIR="$build_dir" "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
   "$repo/python"
 
-cd "$(mktemp -d "${TMPDIR:-/tmp}/clkvq-pytest.XXXXXX")"
+work="$(mktemp -d "${TMPDIR:-/tmp}/clkvq-pytest.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+cd "$work"
 # -rs prints why anything was skipped (torch and transformers are not in CI);
 # pytest's own exit status stands: 5 (no test collected) fails this script.
 CLKVQ_BUILD_DIR="$build_dir" CLKVQ_CACHE_DIR="$build_dir/test-cache" OPENBLAS_NUM_THREADS=1 \
