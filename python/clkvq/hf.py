@@ -103,8 +103,10 @@ class ClkvqLayer(CacheLayerMixin):
         return (keys.to(dtype=self.dtype, device=self.device),
                 values.to(dtype=self.dtype, device=self.device))
 
-    def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
-        return self.length + query_length, 0
+    def get_mask_sizes(self, query_length: Any) -> Tuple[int, int]:
+        # transformers 5 passes the query length, 4.56-4.57 the cache positions
+        n = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.length + n, 0
 
     def get_seq_length(self) -> int:
         return self.length
