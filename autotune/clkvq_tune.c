@@ -21,44 +21,54 @@
 #define EXIT_USAGE 2
 #define MAX_SHAPES 64
 
-typedef struct {
-    const char *name;
-    int n_q_heads, n_kv_heads, head_dim;
-} model_shape;
-
-static const model_shape g_models[] = {
-    {"llama3-8b", 32, 8, 128},
-    {"qwen2.5-7b", 28, 4, 128},
-    {"phi3-mini", 32, 32, 96},
-};
-
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: clkvq-tune [options]\n"
+            "usage: clkvq-tune [options]                 tune formats at model shapes\n"
+            "       clkvq-tune --config FILE [options]   tune every layer setting of a config\n"
             "       clkvq-tune precision --calib FILE --budget BITS [...] (see --help there)\n"
             "Tunes fused decode attention (variant, work-group size, chunk, vector width,\n"
             "packed layouts) for this machine's device, checks every candidate against a\n"
             "double-precision reference, and caches the fastest per shape in\n"
             "<cache dir>/tuning/<device key>.json, which the library reads at run time.\n"
             "With no options: the default device, Llama-3-8B shape at 4k and 32k tokens,\n"
-            "formats k4v4 and k2v2 (per-token groups of 32), batch 1.\n\n"
+            "formats k4v4 and k2v2 (per-token groups of 32), batch 1.\n"
+            "With --config: every distinct (scheme, K bits, V bits, group) of the config's\n"
+            "layers at the model's geometry and each --tokens length, so that a cache of\n"
+            "that capacity and --batch sequences finds an exact entry for every layer; the\n"
+            "config is stored as <cache dir>/configs/<model>.yaml, where\n"
+            "clkvq_cache_create_for_model finds it. The geometry comes from --geometry, else\n"
+            "--model, else the file (its n_q_heads/n_kv_heads/head_dim, its model, or the\n"
+            "model in a KVTuner preset's file name). KVTuner presets load with the settings\n"
+            "they were searched under (kivi: group 32, residual 32; pertoken: one group per\n"
+            "head) unless --scheme/--group/--residual say otherwise.\n\n"
             "options:\n"
             "  --device SPEC     device index or name substring (default: $CLKVQ_DEVICE,\n"
             "                    else the first GPU, else the first device)\n"
-            "  --shape NAME      llama3-8b | qwen2.5-7b | phi3-mini (repeatable)\n"
-            "  --tokens N[,N..]  context lengths (default 4096,32768)\n"
+            "  --model NAME      a model of the table (--list-models; repeatable); with\n"
+            "                    --config also any other name to store the config under\n"
+            "                    (its geometry from --geometry or the file)\n"
+            "  --shape NAME      the same as --model\n"
+            "  --geometry G      any model: q<heads>:kv<kv heads>:d<head_dim>:l<layers>,\n"
+            "                    e.g. q32:kv8:d128:l32 (repeatable)\n"
+            "  --config FILE     a layer precision config (YAML, e.g. a KVTuner preset)\n"
+            "  --scheme S        --config: the scheme of layers the file leaves open\n"
+            "  --residual R      --config: the kivi residual the file leaves open\n"
+            "  --tokens N[,N..]  context lengths (repeatable; default 4096,32768)\n"
             "  --formats LIST    e.g. fp16,k8v8,k4v4,k4v2,k2v2,k2v1.5 (default k4v4,k2v2)\n"
-            "  --group G         group size of the packed formats (default 32)\n"
+            "  --group G         group size of the packed formats (default 32; with\n"
+            "                    --config, of layers the file leaves open)\n"
             "  --batch N         sequences per decode step (default 1)\n"
             "  --budget SECONDS  per shape: random sampling + local search within it\n"
             "                    (default 0 = the whole space)\n"
             "  --quick           a small space (a few candidates: CI, demos)\n"
             "  --reps N          timed runs per candidate, median (default 5)\n"
-            "  --no-store        do not write the tuning file\n"
+            "  --no-store        write neither the tuning file nor the config\n"
             "  --json            print one JSON object instead of the table\n"
-            "  --show            print what is cached for this device and exit\n"
+            "  --show            print what is cached for this device (tuning, stored\n"
+            "                    configs and which of their settings are tuned) and exit\n"
             "  --list-devices    list OpenCL devices and exit\n"
+            "  --list-models     list the model table (name, geometry) and exit\n"
             "  --help            this text\n"
             "exit codes: 0 ok, 1 runtime failure, 2 usage error\n"
             "environment: CLKVQ_DEVICE, CLKVQ_CACHE_DIR (else $XDG_CACHE_HOME/clkvq, else\n"
@@ -248,7 +258,8 @@ static void precision_usage(FILE *out)
             "k-means clustering of layers; an exact multiple-choice knapsack for the Pareto\n"
             "front of (average bits, total error). Prints the front and writes the lowest-\n"
             "error config whose average bits (KVTuner's count: (k+v)/2, params excluded)\n"
-            "fit the budget. Assumes the layers' errors add up.\n\n"
+            "fit the budget. Assumes the layers' errors add up. The config carries the\n"
+            "dump's geometry (layers, heads, head_dim).\n\n"
             "options:\n"
             "  --calib FILE      calibration dump (required)\n"
             "  --budget BITS     average bits (k+v)/2 in [1.5, 8], e.g. 3.25 (required)\n"
@@ -260,7 +271,10 @@ static void precision_usage(FILE *out)
             "  --no-calib        skvq: no per-layer permutation/clip calibration\n"
             "  --queries M       last positions evaluated per layer (default 16)\n"
             "  --clusters K      cluster layers into K groups sharing a pair (default: none)\n"
-            "  -o FILE           where to write the config (default clkvq-precision.yaml)\n"
+            "  --model NAME      the model the config is for (default: the dump's)\n"
+            "  -o FILE           where to write the config (default: stored as the model's,\n"
+            "                    <cache dir>/configs/<model>.yaml, where\n"
+            "                    clkvq_cache_create_for_model finds it)\n"
             "  --device SPEC     OpenCL device\n"
             "  --json            print one JSON object (front + chosen config)\n"
             "exit codes: 0 ok, 1 runtime failure, 2 usage error\n");
@@ -305,8 +319,8 @@ static int precision_main(int argc, char **argv)
         {"no-calib", no_argument, 0, 'N'},      {"queries", required_argument, 0, 'q'},
         {"clusters", required_argument, 0, 'K'}, {"device", required_argument, 0, 'd'},
         {"json", no_argument, 0, 'j'},          {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
-    const char *calib = NULL, *device = NULL, *output = "clkvq-precision.yaml";
+        {"model", required_argument, 0, 'm'},   {0, 0, 0, 0}};
+    const char *calib = NULL, *device = NULL, *output = NULL, *model = NULL;
     const char *pairs_text = "K8V8,K8V4,K4V8,K4V4,K4V2,K2V4,K2V2,K2V1.5";
     static const char prog[] = "clkvq-tune precision";
     double budget = -1;
@@ -349,6 +363,7 @@ static int precision_main(int argc, char **argv)
         case 'd': device = optarg; break;
         case 'j': json = 1; break;
         case 'o': output = optarg; break;
+        case 'm': model = optarg; break;
         case 'h': precision_usage(stdout); return 0;
         default: precision_usage(stderr); return EXIT_USAGE;
         }
@@ -383,7 +398,39 @@ static int precision_main(int argc, char **argv)
     clkvq_kv_dump *dump = NULL;
     clkvq_search_result *res = NULL;
     clkvq_precision_config *cfg = NULL;
+    char stored[1024] = "";
+    clkvq_dump_info info;
     st = clkvq_dump_open(ctx, calib, &dump);
+    if (st == CLKVQ_OK)
+        st = clkvq_dump_info_get(dump, &info);
+    /* where it goes is settled before the search, not after */
+    if (st == CLKVQ_OK && !output) {
+        if (!model)
+            model = info.model;
+        clkvq_model_geometry row;
+        int bad = 0;
+        if (!*model) {
+            fprintf(stderr, "clkvq-tune precision: the dump names no model: give --model NAME "
+                            "(to store the config as that model's) or -o FILE\n");
+            bad = 1;
+        } else if (clkvq_model_canonical(model) && clkvq_model_lookup(model, &row) == CLKVQ_OK &&
+                   (row.n_layers != info.n_layers || row.n_q_heads != info.n_q_heads ||
+                    row.n_kv_heads != info.n_kv_heads || row.head_dim != info.head_dim)) {
+            char want[64];
+            clkvq_model_format(&row, want, sizeof want);
+            fprintf(stderr,
+                    "clkvq-tune precision: the dump (%d layers, q%d:kv%d:d%d) is not %s's "
+                    "geometry (%s): store it under another --model name, or -o FILE\n",
+                    info.n_layers, info.n_q_heads, info.n_kv_heads, info.head_dim,
+                    clkvq_model_canonical(model), want);
+            bad = 1;
+        }
+        if (bad) {
+            clkvq_dump_close(dump);
+            clkvq_context_release(ctx);
+            return EXIT_USAGE;
+        }
+    }
     if (st == CLKVQ_OK) {
         clkvq_search_options opt = {&defaults, pairs, n_pairs, queries, clusters, calibrate,
                                     precision_progress, NULL};
@@ -391,8 +438,12 @@ static int precision_main(int argc, char **argv)
     }
     if (st == CLKVQ_OK)
         st = clkvq_search_config(ctx, res, budget, &cfg);
-    if (st == CLKVQ_OK)
+    if (st == CLKVQ_OK && output)
         st = clkvq_config_save(ctx, cfg, output);
+    else if (st == CLKVQ_OK)
+        st = clkvq_config_store(ctx, cfg, model, stored, sizeof stored);
+    if (!output)
+        output = stored;
     if (st != CLKVQ_OK) {
         fprintf(stderr, "clkvq-tune precision: %s: %s\n", clkvq_status_string(st),
                 clkvq_last_error(ctx));
@@ -463,15 +514,25 @@ static int precision_main(int argc, char **argv)
     return st == CLKVQ_OK ? 0 : EXIT_RUNTIME;
 }
 
-/* ------------------------------------------------------------ main */
+/* ------------------------------------------------------------ options */
+
+#define MAX_MODELS 8
 
 typedef struct {
     const char *device;
-    const model_shape *models[8];
+    const char *models[MAX_MODELS]; /* --model / --shape, as typed */
     int n_models;
+    clkvq_model_geometry geoms[MAX_MODELS]; /* --geometry */
+    const char *geom_text[MAX_MODELS];
+    int n_geoms;
+    const char *config;
     int tokens[16], n_tokens;
     char formats[256];
-    int group, batch, quick, reps, store, json;
+    int formats_given;
+    clkvq_scheme scheme;
+    int scheme_given;
+    int group, group_given, residual, residual_given;
+    int batch, quick, reps, store, json;
     double budget;
 } cli_options;
 
@@ -479,44 +540,72 @@ static int parse_args(int argc, char **argv, cli_options *o, int *show, int *lis
 {
     static const char prog[] = "clkvq-tune";
     static const struct option longopts[] = {
-        {"device", required_argument, 0, 'd'}, {"shape", required_argument, 0, 's'},
-        {"tokens", required_argument, 0, 't'}, {"formats", required_argument, 0, 'f'},
-        {"group", required_argument, 0, 'g'},  {"batch", required_argument, 0, 'b'},
-        {"budget", required_argument, 0, 'B'}, {"quick", no_argument, 0, 'q'},
-        {"reps", required_argument, 0, 'r'},   {"no-store", no_argument, 0, 'n'},
-        {"json", no_argument, 0, 'j'},         {"show", no_argument, 0, 'S'},
-        {"list-devices", no_argument, 0, 'L'}, {"help", no_argument, 0, 'h'},
+        {"device", required_argument, 0, 'd'},   {"shape", required_argument, 0, 's'},
+        {"model", required_argument, 0, 's'},    {"geometry", required_argument, 0, 'G'},
+        {"config", required_argument, 0, 'c'},   {"scheme", required_argument, 0, 'S'},
+        {"residual", required_argument, 0, 'R'}, {"tokens", required_argument, 0, 't'},
+        {"formats", required_argument, 0, 'f'},  {"group", required_argument, 0, 'g'},
+        {"batch", required_argument, 0, 'b'},    {"budget", required_argument, 0, 'B'},
+        {"quick", no_argument, 0, 'q'},          {"reps", required_argument, 0, 'r'},
+        {"no-store", no_argument, 0, 'n'},       {"json", no_argument, 0, 'j'},
+        {"show", no_argument, 0, 'w'},           {"list-devices", no_argument, 0, 'L'},
+        {"list-models", no_argument, 0, 'M'},    {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
         case 'd': o->device = optarg; break;
-        case 's': {
-            int found = 0;
-            for (size_t i = 0; i < sizeof g_models / sizeof g_models[0]; i++)
-                if (!strcmp(optarg, g_models[i].name) && o->n_models < 8) {
-                    o->models[o->n_models++] = &g_models[i];
-                    found = 1;
-                }
-            if (!found) {
-                fprintf(stderr, "clkvq-tune: unknown shape '%s'\n", optarg);
+        case 's':
+            if (o->n_models == MAX_MODELS) {
+                fprintf(stderr, "clkvq-tune: at most %d --model / --shape\n", MAX_MODELS);
                 return EXIT_USAGE;
             }
+            o->models[o->n_models++] = optarg;
             break;
-        }
-        case 't':
-            o->n_tokens = parse_int_list(optarg, o->tokens, 16);
-            if (o->n_tokens <= 0) {
+        case 'G':
+            if (o->n_geoms == MAX_MODELS) {
+                fprintf(stderr, "clkvq-tune: at most %d --geometry\n", MAX_MODELS);
+                return EXIT_USAGE;
+            }
+            if (clkvq_model_parse(optarg, &o->geoms[o->n_geoms]) != CLKVQ_OK) {
+                fprintf(stderr, "clkvq-tune: --geometry: %s\n", clkvq_last_error(NULL));
+                return EXIT_USAGE;
+            }
+            o->geom_text[o->n_geoms++] = optarg;
+            break;
+        case 'c': o->config = optarg; break;
+        case 'S':
+            if (clkvq_scheme_parse(optarg, &o->scheme) != CLKVQ_OK) {
+                fprintf(stderr, "clkvq-tune: --scheme '%s' is not fp16, token, kivi or skvq\n",
+                        optarg);
+                return EXIT_USAGE;
+            }
+            o->scheme_given = 1;
+            break;
+        case 'R':
+            if (cli_parse_int(prog, "--residual", optarg, 32, 1 << 24, &o->residual))
+                return EXIT_USAGE;
+            o->residual_given = 1;
+            break;
+        case 't': { /* repeatable: the lists add up */
+            int n = parse_int_list(optarg, o->tokens + o->n_tokens, 16 - o->n_tokens);
+            if (n <= 0) {
                 fprintf(stderr,
-                        "clkvq-tune: --tokens '%s' is not a list of up to 16 integers in "
-                        "[1, %d]\n",
+                        "clkvq-tune: --tokens '%s' is not a list of integers in [1, %d] (at most "
+                        "16 lengths in all)\n",
                         optarg, 1 << 24);
                 return EXIT_USAGE;
             }
+            o->n_tokens += n;
             break;
-        case 'f': snprintf(o->formats, sizeof o->formats, "%s", optarg); break;
+        }
+        case 'f':
+            snprintf(o->formats, sizeof o->formats, "%s", optarg);
+            o->formats_given = 1;
+            break;
         case 'g':
             if (cli_parse_int(prog, "--group", optarg, 32, 1 << 16, &o->group)) return EXIT_USAGE;
+            o->group_given = 1;
             break;
         case 'b':
             if (cli_parse_int(prog, "--batch", optarg, 1, 1 << 16, &o->batch)) return EXIT_USAGE;
@@ -531,8 +620,9 @@ static int parse_args(int argc, char **argv, cli_options *o, int *show, int *lis
             break;
         case 'n': o->store = 0; break;
         case 'j': o->json = 1; break;
-        case 'S': *show = 1; break;
+        case 'w': *show = 1; break;
         case 'L': *list = 1; break;
+        case 'M': *list = 2; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return EXIT_USAGE;
         }
@@ -545,8 +635,300 @@ static int parse_args(int argc, char **argv, cli_options *o, int *show, int *lis
         fprintf(stderr, "clkvq-tune: --group %d is not a multiple of 32\n", o->group);
         return EXIT_USAGE;
     }
+    if (o->config) {
+        if (o->n_models > 1 || o->n_geoms > 1) {
+            fprintf(stderr, "clkvq-tune: --config tunes one model: one --model and/or one "
+                            "--geometry\n");
+            return EXIT_USAGE;
+        }
+        if (o->formats_given) {
+            fprintf(stderr, "clkvq-tune: --formats and --config exclude each other (a config "
+                            "names its own pairs)\n");
+            return EXIT_USAGE;
+        }
+    } else if (o->scheme_given || o->residual_given) {
+        fprintf(stderr, "clkvq-tune: --scheme and --residual go with --config\n");
+        return EXIT_USAGE;
+    }
+    /* a model name is looked up in the table, except with --config: there a
+     * name the table does not know only names the model, whose geometry
+     * then comes from --geometry or the file */
+    for (int m = 0; m < o->n_models; m++) {
+        clkvq_model_geometry g;
+        if (!o->config && clkvq_model_lookup(o->models[m], &g) != CLKVQ_OK) {
+            fprintf(stderr, "clkvq-tune: --model: %s\n", clkvq_last_error(NULL));
+            return EXIT_USAGE;
+        }
+    }
     return 0;
 }
+
+static void list_models(void)
+{
+    for (int i = 0; i < clkvq_model_count(); i++) {
+        clkvq_model_geometry g;
+        char text[64];
+        clkvq_model_lookup(clkvq_model_name(i), &g);
+        clkvq_model_format(&g, text, sizeof text);
+        printf("%-18s %s\n", clkvq_model_name(i), text);
+    }
+}
+
+/* ------------------------------------------------------------ --config */
+
+/* "0-3,5,7-9": the layers whose setting is `which`. */
+static void layer_ranges(const int *of, int n_layers, int which, char *buf, size_t size)
+{
+    buf[0] = '\0';
+    for (int l = 0; l < n_layers; l++) {
+        if (of[l] != which)
+            continue;
+        int end = l;
+        while (end + 1 < n_layers && of[end + 1] == which)
+            end++;
+        size_t used = strlen(buf);
+        if (used + 1 >= size)
+            return;
+        snprintf(buf + used, size - used, end > l ? "%s%d-%d" : "%s%d", used ? "," : "", l, end);
+        l = end;
+    }
+}
+
+static const char *setting_label(const clkvq_tune_shape *s, char *buf, size_t size)
+{
+    if (s->scheme == CLKVQ_SCHEME_FP16)
+        snprintf(buf, size, "fp16");
+    else
+        snprintf(buf, size, "%s K%sV%s g%d", clkvq_scheme_name(s->scheme),
+                 clkvq_format_get(s->format_k)->bits_name,
+                 clkvq_format_get(s->format_v)->bits_name, s->group_size);
+    return buf;
+}
+
+typedef struct {
+    clkvq_tune_result res;
+    char layers[256];
+    clkvq_tuning_source after; /* what a cache's lookup finds once stored */
+} config_row;
+
+static void print_config_table(const clkvq_device_info *info, const char *path,
+                               const char *model, const clkvq_precision_config *cfg,
+                               const config_row *rows, int n)
+{
+    clkvq_model_geometry g;
+    char geo[64];
+    clkvq_config_geometry(cfg, &g);
+    clkvq_model_format(&g, geo, sizeof geo);
+    printf("clkvq-tune: %s / %s (driver %s, %d CUs)\n", info->platform, info->name,
+           info->driver_version, info->compute_units);
+    printf("device key: %s\n", info->device_key);
+    printf("config: %s (model %s, %s, %.4g average bits)\n\n", path, *model ? model : "unnamed",
+           geo, clkvq_config_average_bits(cfg));
+    printf("| setting | layers | tokens | batch | default ms | tuned ms | speedup | params | "
+           "candidates (rejected) |\n");
+    printf("|:--|:--|--:|--:|--:|--:|--:|:--|--:|\n");
+    for (int i = 0; i < n; i++) {
+        const clkvq_tune_result *r = &rows[i].res;
+        char s[64], p[96];
+        printf("| %s | %s | %d | %d | %.3f | %.3f | %.2fx | %s | %d (%d) |\n",
+               setting_label(&r->shape, s, sizeof s), rows[i].layers, r->shape.tokens,
+               r->shape.batch, r->default_ms, r->tuned_ms, r->default_ms / r->tuned_ms,
+               params_label(&r->params, p, sizeof p), r->n_candidates, r->n_rejected);
+    }
+}
+
+static void print_config_json(const clkvq_device_info *info, const char *path,
+                              const char *model, const clkvq_precision_config *cfg,
+                              const config_row *rows, int n, const char *tuning_file,
+                              const char *config_file)
+{
+    clkvq_model_geometry g;
+    char geo[64];
+    clkvq_config_geometry(cfg, &g);
+    clkvq_model_format(&g, geo, sizeof geo);
+    cJSON *root = cJSON_CreateObject();
+    char device[512];
+    snprintf(device, sizeof device, "%s / %s", info->platform, info->name);
+    cJSON_AddStringToObject(root, "device", device);
+    cJSON_AddStringToObject(root, "device_key", info->device_key);
+    cJSON_AddStringToObject(root, "config", path);
+    cJSON_AddStringToObject(root, "model", model);
+    cJSON_AddStringToObject(root, "geometry", geo);
+    cJSON_AddNumberToObject(root, "average_bits", clkvq_config_average_bits(cfg));
+    cJSON_AddStringToObject(root, "tuning_file", tuning_file);
+    cJSON_AddStringToObject(root, "config_file", config_file);
+    cJSON *list = cJSON_AddArrayToObject(root, "results");
+    for (int i = 0; i < n; i++) {
+        const clkvq_tune_result *r = &rows[i].res;
+        cJSON *o = cJSON_CreateObject();
+        char s[64], p[96];
+        cJSON_AddStringToObject(o, "setting", setting_label(&r->shape, s, sizeof s));
+        cJSON_AddStringToObject(o, "layers", rows[i].layers);
+        cJSON_AddNumberToObject(o, "tokens", r->shape.tokens);
+        cJSON_AddNumberToObject(o, "batch", r->shape.batch);
+        cJSON_AddNumberToObject(o, "default_ms", r->default_ms);
+        cJSON_AddNumberToObject(o, "tuned_ms", r->tuned_ms);
+        cJSON_AddStringToObject(o, "params", params_label(&r->params, p, sizeof p));
+        cJSON_AddNumberToObject(o, "candidates", r->n_candidates);
+        cJSON_AddNumberToObject(o, "rejected", r->n_rejected);
+        cJSON_AddStringToObject(o, "lookup", clkvq_tuning_source_name(rows[i].after));
+        cJSON_AddItemToArray(list, o);
+    }
+    char *text = cJSON_Print(root);
+    printf("%s\n", text);
+    free(text);
+    cJSON_Delete(root);
+}
+
+#define MAX_SETTINGS 64
+
+/* Tunes every distinct layer setting of the config at the model's geometry
+ * and each length asked for, so that every layer of a cache of that
+ * capacity and batch finds an exact entry; stores both. */
+static int config_main(const cli_options *o, clkvq_context *ctx)
+{
+    clkvq_layer_config defaults, *dp = NULL;
+    if (o->scheme_given || o->group_given || o->residual_given) {
+        defaults = clkvq_layer_config_default(o->scheme_given ? o->scheme : CLKVQ_SCHEME_TOKEN);
+        if (o->group_given)
+            defaults.group_size = o->group;
+        if (o->residual_given)
+            defaults.residual = o->residual;
+        dp = &defaults;
+    }
+    clkvq_model_geometry g, *gp = NULL;
+    int named_unknown = o->n_models && !clkvq_model_canonical(o->models[0]);
+    if (o->n_geoms)
+        gp = &g, g = o->geoms[0];
+    else if (o->n_models && !named_unknown)
+        gp = &g, clkvq_model_lookup(o->models[0], &g);
+    clkvq_precision_config *cfg = NULL;
+    clkvq_status st = clkvq_config_load_for_model(ctx, o->config, dp, gp, &cfg);
+    if (st != CLKVQ_OK) {
+        fprintf(stderr, "clkvq-tune: %s: %s%s\n", clkvq_status_string(st), clkvq_last_error(ctx),
+                gp ? ""
+                : named_unknown
+                    ? " (--model names no model of the table, see --list-models; give "
+                      "--geometry q<h>:kv<h>:d<dim>:l<layers>)"
+                    : " (--model NAME or --geometry q<h>:kv<h>:d<dim>:l<layers>)");
+        return EXIT_RUNTIME;
+    }
+    clkvq_config_geometry(cfg, &g);
+    const char *model = o->n_models ? o->models[0] : clkvq_config_model(cfg);
+    /* a model of the table must have this geometry to be stored under its
+     * name: say so before tuning, not after */
+    clkvq_model_geometry row;
+    if (o->store && clkvq_model_canonical(model) && clkvq_model_lookup(model, &row) == CLKVQ_OK &&
+        clkvq_config_check_geometry(ctx, cfg, &row) != CLKVQ_OK) {
+        fprintf(stderr, "clkvq-tune: cannot store the config as %s: %s\n", model,
+                clkvq_last_error(ctx));
+        clkvq_config_free(cfg);
+        return EXIT_RUNTIME;
+    }
+    int n_layers = clkvq_config_n_layers(cfg);
+    int *of = calloc((size_t)n_layers, sizeof *of);
+    config_row *rows = calloc((size_t)MAX_SETTINGS * (size_t)o->n_tokens, sizeof *rows);
+    clkvq_tune_shape shapes[MAX_SETTINGS];
+    int first[MAX_SETTINGS], n_rows = 0, n_shapes = 0;
+    if (!of || !rows)
+        st = CLKVQ_ERR_OUT_OF_MEMORY;
+    /* every length asked for: the settings are the same, the shapes' tokens differ */
+    for (int t = 0; t < o->n_tokens && st == CLKVQ_OK; t++) {
+        st = clkvq_config_tune_shapes(ctx, cfg, &g, o->tokens[t], o->batch, shapes, MAX_SETTINGS,
+                                      &n_shapes, of, first);
+        for (int i = 0; i < n_shapes && st == CLKVQ_OK; i++) {
+            rows[n_rows].res.shape = shapes[i];
+            layer_ranges(of, n_layers, i, rows[n_rows].layers, sizeof rows[n_rows].layers);
+            n_rows++;
+        }
+    }
+    if (st != CLKVQ_OK && st != CLKVQ_ERR_OUT_OF_MEMORY)
+        fprintf(stderr, "clkvq-tune: %s: %s\n", clkvq_status_string(st), clkvq_last_error(ctx));
+    progress_state ps = {isatty(fileno(stderr)), 0.0, 0, n_rows, ""};
+    for (int i = 0; i < n_rows && st == CLKVQ_OK; i++) {
+        char s[64];
+        clkvq_layer_config lc;
+        clkvq_config_layer(cfg, first[i % n_shapes], &lc);
+        ps.shape_index = i;
+        ps.start = now_s();
+        snprintf(ps.label, sizeof ps.label, "%s %dk %s", model, rows[i].res.shape.tokens / 1024,
+                 setting_label(&rows[i].res.shape, s, sizeof s));
+        clkvq_tune_options opt = {o->budget, o->quick, o->reps, 1, on_progress, &ps, &lc};
+        clkvq_tune_shape shape = rows[i].res.shape;
+        st = clkvq_tune_decode(ctx, &shape, &opt, &rows[i].res);
+        if (st != CLKVQ_OK)
+            fprintf(stderr, "clkvq-tune: %s: %s: %s\n", ps.label, clkvq_status_string(st),
+                    clkvq_last_error(ctx));
+    }
+    char tuning_path[1024] = "", config_path[1024] = "";
+    clkvq_tune_result *results = st == CLKVQ_OK ? calloc((size_t)n_rows + 1, sizeof *results)
+                                                : NULL;
+    if (st == CLKVQ_OK && !results)
+        st = CLKVQ_ERR_OUT_OF_MEMORY;
+    for (int i = 0; i < n_rows && results; i++)
+        results[i] = rows[i].res;
+    if (st == CLKVQ_OK && o->store) {
+        st = clkvq_tuning_store(ctx, results, n_rows, tuning_path, sizeof tuning_path);
+        if (st == CLKVQ_OK && *model)
+            st = clkvq_config_store(ctx, cfg, model, config_path, sizeof config_path);
+        if (st != CLKVQ_OK)
+            fprintf(stderr, "clkvq-tune: storing: %s: %s\n", clkvq_status_string(st),
+                    clkvq_last_error(ctx));
+    }
+    /* what a cache of each capacity will find, layer by layer */
+    int exact = 0;
+    for (int i = 0; i < n_rows && st == CLKVQ_OK; i++) {
+        clkvq_tune_params p;
+        rows[i].after = CLKVQ_TUNED_BUILTIN;
+        if (clkvq_tuning_lookup(ctx, &rows[i].res.shape, &p, &rows[i].after) != CLKVQ_OK)
+            rows[i].after = CLKVQ_TUNED_BUILTIN;
+        exact += rows[i].after == CLKVQ_TUNED_EXACT;
+    }
+    clkvq_device_info info;
+    clkvq_context_device_info(ctx, &info);
+    if (st == CLKVQ_OK && o->json)
+        print_config_json(&info, o->config, model, cfg, rows, n_rows, tuning_path, config_path);
+    if (st == CLKVQ_OK && !o->json) {
+        print_config_table(&info, o->config, model, cfg, rows, n_rows);
+        printf("\n");
+        if (exact == n_rows)
+            printf("lookup: every layer finds an exact tuning entry (%d layers, %d setting%s, "
+                   "at each length for batch %d)\n",
+                   n_layers, n_shapes, n_shapes == 1 ? "" : "s", o->batch);
+        else
+            printf("lookup: %d of %d (setting, length) pairs find an exact entry%s\n", exact,
+                   n_rows, o->store ? "" : " (--no-store: nothing was written)");
+        for (int t = 0; t < o->n_tokens; t++) { /* a cache takes layer 0's layouts (AUTO) */
+            const clkvq_tune_params *p0 = &rows[t * n_shapes].res.params;
+            for (int i = 1; i < n_shapes; i++) {
+                const clkvq_tune_params *p = &rows[t * n_shapes + i].res.params;
+                if (p->layout_k != p0->layout_k || p->layout_v != p0->layout_v) {
+                    printf("note: at %d tokens the settings chose different layouts; a cache "
+                           "with AUTO layouts takes layer 0's for every layer\n",
+                           o->tokens[t]);
+                    break;
+                }
+            }
+        }
+        if (*tuning_path)
+            printf("tuning cached in %s\n", tuning_path);
+        if (*config_path)
+            printf("config stored as %s (clkvq_cache_create_for_model(ctx, \"%s\", ...) opens "
+                   "it)\n",
+                   config_path, model);
+        else if (o->store)
+            printf("config not stored: it names no model (give --model NAME)\n");
+    }
+    free(results);
+    free(rows);
+    free(of);
+    clkvq_config_free(cfg);
+    if (st == CLKVQ_ERR_OUT_OF_MEMORY)
+        fprintf(stderr, "clkvq-tune: out of memory\n");
+    return st == CLKVQ_OK ? 0 : EXIT_RUNTIME;
+}
+
+/* ------------------------------------------------------------ main */
 
 int main(int argc, char **argv)
 {
@@ -562,46 +944,76 @@ int main(int argc, char **argv)
     int rc = parse_args(argc, argv, &o, &show, &list);
     if (rc)
         return rc;
-    if (list)
+    if (list == 1)
         return clkvq_list_devices(stdout) == CLKVQ_OK ? 0 : EXIT_RUNTIME;
-    if (o.n_models == 0)
-        o.models[o.n_models++] = &g_models[0];
+    if (list == 2) {
+        list_models();
+        return 0;
+    }
     if (o.n_tokens == 0) {
         o.tokens[0] = 4096;
         o.tokens[1] = 32768;
         o.n_tokens = 2;
     }
 
-    /* shapes: model x format x tokens */
-    clkvq_tune_shape pairs[16];
-    int n_pairs = 0;
-    char formats[256];
-    snprintf(formats, sizeof formats, "%s", o.formats);
-    for (char *save = NULL, *f = strtok_r(formats, ",", &save); f && n_pairs < 16;
-         f = strtok_r(NULL, ",", &save)) {
-        memset(&pairs[n_pairs], 0, sizeof pairs[n_pairs]);
-        if (parse_format_pair(f, &pairs[n_pairs]) != 0) {
-            fprintf(stderr, "clkvq-tune: bad format '%s' (e.g. fp16, k4v4, k2v1.5)\n", f);
-            return EXIT_USAGE;
-        }
-        n_pairs++;
-    }
+    /* format mode: shapes = model x format x tokens */
     static clkvq_tune_shape shapes[MAX_SHAPES];
+    static char shape_labels[MAX_SHAPES][64];
     static const char *shape_models[MAX_SHAPES];
     int n_shapes = 0;
-    for (int m = 0; m < o.n_models; m++)
-        for (int f = 0; f < n_pairs; f++)
-            for (int t = 0; t < o.n_tokens && n_shapes < MAX_SHAPES; t++) {
-                clkvq_tune_shape *sh = &shapes[n_shapes];
-                *sh = pairs[f];
-                sh->group_size = o.group;
-                sh->head_dim = o.models[m]->head_dim;
-                sh->n_q_heads = o.models[m]->n_q_heads;
-                sh->n_kv_heads = o.models[m]->n_kv_heads;
-                sh->tokens = o.tokens[t];
-                sh->batch = o.batch;
-                shape_models[n_shapes++] = o.models[m]->name;
+    if (!o.config) {
+        clkvq_tune_shape pairs[16];
+        int n_pairs = 0;
+        char formats[256];
+        snprintf(formats, sizeof formats, "%s", o.formats);
+        for (char *save = NULL, *f = strtok_r(formats, ",", &save); f;
+             f = strtok_r(NULL, ",", &save)) {
+            int ok = n_pairs < 16;
+            if (ok) {
+                memset(&pairs[n_pairs], 0, sizeof pairs[n_pairs]);
+                ok = parse_format_pair(f, &pairs[n_pairs]) == 0;
             }
+            if (!ok) {
+                fprintf(stderr, "clkvq-tune: bad format '%s' (e.g. fp16, k4v4, k2v1.5; at most "
+                                "16)\n", f);
+                return EXIT_USAGE;
+            }
+            n_pairs++;
+        }
+        clkvq_model_geometry geos[2 * MAX_MODELS];
+        int n_geos = 0;
+        for (int m = 0; m < o.n_models; m++) {
+            clkvq_model_lookup(o.models[m], &geos[n_geos]);
+            snprintf(shape_labels[n_geos++], sizeof shape_labels[0], "%s",
+                     clkvq_model_canonical(o.models[m]));
+        }
+        for (int m = 0; m < o.n_geoms; m++) {
+            geos[n_geos] = o.geoms[m];
+            snprintf(shape_labels[n_geos++], sizeof shape_labels[0], "%s", o.geom_text[m]);
+        }
+        if (n_geos == 0) { /* the default: Llama-3-8B's attention */
+            clkvq_model_lookup("llama-3-8b", &geos[0]);
+            snprintf(shape_labels[n_geos++], sizeof shape_labels[0], "llama-3-8b");
+        }
+        for (int m = 0; m < n_geos; m++)
+            for (int f = 0; f < n_pairs; f++)
+                for (int t = 0; t < o.n_tokens; t++) {
+                    if (n_shapes == MAX_SHAPES) {
+                        fprintf(stderr, "clkvq-tune: more than %d shapes asked for\n",
+                                MAX_SHAPES);
+                        return EXIT_USAGE;
+                    }
+                    clkvq_tune_shape *sh = &shapes[n_shapes];
+                    *sh = pairs[f];
+                    sh->group_size = o.group;
+                    sh->head_dim = geos[m].head_dim;
+                    sh->n_q_heads = geos[m].n_q_heads;
+                    sh->n_kv_heads = geos[m].n_kv_heads;
+                    sh->tokens = o.tokens[t];
+                    sh->batch = o.batch;
+                    shape_models[n_shapes++] = shape_labels[m];
+                }
+    }
 
     clkvq_context *ctx = NULL;
     clkvq_status st = clkvq_context_create(&ctx, o.device);
@@ -611,8 +1023,20 @@ int main(int argc, char **argv)
     }
     if (show) {
         st = clkvq_tuning_show(ctx, stdout);
+        if (st == CLKVQ_OK) {
+            printf("\n");
+            st = clkvq_config_show(ctx, stdout);
+        }
+        if (st != CLKVQ_OK)
+            fprintf(stderr, "clkvq-tune: %s: %s\n", clkvq_status_string(st),
+                    clkvq_last_error(ctx));
         clkvq_context_release(ctx);
         return st == CLKVQ_OK ? 0 : EXIT_RUNTIME;
+    }
+    if (o.config) {
+        rc = config_main(&o, ctx);
+        clkvq_context_release(ctx);
+        return rc;
     }
     clkvq_device_info info;
     clkvq_context_device_info(ctx, &info);
@@ -625,7 +1049,7 @@ int main(int argc, char **argv)
         ps.start = now_s();
         snprintf(ps.label, sizeof ps.label, "%s %dk %s", shape_models[i],
                  shapes[i].tokens / 1024, format_label(&shapes[i], f, sizeof f));
-        clkvq_tune_options opt = {o.budget, o.quick, o.reps, 1, on_progress, &ps};
+        clkvq_tune_options opt = {o.budget, o.quick, o.reps, 1, on_progress, &ps, NULL};
         st = clkvq_tune_decode(ctx, &shapes[i], &opt, &results[i]);
         if (st != CLKVQ_OK)
             fprintf(stderr, "clkvq-tune: %s: %s: %s\n", ps.label, clkvq_status_string(st),

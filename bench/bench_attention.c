@@ -8,7 +8,9 @@
  * seeded by sequence and chunk), then clkvq_cache_decode on device buffers:
  * 2 warm-up calls, then --reps timed calls; the row's time is the median of
  * clkvq_last_device_ms (profiling events of the decode kernels only; the
- * fill is never timed).
+ * fill is never timed). Each row runs with the device's default tunables,
+ * or once per --kernel candidate; its "kernel" column names the decode
+ * kernels and tunables that ran.
  *
  * Metrics:
  *   GB/s     = the cache's device bytes (clkvq_cache_plan at capacity =
@@ -43,6 +45,7 @@
 #define SYNTH_SEED_BASE 1
 #define Q_SEED 12345u
 #define MAX_LIST 32
+#define MAX_KERNELS 8 /* --kernel candidates */
 #define SYNTH_CACHE_MB 3072 /* default --synth-cache-mb */
 
 /* ------------------------------------------------------------ tables */
@@ -84,6 +87,12 @@ static const attn_format g_formats[] = {
 
 /* ------------------------------------------------------------ options */
 
+/* A --kernel candidate: decode tunables to set on every cache, or the
+ * device's defaults (variant 0). */
+typedef struct {
+    clkvq_attn_tuning tuning;
+} kernel_choice;
+
 typedef struct {
     int shapes[N_SHAPES], n_shapes;
     int tokens[MAX_LIST], n_tokens;
@@ -94,10 +103,14 @@ typedef struct {
     int json;
     int synth_mb; /* host memory for reused synthetic chunks */
     const char *device;
+    kernel_choice kernels[MAX_KERNELS];
+    int n_kernels;
 } attn_options;
 
 typedef struct {
     int shape, tokens, batch, format;
+    int kernel;                /* index into attn_options.kernels */
+    clkvq_attn_tuning tuning;  /* what the cache resolved (cache rows) */
     int skipped;
     char note[256]; /* why it was skipped */
     double bits_per_element;
@@ -157,6 +170,12 @@ static void usage(FILE *out) {
             "  -b, --batch LIST    sequences per cache (default 1,8)\n"
             "  -f, --formats LIST  fp16,k8v8,k4v4,k4v2,k2v2,k2v1.5,gemv-fp32 (default all);\n"
             "                      kXvY = X-bit keys, Y-bit values (1.5 = ternary)\n"
+            "  -k, --kernel LIST   decode kernel candidates, each row runs once per item:\n"
+            "                      default (the device's tunables: tuning file, shipped\n"
+            "                      entries, built-in), serial:VW:CHUNK (one work-item per\n"
+            "                      chunk, VW tokens per vector: 4, 8, 16) or\n"
+            "                      cooperative:WGS:CHUNK (a work-group per chunk)\n"
+            "                      (default: default)\n"
             "  -g, --group N       channels per quantization group, a multiple of 32 that\n"
             "                      divides every chosen shape's head_dim (default 32)\n"
             "  -r, --reps N        timed repetitions; median (default 10)\n"
@@ -172,9 +191,12 @@ static void usage(FILE *out) {
             "device's global memory, or a buffer over its largest allocation, is skipped\n"
             "with a note. Progress goes to stderr.\n"
             "\n"
-            "columns: bits/elem = cache device bytes * 8 / (K+V elements); GB/s = cache bytes\n"
-            "read per decode / time; GFLOP/s = 4 * q_heads * head_dim * tokens * batch / time;\n"
-            "x fp16 = ms(fp16) / ms; x roof = GB/s / copy bandwidth (read + write, 256 MiB)\n"
+            "columns: kernel = the decode kernels that ran (float-unrolled: the serial variant,\n"
+            "vN cM its vector width and chunk; float-cooperative: wN work-group size) or\n"
+            "clblast-gemv; bits/elem = cache device bytes * 8 / (K+V elements); GB/s = cache\n"
+            "bytes read per decode / time; GFLOP/s = 4 * q_heads * head_dim * tokens * batch /\n"
+            "time; x fp16 = ms(fp16, same kernel candidate) / ms; x roof = GB/s / copy\n"
+            "bandwidth (read + write, 256 MiB)\n"
             "\n"
             "exit codes: 0 ok, 1 runtime failure, 2 usage error\n",
             WARMUPS, SYNTH_CACHE_MB, MEM_FRACTION * 100.0);
@@ -226,12 +248,47 @@ static int parse_name_list(const char *text, const char *const *names, int count
     return any ? 0 : -1;
 }
 
+/* "default", "serial:VW:CHUNK" or "cooperative:WGS:CHUNK", comma-separated;
+ * the library checks the numbers when a cache takes them. */
+static int parse_kernel_list(const char *text, attn_options *opt) {
+    char buf[512];
+    if (!text || strlen(text) >= sizeof buf) return -1;
+    strcpy(buf, text);
+    opt->n_kernels = 0;
+    char *save = NULL;
+    for (char *item = strtok_r(buf, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        if (opt->n_kernels == MAX_KERNELS) return -1;
+        kernel_choice *k = &opt->kernels[opt->n_kernels++];
+        memset(k, 0, sizeof *k);
+        if (!strcmp(item, "default")) continue;
+        char *save2 = NULL;
+        const char *name = strtok_r(item, ":", &save2);
+        const char *a = strtok_r(NULL, ":", &save2), *c = strtok_r(NULL, ":", &save2);
+        long va, vc;
+        if (!name || !a || !c || strtok_r(NULL, ":", &save2) ||
+            bench_parse_int(a, 1, 65536, &va) || bench_parse_int(c, 1, 1 << 24, &vc))
+            return -1;
+        k->tuning.chunk = (int)vc;
+        if (!strcmp(name, "serial")) {
+            k->tuning.variant = CLKVQ_ATTN_SERIAL;
+            k->tuning.vw = (int)va;
+        } else if (!strcmp(name, "cooperative")) {
+            k->tuning.variant = CLKVQ_ATTN_COOPERATIVE;
+            k->tuning.wgs = (int)va;
+        } else {
+            return -1;
+        }
+    }
+    return opt->n_kernels > 0 ? 0 : -1;
+}
+
 static int parse_options(int argc, char **argv, attn_options *opt) {
     static const struct option longopts[] = {{"shape", required_argument, NULL, 's'},
                                              {"tokens", required_argument, NULL, 't'},
                                              {"batch", required_argument, NULL, 'b'},
                                              {"formats", required_argument, NULL, 'f'},
                                              {"group", required_argument, NULL, 'g'},
+                                             {"kernel", required_argument, NULL, 'k'},
                                              {"reps", required_argument, NULL, 'r'},
                                              {"device", required_argument, NULL, 'd'},
                                              {"synth-cache-mb", required_argument, NULL, 'm'},
@@ -249,6 +306,7 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
     opt->group_size = 32;
     opt->reps = 10;
     opt->synth_mb = SYNTH_CACHE_MB;
+    opt->n_kernels = 1; /* the device's defaults */
 
     const char *shape_names[N_SHAPES], *format_names[N_FORMATS];
     for (int i = 0; i < N_SHAPES; i++) shape_names[i] = g_shapes[i].name;
@@ -257,7 +315,7 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
     long value;
     optind = 1;
     int c;
-    while ((c = getopt_long(argc, argv, "s:t:b:f:g:r:d:m:jh", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "s:t:b:f:g:k:r:d:m:jh", longopts, NULL)) != -1) {
         switch (c) {
         case 's': {
             int picked[N_SHAPES];
@@ -303,6 +361,15 @@ static int parse_options(int argc, char **argv, attn_options *opt) {
                 return BENCH_EXIT_USAGE;
             }
             opt->group_size = (int)value;
+            break;
+        case 'k':
+            if (parse_kernel_list(optarg, opt)) {
+                fprintf(stderr,
+                        "%s: --kernel wants up to %d of default, serial:VW:CHUNK, "
+                        "cooperative:WGS:CHUNK, got '%s'\n",
+                        g_prog, MAX_KERNELS, optarg);
+                return BENCH_EXIT_USAGE;
+            }
             break;
         case 'r':
             if (bench_parse_int(optarg, 1, 100000, &value)) {
@@ -399,6 +466,18 @@ static const char *variant_name(clkvq_attn_variant v) {
     case CLKVQ_ATTN_COOPERATIVE: return "cooperative";
     default: return "default";
     }
+}
+
+/* The decode kernels a row ran: the serial variant's unrolled float kernels
+ * (cl_kernels/attention_serial.cl) or the cooperative ones, with their
+ * tunables; the GEMV baseline is CLBlast's. */
+static void kernel_name(const attn_result *r, char *buf, size_t size) {
+    if (g_formats[r->format].kind == ROW_GEMV)
+        snprintf(buf, size, "clblast-gemv");
+    else if (r->tuning.variant == CLKVQ_ATTN_SERIAL)
+        snprintf(buf, size, "float-unrolled v%d c%d", r->tuning.vw, r->tuning.chunk);
+    else
+        snprintf(buf, size, "float-cooperative w%d c%d", r->tuning.wgs, r->tuning.chunk);
 }
 
 static attn_result *result_add(result_list *list) {
@@ -662,11 +741,23 @@ static int run_cache_row(attn_bench *b, const attn_options *opt, attn_result *re
     }
     if (st != CLKVQ_OK) return report(b, st, "cache create");
 
+    const kernel_choice *choice = &opt->kernels[res->kernel];
+    if (choice->tuning.variant) {
+        st = clkvq_cache_set_tuning(cache, &choice->tuning);
+        if (st != CLKVQ_OK) { /* a candidate this shape or device cannot run */
+            skip_row(res, "kernel candidate: %s", clkvq_last_error(b->ctx));
+            clkvq_cache_release(cache);
+            return BENCH_EXIT_OK;
+        }
+    }
     clkvq_attn_tuning tuning;
     int rc = BENCH_EXIT_OK;
     st = clkvq_cache_get_tuning(cache, &tuning);
+    if (st == CLKVQ_OK) res->tuning = tuning;
     if (st != CLKVQ_OK) {
         rc = report(b, st, "get tuning");
+    } else if (choice->tuning.variant) {
+        /* a candidate's tunables: the kernel column shows them */
     } else if (!b->have_tuning) {
         b->tuning = tuning;
         b->have_tuning = 1;
@@ -686,8 +777,10 @@ static int run_cache_row(attn_bench *b, const attn_options *opt, attn_result *re
     }
     if (rc == BENCH_EXIT_OK) {
         fill_metrics(b, s, res, (double)mem.device_bytes);
-        fprintf(stderr, "%s: %s %6d tok x%d %-9s %9.3f ms  (fill %.1f s)\n", g_prog, s->name,
-                res->tokens, res->batch, f->name, res->ms, fill_s);
+        char kname[64];
+        kernel_name(res, kname, sizeof kname);
+        fprintf(stderr, "%s: %s %6d tok x%d %-9s %-26s %9.3f ms  (fill %.1f s)\n", g_prog,
+                s->name, res->tokens, res->batch, f->name, kname, res->ms, fill_s);
     }
     if (q) clReleaseMemObject(q);
     if (out) clReleaseMemObject(out);
@@ -760,6 +853,9 @@ static void print_header(const attn_bench *b, const attn_options *opt) {
                "defaults)%s\n",
                variant_name(b->tuning.variant), b->tuning.chunk, b->tuning.vw, b->tuning.wgs,
                b->tuning_varies ? "; some caches resolved other tunables" : "");
+    if (opt->n_kernels > 1 || opt->kernels[0].tuning.variant)
+        printf("kernels: %d candidate%s per row (--kernel; the kernel column)\n",
+               opt->n_kernels, opt->n_kernels > 1 ? "s" : "");
     printf("cache:   1 layer, scheme token (fp16: fp16), group %d, fp16 params, group-planar "
            "K/V, synthetic K/V in chunks of %d\n",
            opt->group_size, FILL_CHUNK);
@@ -770,9 +866,9 @@ static void print_header(const attn_bench *b, const attn_options *opt) {
 static void print_shape_table(const attn_shape *s, const result_list *list, int shape_idx) {
     printf("### %s (%d q heads, %d kv heads, head_dim %d)\n\n", s->label, s->n_q_heads,
            s->n_kv_heads, s->head_dim);
-    static const char *const headers[] = {"tokens", "batch",   "format", "bits/elem", "ms",
-                                          "GB/s",   "GFLOP/s", "x fp16", "x roof"};
-    bench_table *t = bench_table_new(9, headers, "rrlrrrrrr");
+    static const char *const headers[] = {"tokens", "batch",  "format",  "kernel", "bits/elem",
+                                          "ms",     "GB/s",   "GFLOP/s", "x fp16", "x roof"};
+    bench_table *t = bench_table_new(10, headers, "rrllrrrrrr");
     if (!t) return;
     for (int i = 0; i < list->n; i++) {
         const attn_result *r = &list->rows[i];
@@ -780,15 +876,18 @@ static void print_shape_table(const attn_shape *s, const result_list *list, int 
         bench_table_cell(t, 0, "%d", r->tokens);
         bench_table_cell(t, 1, "%d", r->batch);
         bench_table_cell(t, 2, "%s", g_formats[r->format].name);
-        bench_table_cell(t, 3, "%.3f", r->bits_per_element);
-        bench_table_cell(t, 4, "%.3f", r->ms);
-        bench_table_cell(t, 5, "%.1f", r->gbps);
-        bench_table_cell(t, 6, "%.1f", r->gflops);
+        char kname[64];
+        kernel_name(r, kname, sizeof kname);
+        bench_table_cell(t, 3, "%s", kname);
+        bench_table_cell(t, 4, "%.3f", r->bits_per_element);
+        bench_table_cell(t, 5, "%.3f", r->ms);
+        bench_table_cell(t, 6, "%.1f", r->gbps);
+        bench_table_cell(t, 7, "%.1f", r->gflops);
         if (r->ratio_fp16 >= 0.0)
-            bench_table_cell(t, 7, "%.2f", r->ratio_fp16);
+            bench_table_cell(t, 8, "%.2f", r->ratio_fp16);
         else
-            bench_table_cell(t, 7, "-");
-        bench_table_cell(t, 8, "%.2f", r->ratio_roof);
+            bench_table_cell(t, 8, "-");
+        bench_table_cell(t, 9, "%.2f", r->ratio_roof);
     }
     bench_table_print(t, stdout);
     bench_table_free(t);
@@ -837,9 +936,23 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
         cJSON_AddNumberToObject(e, "tokens", r->tokens);
         cJSON_AddNumberToObject(e, "batch", r->batch);
         cJSON_AddStringToObject(e, "format", g_formats[r->format].name);
+        if (g_formats[r->format].kind != ROW_GEMV) {
+            const clkvq_attn_tuning *k = &opt->kernels[r->kernel].tuning;
+            cJSON_AddStringToObject(e, "candidate", k->variant ? variant_name(k->variant)
+                                                               : "default");
+        }
         if (r->skipped) {
             cJSON_AddStringToObject(e, "reason", r->note);
             continue;
+        }
+        char kname[64];
+        kernel_name(r, kname, sizeof kname);
+        cJSON_AddStringToObject(e, "kernel", kname);
+        if (g_formats[r->format].kind != ROW_GEMV) {
+            cJSON_AddStringToObject(e, "variant", variant_name(r->tuning.variant));
+            cJSON_AddNumberToObject(e, "vw", r->tuning.vw);
+            cJSON_AddNumberToObject(e, "chunk", r->tuning.chunk);
+            cJSON_AddNumberToObject(e, "wgs", r->tuning.wgs);
         }
         cJSON_AddNumberToObject(e, "bits_per_element", r->bits_per_element);
         cJSON_AddNumberToObject(e, "ms", r->ms);
@@ -861,31 +974,45 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
 
 /* ------------------------------------------------------------ main */
 
-/* Every selected format of one (shape, tokens, batch), fp16 first. */
+/* Every selected format of one (shape, tokens, batch) and kernel candidate,
+ * fp16 first (the candidate's x fp16 divides by its fp16 row). The GEMV
+ * baseline runs once, after the candidates. */
 static int run_point(attn_bench *b, const attn_options *opt, result_list *list, int shape,
                      int tokens, int batch) {
-    double fp16_ms = -1.0;
-    for (int f = 0; f < N_FORMATS; f++) {
-        if (!opt->formats[f] || (g_formats[f].kind == ROW_GEMV && batch != 1)) continue;
-        attn_result *res = result_add(list);
-        if (!res) {
-            fprintf(stderr, "%s: out of host memory\n", g_prog);
-            return BENCH_EXIT_FAILURE;
+    for (int k = 0; k <= opt->n_kernels; k++) {
+        double fp16_ms = -1.0;
+        for (int f = 0; f < N_FORMATS; f++) {
+            int gemv = g_formats[f].kind == ROW_GEMV;
+            if (!opt->formats[f] || gemv != (k == opt->n_kernels) || (gemv && batch != 1))
+                continue;
+            attn_result *res = result_add(list);
+            if (!res) {
+                fprintf(stderr, "%s: out of host memory\n", g_prog);
+                return BENCH_EXIT_FAILURE;
+            }
+            res->shape = shape;
+            res->tokens = tokens;
+            res->batch = batch;
+            res->format = f;
+            res->kernel = gemv ? 0 : k;
+            int rc = gemv ? run_gemv_row(b, opt, res) : run_cache_row(b, opt, res);
+            if (rc != BENCH_EXIT_OK) return rc;
+            if (res->skipped) {
+                fprintf(stderr, "%s: %s %d tok x%d %s skipped: %s\n", g_prog,
+                        g_shapes[shape].name, tokens, batch, g_formats[f].name, res->note);
+                continue;
+            }
+            if (g_formats[f].kind == ROW_FP16) fp16_ms = res->ms;
+            if (gemv) { /* against the first candidate's fp16 row */
+                for (int i = 0; i < list->n; i++) {
+                    const attn_result *r = &list->rows[i];
+                    if (r->shape == shape && r->tokens == tokens && r->batch == batch &&
+                        r->kernel == 0 && !r->skipped && g_formats[r->format].kind == ROW_FP16)
+                        fp16_ms = r->ms;
+                }
+            }
+            if (fp16_ms > 0.0 && res->ms > 0.0) res->ratio_fp16 = fp16_ms / res->ms;
         }
-        res->shape = shape;
-        res->tokens = tokens;
-        res->batch = batch;
-        res->format = f;
-        int rc = g_formats[f].kind == ROW_GEMV ? run_gemv_row(b, opt, res)
-                                               : run_cache_row(b, opt, res);
-        if (rc != BENCH_EXIT_OK) return rc;
-        if (res->skipped) {
-            fprintf(stderr, "%s: %s %d tok x%d %s skipped: %s\n", g_prog, g_shapes[shape].name,
-                    tokens, batch, g_formats[f].name, res->note);
-            continue;
-        }
-        if (g_formats[f].kind == ROW_FP16) fp16_ms = res->ms;
-        if (fp16_ms > 0.0 && res->ms > 0.0) res->ratio_fp16 = fp16_ms / res->ms;
     }
     return BENCH_EXIT_OK;
 }

@@ -13,6 +13,8 @@ enum { BENCH_EXIT_OK = 0, BENCH_EXIT_FAILURE = 1, BENCH_EXIT_USAGE = 2 };
  * returns an exit code. */
 int bench_quant_main(int argc, char **argv);
 int bench_attention_main(int argc, char **argv);
+int bench_append_main(int argc, char **argv);
+int bench_decode_main(int argc, char **argv);
 
 /* Median of values[0..n); sorts values in place. n must be > 0. */
 double bench_median(double *values, int n);

@@ -18,6 +18,10 @@ static const bench_command commands[] = {
      bench_quant_main},
     {"attention", "decode attention over a synthetic KV cache per shape, length, batch, format",
      bench_attention_main},
+    {"append", "one-token cache append per layer next to one decode, per format",
+     bench_append_main},
+    {"decode", "one decode configuration spelled out (tunables, layouts); instruction counts",
+     bench_decode_main},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 

@@ -114,6 +114,21 @@ _Static_assert(KVQ_AXIS_CHANNEL == (int)CLKVQ_AXIS_CHANNEL, "axis numbers");
 #define KVQ_MOD3(x) ((x) - 3u * (((x) * 21846u) >> 16))
 #define KVQ_TRIT(b, d) KVQ_MOD3(((b) * KVQ_TRIT_MAGIC(d)) >> 16)
 
+/* The same digit from the byte's value x < 243 held in a float (decode
+ * kernels, where the code is wanted as a float anyway): floor(x C(d)) -
+ * 3 floor(x C(d + 1)) with C(d) = 1/3^d rounded up to a float, so a float
+ * multiply and a floor replace vector integer multiply-shifts. FLOOR_ is
+ * the caller's floor (any that is exact for x >= 0). Exact for every x <
+ * 243 and d < 5 (tests/test_format.c checks all of them; bytes 243..255
+ * never occur in a packed group). */
+#define KVQ_TRIT_C(d)                                                              \
+    ((d) == 1 ? 0x1.555558p-2f : (d) == 2 ? 0x1.c71c74p-4f : (d) == 3 ? 0x1.2f684ep-5f \
+                                                                   : 0x1.948b12p-7f)
+#define KVQ_TRIT_FLOAT(x, d, FLOOR_)                                                   \
+    ((d) == 0   ? (x) - 3.0f * FLOOR_((x) * KVQ_TRIT_C(1))                             \
+     : (d) == 4 ? FLOOR_((x) * KVQ_TRIT_C(4))                                          \
+                : FLOOR_((x) * KVQ_TRIT_C(d)) - 3.0f * FLOOR_((x) * KVQ_TRIT_C((d) + 1)))
+
 /* `bits` bits at bit position pos (< 32) of the 64-bit little-endian
  * window hi:lo. Scalars or OpenCL uint vectors (pos and bits scalar). */
 #define KVQ_BITS_AT(lo, hi, pos, bits)                                                      \

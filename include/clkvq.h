@@ -124,7 +124,8 @@ typedef struct {
 CLKVQ_API clkvq_status clkvq_context_device_info(const clkvq_context *ctx, clkvq_device_info *out);
 
 /* Device time in milliseconds (from OpenCL profiling events) of the kernels
- * the last call on ctx enqueued; -1 when the queue has no profiling. */
+ * the last call on ctx enqueued; -1 when the queue has no profiling. After
+ * an asynchronous call (clkvq_cache_decode) it waits for those kernels. */
 CLKVQ_API double clkvq_last_device_ms(const clkvq_context *ctx);
 
 /*
@@ -386,6 +387,16 @@ CLKVQ_API clkvq_status clkvq_cache_read(clkvq_cache *cache, int layer, int seq, 
  * [n_seqs][n_q_heads][head_dim] (model channel order) -> out, same shape.
  * softmax(scale * q.K^T) V over every token of each sequence; a sequence of
  * length 0 gets zeros. Scores come straight from the packed codes.
+ *
+ * Asynchronous: the kernels are enqueued on the context's queue and the
+ * call returns without waiting for them (no host round trip per layer and
+ * step; sequence lengths reach the device with non-blocking writes). out
+ * is complete for every later command on that queue (an in-order queue:
+ * a clEnqueueReadBuffer, the runtime's next kernel) and after clFinish;
+ * q and out must not be changed or read by other means before that. The
+ * _host variant and every other call that returns data block as before.
+ * With profiling on the queue, clkvq_last_device_ms waits for the
+ * kernels and returns their device time.
  */
 CLKVQ_API clkvq_status clkvq_cache_decode(clkvq_cache *cache, int layer, cl_mem q, cl_mem out,
                                           float scale);
@@ -399,7 +410,8 @@ CLKVQ_API clkvq_status clkvq_cache_decode_host(clkvq_cache *cache, int layer, co
  * appended first; query i of a sequence of length n attends causally to
  * tokens 0 .. n - n_queries + i (a sequence shorter than that gives zeros
  * for the queries that see no token). The same split-K kernels serve every
- * query in one launch.
+ * query in one launch (the cooperative variant in blocks of up to 8 query
+ * rows per work-group). Asynchronous, as clkvq_cache_decode.
  */
 CLKVQ_API clkvq_status clkvq_cache_decode_multi(clkvq_cache *cache, int layer, int n_queries, cl_mem q,
                                       cl_mem out, float scale);
@@ -441,7 +453,8 @@ CLKVQ_API clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int laye
  * that covers every token of the sequences touched. Append checks the ids
  * it writes through (a bad one: CLKVQ_ERR_INVALID_ARG, nothing written);
  * decode masks tokens whose page id is outside the pool rather than read
- * out of bounds.
+ * out of bounds. Decode is asynchronous (clkvq_cache_decode): block_table,
+ * like q, is read by the enqueued kernels.
  */
 CLKVQ_API clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int layer, int seq, int n_tokens,
                                       cl_mem k, cl_mem v, cl_mem block_table, int max_blocks);
@@ -450,28 +463,36 @@ CLKVQ_API clkvq_status clkvq_cache_decode_paged(clkvq_cache *cache, int layer, i
                                       int max_blocks);
 
 /* Tunables of the fused decode kernels (compile-time defines). 0 in a
- * field means "the default for this device" (the tuning database, else
- * built-in defaults). wgs is a power of 2; chunk a multiple of wgs
- * (cooperative) or of vw (serial). */
+ * field means "the default for this device" (the tuning database for the
+ * decode's batch and length, else built-in defaults). Each variant reads
+ * its own fields and ignores the others'. */
 typedef enum {
     CLKVQ_ATTN_DEFAULT = 0,   /* serial on CPUs, cooperative on GPUs */
-    CLKVQ_ATTN_COOPERATIVE,   /* a work-group shares a chunk: work-items over tokens, then
-                                 over channels, local-memory softmax (any layout) */
+    CLKVQ_ATTN_COOPERATIVE,   /* a work-group walks tiles of wgs x tpl tokens with an online
+                                 softmax: lanes over tokens for K, over (V words, token
+                                 slices) for V; split-K sized to the device (any layout) */
     CLKVQ_ATTN_SERIAL         /* one work-item per chunk, explicit vectors with VW tokens
                                  per lane group (needs GROUP_PLANAR packed layouts) */
 } clkvq_attn_variant;
 
 typedef struct {
     clkvq_attn_variant variant;
-    int wgs;   /* work-items per work-group (cooperative) */
-    int chunk; /* tokens per split-K chunk */
-    int vw;    /* vector width of the serial variant: 4, 8 or 16 */
+    int wgs;   /* cooperative: work-items per work-group, a power of 2, >= 16 */
+    int chunk; /* serial: tokens per split-K chunk, a multiple of vw */
+    int vw;    /* serial: vector width, 4, 8 or 16 */
+    int tpl;   /* cooperative: tokens per work-item in a tile (1, 2, 4) */
+    int vwpl;  /* cooperative: V words per work-item (1, 2, 4; rounded down to what the
+                  V format's groups allow); 0 where it is resolved: automatic, the most
+                  that keep 64 accumulators per work-item */
+    int waves; /* cooperative: work-groups per compute unit the split-K aims for (1..64):
+                  no split when sequences x kv heads already fill that many */
 } clkvq_attn_tuning;
 
 /* Overrides the decode tunables of this cache (NULL: back to defaults), as
  * CLBlast's OverrideParameters does. Validated against device limits. */
 CLKVQ_API clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning);
-/* The tunables decode uses now (defaults resolved). */
+/* The tunables a decode of layer 0 uses now (defaults resolved; the tuned
+ * entry nearest the batch and the longest sequence as they stand). */
 CLKVQ_API clkvq_status clkvq_cache_get_tuning(const clkvq_cache *cache, clkvq_attn_tuning *out);
 
 /*
@@ -532,6 +553,12 @@ typedef struct {
     /* called after each candidate (may be NULL) */
     void (*progress)(void *user, int done, int total, const char *what);
     void *user;
+    /* NULL: the scheme's defaults (clkvq_layer_config_default). Else the layer
+     * settings to time with (residual, window, sinks, parameter storage, zero
+     * mode): those of the config's layers the result is for. Its scheme,
+     * formats and group size must be the shape's; perms and means are not
+     * used (timing does not depend on their values). */
+    const clkvq_layer_config *layer;
 } clkvq_tune_options;
 
 /*
@@ -554,7 +581,8 @@ typedef enum {
     CLKVQ_TUNED_EXACT = 0, /* this device, this shape */
     CLKVQ_TUNED_NEAREST,   /* this device, the nearest tuned shape */
     CLKVQ_TUNED_VENDOR,    /* shipped results for this vendor and device type */
-    CLKVQ_TUNED_BUILTIN    /* nothing tuned: built-in defaults */
+    CLKVQ_TUNED_BUILTIN,   /* nothing tuned: built-in defaults */
+    CLKVQ_TUNED_CALLER     /* clkvq_cache_set_tuning overrides (some of) the tunables */
 } clkvq_tuning_source;
 
 /* The lookup chain the library uses: never fails for lack of tuning. */
@@ -563,6 +591,56 @@ CLKVQ_API clkvq_status clkvq_tuning_lookup(clkvq_context *ctx, const clkvq_tune_
 
 /* Prints what is cached for ctx's device (and any problem with the file). */
 CLKVQ_API clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out);
+
+/* "exact", "nearest", "vendor", "builtin", "caller" */
+CLKVQ_API const char *clkvq_tuning_source_name(clkvq_tuning_source source);
+
+/*
+ * Where the decode tunables of one layer of a cache come from, as the cache
+ * uses them: the lookup chain's level for the layer's shape (scheme,
+ * formats, group, head_dim, heads, capacity as tokens, n_seqs as batch),
+ * CLKVQ_TUNED_BUILTIN when the cache's layouts cannot take what was found
+ * (the serial variant needs group-planar layouts), CLKVQ_TUNED_CALLER under
+ * clkvq_cache_set_tuning. A cache keeps what its lookup gave at creation,
+ * so a later retuning changes neither its parameters nor this answer.
+ */
+CLKVQ_API clkvq_status clkvq_cache_tuning_source(const clkvq_cache *cache, int layer,
+                                                 clkvq_tuning_source *out);
+
+/* ------------------------------------------------------------ models */
+
+/*
+ * The shape of a model's KV cache: what a cache, a tuning shape and a
+ * precision config must agree on.
+ */
+typedef struct {
+    int n_layers;
+    int n_q_heads;
+    int n_kv_heads; /* n_q_heads is a multiple of it (GQA; MHA when equal) */
+    int head_dim;
+} clkvq_model_geometry;
+
+/*
+ * A table of common models (Llama-3.x, Mistral-7B, Qwen2.5, Phi-3-mini,
+ * Gemma-2, all-MiniLM-L6-v2), from their published config.json files.
+ * Names are matched without case, without an organisation prefix
+ * ("meta-llama/"), and with "-Instruct" / "-it" / "-chat" dropped, so a
+ * Hugging Face id ("meta-llama/Llama-3.1-8B-Instruct") and KVTuner's file
+ * names ("Meta-Llama-3.1-8B-Instruct") find their row. An unknown name is
+ * CLKVQ_ERR_INVALID_ARG, and the message (clkvq_last_error(NULL)) lists the
+ * known names.
+ */
+CLKVQ_API clkvq_status clkvq_model_lookup(const char *name, clkvq_model_geometry *out);
+/* The table's own name for name ("llama-3.1-8b"), or NULL if unknown. */
+CLKVQ_API const char *clkvq_model_canonical(const char *name);
+/* The table's rows, in order: count, and the name of row i (NULL outside). */
+CLKVQ_API int clkvq_model_count(void);
+CLKVQ_API const char *clkvq_model_name(int index);
+/* Any other model, written out: "q32:kv8:d128:l32" (query heads, kv heads,
+ * head_dim, layers; every part once, in any order). Errors name the part. */
+CLKVQ_API clkvq_status clkvq_model_parse(const char *text, clkvq_model_geometry *out);
+/* The same text for g, snprintf's way (the length it needs). */
+CLKVQ_API int clkvq_model_format(const clkvq_model_geometry *g, char *buf, size_t size);
 
 /* ------------------------------------------------------ precision configs */
 
@@ -576,7 +654,10 @@ CLKVQ_API clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out);
  * residual, param_type (fp16|fp8), zero_mode (float|int), perm_k and perm_v
  * (one sequence of head_dim ints per kv head). A per-head file nests
  * head -> {nbits_key, nbits_value} under each layer. Optional top-level
- * string keys: `model`, and any layer field as a default for all layers.
+ * string keys: `model`; the model's geometry, `n_q_heads`, `n_kv_heads` and
+ * `head_dim` (all three or none; the layer count is the file's), checked
+ * against the layers (per-head counts, perms, group sizes) at load; and any
+ * layer field as a default for all layers.
  */
 typedef struct clkvq_precision_config clkvq_precision_config;
 
@@ -623,12 +704,104 @@ CLKVQ_API clkvq_status clkvq_config_check_model(clkvq_context *ctx,
                                                 const clkvq_precision_config *cfg, int n_layers);
 
 /* A cache whose layers follow cfg (n_layers from cfg). Per-head bits are
- * not supported by the kernels: CLKVQ_ERR_UNSUPPORTED. */
+ * not supported by the kernels: CLKVQ_ERR_UNSUPPORTED. A config that
+ * carries its geometry refuses other heads or head_dim (INVALID_ARG). */
 CLKVQ_API clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
                                                       const clkvq_precision_config *cfg, int n_seqs,
                                                       int capacity, int n_kv_heads, int n_q_heads,
                                                       int head_dim, clkvq_layout layout_k,
                                                       clkvq_layout layout_v, clkvq_cache **out);
+
+/* 1 and *out filled when cfg carries its model's geometry (from its file or
+ * clkvq_config_set_geometry; n_layers is the config's), else 0. */
+CLKVQ_API int clkvq_config_geometry(const clkvq_precision_config *cfg, clkvq_model_geometry *out);
+/*
+ * CLKVQ_OK when cfg fits a model of geometry g, else CLKVQ_ERR_INVALID_ARG
+ * naming the first mismatch: the layer count, the geometry cfg carries
+ * (heads, head_dim), a per-head layer's head count, the perms' shape, a
+ * group size that does not divide head_dim.
+ */
+CLKVQ_API clkvq_status clkvq_config_check_geometry(clkvq_context *ctx,
+                                                   const clkvq_precision_config *cfg,
+                                                   const clkvq_model_geometry *g);
+/* Checks (as above), then records g in cfg: saved with it from now on. */
+CLKVQ_API clkvq_status clkvq_config_set_geometry(clkvq_context *ctx, clkvq_precision_config *cfg,
+                                                 const clkvq_model_geometry *g);
+
+/*
+ * The distinct decode shapes of cfg's layers on a model of geometry g, for
+ * a cache of `tokens` capacity and `batch` sequences: exactly the shapes a
+ * cache created from cfg looks up, one per distinct (scheme, formats, group
+ * size). n_out gets their count (CLKVQ_ERR_BUFFER_TOO_SMALL when above max,
+ * with n_out set); layer_shape (may be NULL, n_layers entries) the index of
+ * each layer's shape; first_layer (may be NULL, max entries) the first layer
+ * that uses each. A per-head layer whose heads differ: CLKVQ_ERR_UNSUPPORTED
+ * (as at cache creation).
+ */
+CLKVQ_API clkvq_status clkvq_config_tune_shapes(clkvq_context *ctx,
+                                                const clkvq_precision_config *cfg,
+                                                const clkvq_model_geometry *g, int tokens,
+                                                int batch, clkvq_tune_shape *out, int max,
+                                                int *n_out, int *layer_shape, int *first_layer);
+
+/* -------------------------------------------- configs per model, presets */
+
+/*
+ * Loads a config file to run on one model. Geometry: g, else the file's own,
+ * else its `model` field's, else (KVTuner preset names) the model named in
+ * the file name, from the model table; none of these: CLKVQ_ERR_INVALID_ARG.
+ * KVTuner's presets, <model>_<kivi|pertoken>_KVTuner<bits>_<i>.yaml, load
+ * with the settings they were searched under unless defaults are given:
+ * kivi keys per channel in groups of 32 with a residual of 32 recent tokens
+ * (scheme kivi, group_size 32, residual 32), pertoken one group per head
+ * (scheme token, group_size head_dim); other files with defaults (NULL:
+ * the token scheme's). The geometry is checked (clkvq_config_check_geometry)
+ * and recorded, and the model's table name when the file names none.
+ */
+CLKVQ_API clkvq_status clkvq_config_load_for_model(clkvq_context *ctx, const char *path,
+                                                   const clkvq_layer_config *defaults,
+                                                   const clkvq_model_geometry *g,
+                                                   clkvq_precision_config **out);
+
+/*
+ * Stores cfg as model's config, <cache dir>/configs/<model>.yaml, beside the
+ * tuning results (<cache dir>/tuning/). <model> is the model table's name
+ * when model is in it, else model lower-cased with anything but letters,
+ * digits, '.', '-' and '_' made '-' (an organisation prefix dropped).
+ * model NULL: cfg's own. cfg must carry its geometry or name a model of the
+ * table (whose geometry is then checked and recorded in the file); the file
+ * names model. path_out (may be NULL) gets the path.
+ */
+CLKVQ_API clkvq_status clkvq_config_store(clkvq_context *ctx, const clkvq_precision_config *cfg,
+                                          const char *model, char *path_out, size_t path_size);
+
+/*
+ * model's config: the stored one (clkvq_config_store), else the shipped
+ * KVTuner preset that is its default (docs: kivi mode, 4-bit limit, the
+ * front point with more average bits), with its geometry recorded.
+ * origin (may be NULL) gets the stored file's path or "shipped:<preset
+ * file name>". Unknown model with nothing stored: CLKVQ_ERR_INVALID_ARG
+ * listing the known models; known but nothing stored or shipped:
+ * CLKVQ_ERR_IO naming where it was looked for.
+ */
+CLKVQ_API clkvq_status clkvq_config_for_model(clkvq_context *ctx, const char *model,
+                                              clkvq_precision_config **out, char *origin,
+                                              size_t origin_size);
+
+/*
+ * A model's cache in one call: the config of clkvq_config_for_model, its
+ * geometry, and tuned parameters per layer from this device's tuning
+ * results (with the usual fallbacks; clkvq_cache_tuning_source tells which).
+ */
+CLKVQ_API clkvq_status clkvq_cache_create_for_model(clkvq_context *ctx, const char *model,
+                                                    int n_seqs, int capacity,
+                                                    clkvq_layout layout_k, clkvq_layout layout_v,
+                                                    clkvq_cache **out);
+
+/* Prints the stored configs and, per config, its layer settings, the
+ * layers using each, and at which (tokens, batch) each is tuned on ctx's
+ * device; then the shipped default per model. */
+CLKVQ_API clkvq_status clkvq_config_show(clkvq_context *ctx, FILE *out);
 
 /* ------------------------------------------------------ calibration dumps */
 

@@ -1,9 +1,16 @@
 /*
  * The decode-attention autotuner (clkvq_tune_decode).
  *
- * Space: the cooperative variant (work-group size x chunk) on each of the
- * four K/V layout pairs, and the serial variant (vector width x chunk) on
- * group-planar layouts; candidates beyond device limits are skipped.
+ * Space: on GPUs the cooperative variant (work-group size 64/128/256 x
+ * tokens per lane 1/2/4 x V words per lane 1/2/4 x waves per compute unit
+ * 1/2/4/8) on each of the four K/V layout pairs, and a few serial
+ * candidates; on other devices the serial variant (vector width x chunk)
+ * on group-planar layouts and a few cooperative candidates (PoCL runs a
+ * work-group's lanes as loops: the cooperative kernel is a GPU kernel).
+ * Candidates beyond device limits are skipped. Paths that need an
+ * optional extension (subgroups, fp16 arithmetic, integer dot products)
+ * would join the space only where ctx->features reports it; none is
+ * implemented yet, so none is offered (docs/gpu-decode.md).
  * Every candidate's output is checked against double-precision attention
  * over the cache's own read-back before it is timed: a wrong candidate is
  * counted and dropped. Timing: OpenCL profiling events, median of `reps`
@@ -31,7 +38,7 @@
 int clkvq_tune_perturb_for_tests;
 #endif
 
-#define MAX_CANDIDATES 128
+#define MAX_CANDIDATES 512
 #define VERIFY_TOLERANCE 1e-4
 
 typedef struct {
@@ -55,58 +62,98 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void add(candidate_set *set, clkvq_attn_variant variant, int wgs, int chunk, int vw,
-                clkvq_layout lk, clkvq_layout lv)
+/* Fields a candidate leaves to the other variant keep the built-in values
+ * (a stored entry is then one the fit check reads as it reads any). */
+static candidate *add(candidate_set *set, const clkvq_tune_params *base,
+                      clkvq_attn_variant variant, clkvq_layout lk, clkvq_layout lv)
 {
     if (set->n >= MAX_CANDIDATES)
-        return;
+        return NULL;
     candidate *c = &set->c[set->n++];
     memset(c, 0, sizeof *c);
+    c->p = *base;
     c->p.attn.variant = variant;
-    c->p.attn.wgs = wgs;
-    c->p.attn.chunk = chunk;
-    c->p.attn.vw = vw;
     c->p.layout_k = lk;
     c->p.layout_v = lv;
+    return c;
+}
+
+static void add_coop(candidate_set *set, const clkvq_tune_params *base, int wgs, int tpl,
+                     int vwpl, int waves, clkvq_layout lk, clkvq_layout lv)
+{
+    candidate *c = add(set, base, CLKVQ_ATTN_COOPERATIVE, lk, lv);
+    if (c) {
+        c->p.attn.wgs = wgs;
+        c->p.attn.tpl = tpl;
+        c->p.attn.vwpl = vwpl;
+        c->p.attn.waves = waves;
+    }
+}
+
+static void add_serial(candidate_set *set, const clkvq_tune_params *base, int chunk, int vw)
+{
+    candidate *c = add(set, base, CLKVQ_ATTN_SERIAL, CLKVQ_LAYOUT_GROUP_PLANAR,
+                       CLKVQ_LAYOUT_GROUP_PLANAR);
+    if (c) {
+        c->p.attn.chunk = chunk;
+        c->p.attn.vw = vw;
+    }
 }
 
 static void build_space(const clkvq_context *ctx, int quick, int fp16, candidate_set *set)
 {
-    static const int wgs_list[] = {32, 64, 128, 256};
-    static const int chunk_list[] = {128, 256, 512, 1024};
+    static const int wgs_list[] = {64, 128, 256};
+    static const int tpl_list[] = {1, 2, 4};
+    static const int vwpl_list[] = {1, 2, 4};
+    static const int waves_list[] = {1, 2, 4, 8};
     static const int serial_chunks[] = {64, 128, 256, 512, 1024};
     static const int vw_list[] = {4, 8, 16};
     const clkvq_layout P = CLKVQ_LAYOUT_GROUP_PLANAR, T = CLKVQ_LAYOUT_TOKEN_MAJOR;
-    const clkvq_layout pairs[4][2] = {{P, P}, {T, T}, {P, T}, {T, P}};
+    const clkvq_layout pairs[4][2] = {{P, T}, {P, P}, {T, T}, {T, P}};
     int n_pairs = fp16 ? 1 : 4; /* the fp16 scheme stores nothing packed */
+    const clkvq_tune_params base = clkvq_tuning_builtin(ctx);
     if (quick) {
-        add(set, CLKVQ_ATTN_COOPERATIVE, 64, 256, 16, T, T);
-        add(set, CLKVQ_ATTN_COOPERATIVE, 64, 256, 16, P, P);
-        add(set, CLKVQ_ATTN_SERIAL, 64, 256, 8, P, P);
-        add(set, CLKVQ_ATTN_SERIAL, 64, 512, 16, P, P);
+        add_coop(set, &base, 128, 4, 0, 2, P, T);
+        add_coop(set, &base, 64, 2, 0, 1, P, P);
+        add_serial(set, &base, 256, 8);
+        add_serial(set, &base, 512, 16);
         return;
     }
-    for (int pi = 0; pi < n_pairs; pi++)
-        for (int w = 0; w < 4; w++) {
-            if ((size_t)wgs_list[w] > ctx->info.max_work_group_size)
-                continue;
-            for (int c = 0; c < 4; c++)
-                if (chunk_list[c] >= wgs_list[w])
-                    add(set, CLKVQ_ATTN_COOPERATIVE, wgs_list[w], chunk_list[c], 16,
-                        pairs[pi][0], pairs[pi][1]);
-        }
+    if (ctx->info.is_gpu) {
+        for (int pi = 0; pi < n_pairs; pi++)
+            for (int w = 0; w < 3; w++) {
+                if ((size_t)wgs_list[w] > ctx->info.max_work_group_size)
+                    continue;
+                for (int t = 0; t < 3; t++)
+                    for (int v = 0; v < 3; v++)
+                        for (int a = 0; a < 4; a++)
+                            add_coop(set, &base, wgs_list[w], tpl_list[t], vwpl_list[v],
+                                     waves_list[a], pairs[pi][0], pairs[pi][1]);
+            }
+        for (int c = 2; c < 5; c++)
+            add_serial(set, &base, serial_chunks[c], 16);
+        return;
+    }
     for (int v = 0; v < 3; v++)
         for (int c = 0; c < 5; c++)
-            add(set, CLKVQ_ATTN_SERIAL, 64, serial_chunks[c], vw_list[v], P, P);
+            add_serial(set, &base, serial_chunks[c], vw_list[v]);
+    for (int pi = 0; pi < (fp16 ? 1 : 2); pi++)
+        for (int w = 0; w < 2; w++)
+            for (int t = 1; t < 3; t++)
+                for (int a = 0; a < 2; a++)
+                    add_coop(set, &base, wgs_list[w], tpl_list[t], 0, waves_list[a],
+                             pairs[pi][0], pairs[pi][1]);
 }
 
 static int same_params(const clkvq_tune_params *a, const clkvq_tune_params *b)
 {
-    if (a->attn.variant != b->attn.variant || a->attn.chunk != b->attn.chunk ||
-        a->layout_k != b->layout_k || a->layout_v != b->layout_v)
+    if (a->attn.variant != b->attn.variant || a->layout_k != b->layout_k ||
+        a->layout_v != b->layout_v)
         return 0;
-    return a->attn.variant == CLKVQ_ATTN_SERIAL ? a->attn.vw == b->attn.vw
-                                                : a->attn.wgs == b->attn.wgs;
+    if (a->attn.variant == CLKVQ_ATTN_SERIAL)
+        return a->attn.vw == b->attn.vw && a->attn.chunk == b->attn.chunk;
+    return a->attn.wgs == b->attn.wgs && a->attn.tpl == b->attn.tpl &&
+           a->attn.vwpl == b->attn.vwpl && a->attn.waves == b->attn.waves;
 }
 
 /* ------------------------------------------------------------ data */
@@ -114,6 +161,7 @@ static int same_params(const clkvq_tune_params *a, const clkvq_tune_params *b)
 typedef struct {
     clkvq_context *ctx;
     clkvq_tune_shape shape;
+    clkvq_layer_config layer;  /* the cache's settings: the caller's or the scheme's */
     clkvq_cache *caches[2][2]; /* [layout_k][layout_v], made on demand */
     float *q;                  /* [batch][n_q][head_dim] */
     double *ref;               /* reference output, same shape */
@@ -126,13 +174,7 @@ static clkvq_status make_cache(tune_state *ts, clkvq_layout lk, clkvq_layout lv,
                                clkvq_cache **out)
 {
     const clkvq_tune_shape *sh = &ts->shape;
-    clkvq_layer_config lc = clkvq_layer_config_default(sh->scheme);
-    lc.format_k = sh->format_k;
-    lc.format_v = sh->format_v;
-    if (sh->scheme != CLKVQ_SCHEME_FP16)
-        lc.group_size = sh->group_size;
-    if (sh->scheme == CLKVQ_SCHEME_KIVI)
-        lc.residual = sh->group_size * ((128 + sh->group_size - 1) / sh->group_size);
+    clkvq_layer_config lc = ts->layer;
     clkvq_cache_config cfg = {.n_layers = 1, .n_seqs = sh->batch, .capacity = sh->tokens,
                               .n_kv_heads = sh->n_kv_heads, .n_q_heads = sh->n_q_heads,
                               .head_dim = sh->head_dim, .layout_k = lk, .layout_v = lv,
@@ -289,6 +331,24 @@ static clkvq_status validate_shape(clkvq_context *ctx, const clkvq_tune_shape *s
     return CLKVQ_OK;
 }
 
+/* options->layer must be the layer the shape describes (fp16 packs
+ * nothing: its formats and group do not matter). */
+static clkvq_status validate_layer(clkvq_context *ctx, const clkvq_tune_shape *sh,
+                                   const clkvq_layer_config *lc)
+{
+    if (!lc || (lc->scheme == sh->scheme &&
+                (sh->scheme == CLKVQ_SCHEME_FP16 ||
+                 (lc->format_k == sh->format_k && lc->format_v == sh->format_v &&
+                  lc->group_size == sh->group_size))))
+        return CLKVQ_OK;
+    return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                      "clkvq_tune_decode: options->layer (scheme %s, formats %d/%d, group %d) is "
+                      "not the shape's (scheme %s, formats %d/%d, group %d)",
+                      clkvq_scheme_name(lc->scheme), (int)lc->format_k, (int)lc->format_v,
+                      lc->group_size, clkvq_scheme_name(sh->scheme), (int)sh->format_k,
+                      (int)sh->format_v, sh->group_size);
+}
+
 static void release_state(tune_state *ts)
 {
     for (int i = 0; i < 2; i++)
@@ -303,12 +363,35 @@ static void release_state(tune_state *ts)
     free(ts->out);
 }
 
-static clkvq_status init_state(clkvq_context *ctx, const clkvq_tune_shape *shape, int reps,
-                               tune_state *ts)
+/* The layer settings the candidates' caches get: the caller's (without
+ * the per-head arrays, perms and means, whose shape is the caller's
+ * model's), else the scheme's defaults with the shape's formats and group. */
+static clkvq_layer_config tuned_layer(const clkvq_tune_shape *sh, const clkvq_layer_config *given)
+{
+    clkvq_layer_config lc;
+    if (given) {
+        lc = *given;
+        lc.perm_k = lc.perm_v = NULL;
+        lc.mean_k = lc.mean_v = NULL;
+        return lc;
+    }
+    lc = clkvq_layer_config_default(sh->scheme);
+    lc.format_k = sh->format_k;
+    lc.format_v = sh->format_v;
+    if (sh->scheme != CLKVQ_SCHEME_FP16)
+        lc.group_size = sh->group_size;
+    if (sh->scheme == CLKVQ_SCHEME_KIVI)
+        lc.residual = sh->group_size * ((128 + sh->group_size - 1) / sh->group_size);
+    return lc;
+}
+
+static clkvq_status init_state(clkvq_context *ctx, const clkvq_tune_shape *shape,
+                               const clkvq_layer_config *layer, int reps, tune_state *ts)
 {
     memset(ts, 0, sizeof *ts);
     ts->ctx = ctx;
     ts->shape = *shape;
+    ts->layer = tuned_layer(shape, layer);
     ts->reps = reps > 0 ? reps : 5;
     size_t n = (size_t)shape->batch * shape->n_q_heads * shape->head_dim;
     ts->q = malloc(n * sizeof(float));
@@ -352,8 +435,10 @@ static int neighbours(const candidate *a, const candidate *b)
     if (x->variant != y->variant || a->p.layout_k != b->p.layout_k ||
         a->p.layout_v != b->p.layout_v)
         return 0;
-    int diffs = (x->chunk != y->chunk) +
-                (x->variant == CLKVQ_ATTN_SERIAL ? x->vw != y->vw : x->wgs != y->wgs);
+    int diffs = x->variant == CLKVQ_ATTN_SERIAL
+                    ? (x->chunk != y->chunk) + (x->vw != y->vw)
+                    : (x->wgs != y->wgs) + (x->tpl != y->tpl) + (x->vwpl != y->vwpl) +
+                          (x->waves != y->waves);
     return diffs == 1;
 }
 
@@ -368,6 +453,8 @@ clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape
     if (options)
         opt = *options;
     clkvq_status st = validate_shape(ctx, shape);
+    if (st == CLKVQ_OK)
+        st = validate_layer(ctx, shape, opt.layer);
     if (st != CLKVQ_OK)
         return st;
     memset(out, 0, sizeof *out);
@@ -396,7 +483,7 @@ clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape
         shuffle(set, 1, opt.seed ? opt.seed : 12345);
 
     tune_state ts;
-    st = init_state(ctx, shape, opt.reps, &ts);
+    st = init_state(ctx, shape, opt.layer, opt.reps, &ts);
     clkvq_cache *first = NULL;
     if (st == CLKVQ_OK)
         st = cache_for(&ts, set->c[0].p.layout_k, set->c[0].p.layout_v, &first);
@@ -430,11 +517,14 @@ clkvq_status clkvq_tune_decode(clkvq_context *ctx, const clkvq_tune_shape *shape
                     best = i;
             }
             if (opt.progress) {
-                char what[160];
-                snprintf(what, sizeof what, "%s chunk %d %s %d, layouts %s/%s: %s",
-                         c->p.attn.variant == CLKVQ_ATTN_SERIAL ? "serial" : "cooperative",
-                         c->p.attn.chunk, c->p.attn.variant == CLKVQ_ATTN_SERIAL ? "vw" : "wgs",
-                         c->p.attn.variant == CLKVQ_ATTN_SERIAL ? c->p.attn.vw : c->p.attn.wgs,
+                char what[160], tun[64];
+                if (c->p.attn.variant == CLKVQ_ATTN_SERIAL)
+                    snprintf(tun, sizeof tun, "serial chunk %d vw %d", c->p.attn.chunk,
+                             c->p.attn.vw);
+                else
+                    snprintf(tun, sizeof tun, "cooperative wgs %d tpl %d vwpl %d waves %d",
+                             c->p.attn.wgs, c->p.attn.tpl, c->p.attn.vwpl, c->p.attn.waves);
+                snprintf(what, sizeof what, "%s, layouts %s/%s: %s", tun,
                          c->p.layout_k == CLKVQ_LAYOUT_GROUP_PLANAR ? "planar" : "token",
                          c->p.layout_v == CLKVQ_LAYOUT_GROUP_PLANAR ? "planar" : "token",
                          c->ms >= 0 ? "ok" : "rejected or skipped");

@@ -114,6 +114,7 @@ clkvq_status clkvq_copy_bandwidth(clkvq_context *ctx, size_t bytes, int reps, do
         goto done;
     }
     *gbps = 2.0 * (double)bytes / (median_ms * 1e-3) / 1e9;
+    clkvq_timing_reset(ctx);
     ctx->last_device_ms = median_ms;
 
 done:

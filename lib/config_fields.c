@@ -46,6 +46,12 @@ static const char *zero_name(int v)
 /* In the order files are written and fields listed in messages. */
 const config_field config_fields[] = {
     {.name = "model", .kind = CONFIG_KIND_TEXT, .scopes = CONFIG_IN_TOP, TOP_AT(model)},
+    {.name = "n_q_heads", .kind = CONFIG_KIND_INT, .scopes = CONFIG_IN_TOP, TOP_AT(n_q_heads),
+     .lo = 1, .hi = MAX_HEADS},
+    {.name = "n_kv_heads", .kind = CONFIG_KIND_INT, .scopes = CONFIG_IN_TOP, TOP_AT(n_kv_heads),
+     .lo = 1, .hi = MAX_HEADS},
+    {.name = "head_dim", .kind = CONFIG_KIND_INT, .scopes = CONFIG_IN_TOP, TOP_AT(head_dim),
+     .lo = 1, .hi = MAX_HEAD_DIM},
     {.name = "nbits_key", .kind = CONFIG_KIND_BITS, .scopes = ANY_LAYER | CONFIG_IN_HEAD,
      LAYER_AT(format_k)},
     {.name = "nbits_value", .kind = CONFIG_KIND_BITS, .scopes = ANY_LAYER | CONFIG_IN_HEAD,

@@ -34,6 +34,9 @@
 /* Values of the fields that exist only at the top of a file. */
 typedef struct {
     char *model; /* owned; NULL when the file names none */
+    /* the model's geometry (clkvq_model_geometry less the layer count, which
+     * is the config's): all three set, or all 0 when the config has none */
+    int n_q_heads, n_kv_heads, head_dim;
 } config_top;
 
 typedef enum {

@@ -536,6 +536,43 @@ static clkvq_status parse_layer(parser *p, const yaml_node_pair_t *pair, int l,
     return st;
 }
 
+/* ---- the geometry */
+
+/* The top-level geometry fields, all three or none, and the layers that
+ * must fit them (per-head counts, perms, group sizes). */
+static clkvq_status check_geometry(parser *p, const field_set *top)
+{
+    static const char *const names[3] = {"n_q_heads", "n_kv_heads", "head_dim"};
+    int given = 0, line = 0;
+    const char *missing = NULL;
+    for (int i = 0; i < 3; i++) {
+        const config_field *f = config_field_find(names[i]);
+        if (field_given(top, f)) {
+            given++;
+            if (!line || top->line[f - config_fields] < line)
+                line = top->line[f - config_fields];
+        } else if (!missing) {
+            missing = names[i];
+        }
+    }
+    if (!given)
+        return CLKVQ_OK;
+    if (missing)
+        return perr(p, (size_t)line,
+                    "top level: %s missing: the model's geometry is n_q_heads, n_kv_heads and "
+                    "head_dim together",
+                    missing);
+    const config_top *t = &p->cfg->top;
+    clkvq_model_geometry g = {p->cfg->n_layers, t->n_q_heads, t->n_kv_heads, t->head_dim};
+    char why[512];
+    if (t->n_q_heads % t->n_kv_heads)
+        return perr(p, (size_t)line, "top level: n_q_heads %d is not a multiple of n_kv_heads %d",
+                    t->n_q_heads, t->n_kv_heads);
+    if (!config_geometry_fits(p->cfg, &g, why, sizeof why))
+        return perr(p, (size_t)line, "the layers do not fit the file's geometry: %s", why);
+    return CLKVQ_OK;
+}
+
 /* ---- the document */
 
 static clkvq_status parse_layers(parser *p, const yaml_node_t *root,
@@ -586,6 +623,8 @@ static clkvq_status parse_document(parser *p, const clkvq_layer_config *base)
     }
     if (st == CLKVQ_OK)
         st = parse_layers(p, root, base, &top);
+    if (st == CLKVQ_OK)
+        st = check_geometry(p, &top);
     field_set_free(&top);
     return st;
 }

@@ -212,14 +212,45 @@ static void fill_device_info(clkvq_context *ctx) {
     sanitize_key(info->device_key);
 }
 
+/* Whether the space-separated list names ext exactly (not as a prefix of
+ * a longer name). */
+static int has_word(const char *list, const char *ext) {
+    size_t n = strlen(ext);
+    for (const char *p = list; (p = strstr(p, ext)) != NULL; p += n)
+        if ((p == list || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0')) return 1;
+    return 0;
+}
+
+static unsigned device_features(cl_device_id dev) {
+    size_t size = 0;
+    if (clGetDeviceInfo(dev, CL_DEVICE_EXTENSIONS, 0, NULL, &size) != CL_SUCCESS || size == 0)
+        return 0;
+    char *list = malloc(size + 1);
+    if (!list) return 0;
+    unsigned f = 0;
+    if (clGetDeviceInfo(dev, CL_DEVICE_EXTENSIONS, size, list, NULL) == CL_SUCCESS) {
+        list[size] = '\0';
+        if (has_word(list, "cl_khr_subgroups") || has_word(list, "cl_intel_subgroups"))
+            f |= CLKVQ_FEATURE_SUBGROUPS;
+        if (has_word(list, "cl_khr_fp16")) f |= CLKVQ_FEATURE_FP16;
+        if (has_word(list, "cl_khr_integer_dot_product")) f |= CLKVQ_FEATURE_INT_DOT;
+    }
+    free(list);
+    return f;
+}
+
 /* Shared tail of create and wrap: what every later call reads from ctx. */
 static void context_describe(clkvq_context *ctx) {
     cl_bool little = CL_TRUE;
     cl_device_fp_config fp = 0;
+    cl_command_queue_properties props = 0;
     clGetDeviceInfo(ctx->device, CL_DEVICE_ENDIAN_LITTLE, sizeof little, &little, NULL);
     clGetDeviceInfo(ctx->device, CL_DEVICE_SINGLE_FP_CONFIG, sizeof fp, &fp, NULL);
+    clGetCommandQueueInfo(ctx->queue, CL_QUEUE_PROPERTIES, sizeof props, &props, NULL);
     ctx->little_endian = little == CL_TRUE;
     ctx->has_correct_div = (fp & CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT) != 0;
+    ctx->profiling = (props & CL_QUEUE_PROFILING_ENABLE) != 0;
+    ctx->features = device_features(ctx->device);
     ctx->last_device_ms = -1.0;
     fill_device_info(ctx);
 }
@@ -319,6 +350,7 @@ clkvq_status clkvq_context_wrap(clkvq_context **out, cl_context cl_ctx, cl_devic
 
 void clkvq_context_release(clkvq_context *ctx) {
     if (!ctx) return;
+    clkvq_timing_reset(ctx);
     clkvq_blas_context_release(ctx);
     clkvq_program_cache_free(ctx);
     if (ctx->queue) clReleaseCommandQueue(ctx->queue);
@@ -349,7 +381,36 @@ clkvq_status clkvq_context_device_info(const clkvq_context *ctx, clkvq_device_in
 }
 
 double clkvq_last_device_ms(const clkvq_context *ctx) {
-    return ctx ? ctx->last_device_ms : -1.0;
+    if (!ctx) return -1.0;
+    if (ctx->n_timed > 0) {
+        /* the events of an asynchronous call: waited for once, then the
+         * value is kept (a cache behind the const of the public API) */
+        clkvq_context *c = (clkvq_context *)ctx;
+        double ms = clWaitForEvents((cl_uint)c->n_timed, c->timed) == CL_SUCCESS
+                        ? clkvq_events_ms(c->timed, c->n_timed)
+                        : -1.0;
+        clkvq_timing_reset(c);
+        c->last_device_ms = ms;
+    }
+    return ctx->last_device_ms;
+}
+
+void clkvq_timing_reset(clkvq_context *ctx) {
+    for (int i = 0; i < ctx->n_timed; i++) clReleaseEvent(ctx->timed[i]);
+    ctx->n_timed = 0;
+    ctx->last_device_ms = -1.0;
+}
+
+void clkvq_timing_defer(clkvq_context *ctx, const cl_event *events, int n) {
+    clkvq_timing_reset(ctx);
+    int keep = n < 4 ? n : 4;
+    for (int i = 0; i < n; i++) {
+        if (i < keep)
+            ctx->timed[i] = events[i];
+        else
+            clReleaseEvent(events[i]);
+    }
+    ctx->n_timed = keep;
 }
 
 clkvq_status clkvq_list_devices(FILE *out) {

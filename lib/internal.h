@@ -20,6 +20,10 @@ struct clkvq_context {
     int has_correct_div; /* CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT */
     struct clkvq_program_cache *programs;
     double last_device_ms; /* profiled kernel time of the last call, -1 if none */
+    int profiling;         /* the queue has CL_QUEUE_PROFILING_ENABLE */
+    unsigned features;     /* CLKVQ_FEATURE_* the device reports */
+    cl_event timed[4];     /* kernels of the last asynchronous call, timed on demand */
+    int n_timed;
     int used_clblast;      /* a CLBlast routine ran on this context (prefill.c) */
     char last_error[CLKVQ_MSG_MAX];
 };
@@ -41,6 +45,22 @@ clkvq_status clkvq_check_buffer(clkvq_context *ctx, cl_mem buf, const char *what
 /* Device time (ms) of finished events, summed; -1 when the queue has no
  * profiling. */
 double clkvq_events_ms(const cl_event *events, int n);
+
+/* Timing of the last call (clkvq_last_device_ms): reset at the start of a
+ * call that times its kernels (drops the events of an earlier asynchronous
+ * call), or handed the events of an asynchronous one (taken over; waited
+ * for and summed only when the time is asked for). */
+void clkvq_timing_reset(clkvq_context *ctx);
+void clkvq_timing_defer(clkvq_context *ctx, const cl_event *events, int n);
+
+/* Optional device features the extension string reports (detected at
+ * context creation). The decode kernels use none of them yet: neither
+ * PoCL nor Oclgrind offers them, so a path built on one could not be
+ * tested here; the tuner only ever offers a path the device reports
+ * (clkvq_feature_name, autotune.c). */
+#define CLKVQ_FEATURE_SUBGROUPS 1u  /* cl_khr_subgroups or cl_intel_subgroups */
+#define CLKVQ_FEATURE_FP16 2u       /* cl_khr_fp16 */
+#define CLKVQ_FEATURE_INT_DOT 4u    /* cl_khr_integer_dot_product */
 
 /* What clkvq_context_release must drop before the OpenCL objects: the
  * programs CLBlast cached for the context (lib/prefill.c). */

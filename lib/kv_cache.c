@@ -9,6 +9,7 @@
 #include "quant_format.h"
 #include "quantize.h"
 #include "reference.h"
+#include "tuning_db.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -426,25 +427,66 @@ void clkvq_cache_release(clkvq_cache *cache)
 {
     if (!cache)
         return;
+    /* a decode's non-blocking length write may still read layer->length */
+    if (cache->async_writes)
+        clFinish(cache->ctx->queue);
     if (cache->layers) {
         for (int l = 0; l < cache->cfg.n_layers; l++) {
             release_store(&cache->layers[l].k);
             release_store(&cache->layers[l].v);
             clkvq_pages_release(&cache->layers[l].pages);
+            release_mem(&cache->layers[l].len_mem);
             free(cache->layers[l].length);
+            free(cache->layers[l].tuned_set);
         }
         free(cache->layers);
     }
-    release_mem(&cache->seq_len);
     release_mem(&cache->rt_table);
     release_mem(&cache->partials);
     release_mem(&cache->q_scratch);
     release_mem(&cache->qsum_scratch);
     release_mem(&cache->xform[0]);
     release_mem(&cache->xform[1]);
-    free(cache->host_len);
     free(cache->tuned);
+    free(cache->tuned_source);
     free(cache);
+}
+
+/* This device's tuned entries for layer l's shape on the cache's layouts:
+ * decode picks among them by its batch and length (attention.c). A
+ * missing or unreadable file leaves none, never an error. */
+static clkvq_status tuned_entries(clkvq_cache *cache, int l)
+{
+    clkvq_cache_layer *layer = &cache->layers[l];
+    const clkvq_layer_config *lc = &layer->cfg;
+    const clkvq_cache_config *cfg = &cache->cfg;
+    /* layers of one shape share the entries (each read parses the file) */
+    for (int e = 0; e < l; e++) {
+        const clkvq_layer_config *le = &cache->layers[e].cfg;
+        if (le->scheme != lc->scheme || le->format_k != lc->format_k ||
+            le->format_v != lc->format_v || le->group_size != lc->group_size)
+            continue;
+        int n = cache->layers[e].n_tuned_set;
+        if (n > 0) {
+            layer->tuned_set = malloc((size_t)n * sizeof *layer->tuned_set);
+            if (!layer->tuned_set)
+                return clkvq_fail(cache->ctx, CLKVQ_ERR_OUT_OF_MEMORY,
+                                  "copying the tuning entries of layer %d", e);
+            memcpy(layer->tuned_set, cache->layers[e].tuned_set,
+                   (size_t)n * sizeof *layer->tuned_set);
+            layer->n_tuned_set = n;
+        }
+        return CLKVQ_OK;
+    }
+    clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
+                              cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
+                              cfg->capacity, cfg->n_seqs};
+    clkvq_status st = clkvq_tuning_entries_for(cache->ctx, &shape, cfg->layout_k, cfg->layout_v,
+                                               &layer->tuned_set, &layer->n_tuned_set);
+    clkvq_clear_error(cache->ctx);
+    return st == CLKVQ_ERR_OUT_OF_MEMORY
+               ? clkvq_fail(cache->ctx, st, "reading the tuning entries of layer %d", l)
+               : CLKVQ_OK;
 }
 
 clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cfg,
@@ -473,7 +515,8 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
     cache->n_pages = pg.n_pages;
     cache->paged = cfg->block_size > 0;
     cache->tuned = calloc((size_t)cfg->n_layers, sizeof *cache->tuned);
-    if (!cache->tuned) {
+    cache->tuned_source = calloc((size_t)cfg->n_layers, sizeof *cache->tuned_source);
+    if (!cache->tuned || !cache->tuned_source) {
         clkvq_cache_release(cache);
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating tuning slots");
     }
@@ -491,14 +534,17 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
         }
         if (same >= 0) {
             cache->tuned[l] = cache->tuned[same];
+            cache->tuned_source[l] = cache->tuned_source[same];
             continue;
         }
         clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
                                   cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
                                   cfg->capacity, cfg->n_seqs};
-        clkvq_tuning_source source;
-        if (clkvq_tuning_lookup(ctx, &shape, &cache->tuned[l], &source) != CLKVQ_OK)
+        if (clkvq_tuning_lookup(ctx, &shape, &cache->tuned[l], &cache->tuned_source[l]) !=
+            CLKVQ_OK) {
             memset(&cache->tuned[l], 0, sizeof cache->tuned[l]);
+            cache->tuned_source[l] = CLKVQ_TUNED_BUILTIN;
+        }
     }
     if (cache->cfg.layout_k == CLKVQ_LAYOUT_AUTO)
         cache->cfg.layout_k = cache->tuned[0].layout_k;
@@ -525,13 +571,13 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
         if (st == CLKVQ_OK)
             st = create_store(cache, layer, 1, cfg->layers[l].perm_v, cfg->layers[l].mean_v);
         if (st == CLKVQ_OK)
+            st = create_buffer(ctx, (size_t)cfg->n_seqs * sizeof(cl_int), layer->length,
+                               &layer->len_mem, "sequence lengths");
+        if (st == CLKVQ_OK)
             st = clkvq_pages_init(cache, l);
+        if (st == CLKVQ_OK)
+            st = tuned_entries(cache, l);
     }
-    if (st == CLKVQ_OK)
-        st = create_buffer(ctx, (size_t)cfg->n_seqs * sizeof(cl_int), NULL, &cache->seq_len,
-                           "sequence lengths");
-    if (st == CLKVQ_OK && !(cache->host_len = calloc((size_t)cfg->n_seqs, sizeof(int))))
-        st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating sequence lengths");
     if (st != CLKVQ_OK) {
         clkvq_cache_release(cache);
         return st;
@@ -774,39 +820,24 @@ static clkvq_status transform_rows(clkvq_cache *cache, clkvq_cache_layer *layer,
     return st;
 }
 
-static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
-                                cl_mem v)
+/* The input check's message, naming the tensor ("k" or "v"). */
+static clkvq_status nonfinite(clkvq_context *ctx, int is_v, long index)
+{
+    return clkvq_fail(ctx, CLKVQ_ERR_NONFINITE,
+                      "%s: input element %ld is NaN, Inf or beyond +-65504; nothing was written",
+                      is_v ? "v" : "k", index);
+}
+
+/* Writes n_tokens checked tokens (k and v on the device) into layer l. */
+static clkvq_status append_write(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
+                                 cl_mem v)
 {
     clkvq_context *ctx = cache->ctx;
-    clkvq_status st = check_seq(cache, l, seq);
-    if (st != CLKVQ_OK)
-        return st;
     clkvq_cache_layer *layer = &cache->layers[l];
     const clkvq_cache_config *cfg = &cache->cfg;
     int n_old = layer->length[seq];
-    if (n_tokens <= 0)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "n_tokens %d must be positive", n_tokens);
-    if (n_tokens > cfg->capacity - n_old)
-        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
-                          "appending %d tokens to sequence %d of layer %d (length %d) exceeds "
-                          "its capacity %d; nothing was appended",
-                          n_tokens, seq, l, n_old, cfg->capacity);
-    size_t n_values = (size_t)cfg->n_kv_heads * n_tokens * cfg->head_dim;
-    if ((st = clkvq_check_buffer(cache->ctx, k, "k", n_values * sizeof(float))) != CLKVQ_OK ||
-        (st = clkvq_check_buffer(cache->ctx, v, "v", n_values * sizeof(float))) != CLKVQ_OK)
-        return st;
     cl_mem inputs[2] = {k, v};
-    for (int i = 0; i < 2; i++) {
-        cl_event ev = NULL;
-        st = clkvq_check_finite(ctx, NULL, inputs[i], n_values, &ev);
-        if (ev)
-            clReleaseEvent(ev);
-        if (st != CLKVQ_OK) {
-            char detail[CLKVQ_MSG_MAX / 2];
-            snprintf(detail, sizeof detail, "%s", clkvq_last_error(ctx));
-            return clkvq_fail(ctx, st, "%s: %s", i ? "v" : "k", detail);
-        }
-    }
+    clkvq_status st = CLKVQ_OK;
 
     /* The token range each tensor packs (quantized straight from its fp16
      * rows or the input: no staging buffer). */
@@ -846,7 +877,9 @@ static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens
         if (q1[i] > q0[i])
             st = quantize_range(cache, layer, store, seq, inputs[i], perms[i], n_old, n_tokens,
                                 q0[i], q1[i]);
-        if (st == CLKVQ_OK)
+        /* new tokens kept in fp16: sinks, and those from q_end on (none for
+         * the token scheme past its sinks: no launch for nothing) */
+        if (st == CLKVQ_OK && (n_old < layer->cfg.n_sink || n_new > q1[i]))
             st = store_fp16(cache, layer, store, seq, inputs[i], perms[i], n_old, n_tokens,
                             q1[i]);
     }
@@ -860,8 +893,66 @@ static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens
             clkvq_pages_rollback(cache, &undo);
         clkvq_pages_undo_free(&undo);
     }
-    if (st == CLKVQ_OK)
+    if (st == CLKVQ_OK) {
         layer->length[seq] = n_new;
+        layer->len_dirty = 1;
+    }
+    return st;
+}
+
+
+/* Checks the arguments and the input (device buffers k, v, or host arrays
+ * hk, hv: checked on the host, then uploaded), then appends. */
+static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
+                                cl_mem v, const float *hk, const float *hv)
+{
+    clkvq_context *ctx = cache->ctx;
+    clkvq_status st = check_seq(cache, l, seq);
+    if (st != CLKVQ_OK)
+        return st;
+    const clkvq_cache_config *cfg = &cache->cfg;
+    int n_old = cache->layers[l].length[seq];
+    if (n_tokens <= 0)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "n_tokens %d must be positive", n_tokens);
+    if (n_tokens > cfg->capacity - n_old)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "appending %d tokens to sequence %d of layer %d (length %d) exceeds "
+                          "its capacity %d; nothing was appended",
+                          n_tokens, seq, l, n_old, cfg->capacity);
+    size_t n_values = (size_t)cfg->n_kv_heads * n_tokens * cfg->head_dim;
+    size_t bytes = n_values * sizeof(float);
+    cl_mem up[2] = {NULL, NULL};
+    if (hk) {
+        /* still on the host: checked here, before the upload, instead of a
+         * device pass and a round trip to read its verdict */
+        long bad_k = clkvq_first_nonfinite(hk, n_values);
+        long bad_v = bad_k < 0 ? clkvq_first_nonfinite(hv, n_values) : -1;
+        if (bad_k >= 0 || bad_v >= 0)
+            return nonfinite(ctx, bad_k < 0, bad_k >= 0 ? bad_k : bad_v);
+        st = create_buffer(ctx, bytes, hk, &up[0], "k upload");
+        if (st == CLKVQ_OK)
+            st = create_buffer(ctx, bytes, hv, &up[1], "v upload");
+        k = up[0];
+        v = up[1];
+    } else {
+        if ((st = clkvq_check_buffer(ctx, k, "k", bytes)) != CLKVQ_OK ||
+            (st = clkvq_check_buffer(ctx, v, "v", bytes)) != CLKVQ_OK)
+            return st;
+        /* both tensors, one wait */
+        cl_mem inputs[2] = {k, v};
+        size_t counts[2] = {n_values, n_values};
+        int bad = 0;
+        st = clkvq_check_finite_n(ctx, NULL, inputs, counts, 2, &bad, NULL);
+        if (st == CLKVQ_ERR_NONFINITE) {
+            char detail[CLKVQ_MSG_MAX / 2];
+            snprintf(detail, sizeof detail, "%s", clkvq_last_error(ctx));
+            return clkvq_fail(ctx, st, "%s: %s", bad ? "v" : "k", detail);
+        }
+    }
+    if (st == CLKVQ_OK)
+        st = append_write(cache, l, seq, n_tokens, k, v);
+    release_mem(&up[0]);
+    release_mem(&up[1]);
     return st;
 }
 
@@ -875,7 +966,7 @@ clkvq_status clkvq_cache_append_mem(clkvq_cache *cache, int l, int seq, int n_to
         return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
                           "this cache's pages belong to the runtime: append with "
                           "clkvq_cache_append_paged and its block table");
-    return append_impl(cache, l, seq, n_tokens, k, v);
+    return append_impl(cache, l, seq, n_tokens, k, v, NULL, NULL);
 }
 
 /* Runtime tables: takes the runtime's block table for this and later
@@ -909,7 +1000,7 @@ clkvq_status clkvq_cache_append_paged(clkvq_cache *cache, int l, int seq, int n_
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_append_paged: cache is NULL");
     clkvq_clear_error(cache->ctx);
     clkvq_status st = clkvq_cache_use_table(cache, block_table, max_blocks);
-    return st == CLKVQ_OK ? append_impl(cache, l, seq, n_tokens, k, v) : st;
+    return st == CLKVQ_OK ? append_impl(cache, l, seq, n_tokens, k, v, NULL, NULL) : st;
 }
 
 clkvq_status clkvq_cache_append(clkvq_cache *cache, int layer, int seq, int n_tokens,
@@ -923,16 +1014,12 @@ clkvq_status clkvq_cache_append(clkvq_cache *cache, int layer, int seq, int n_to
     if (n_tokens <= 0 || n_tokens > cache->cfg.capacity)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "n_tokens %d is outside 1..capacity %d",
                           n_tokens, cache->cfg.capacity);
-    size_t bytes = (size_t)cache->cfg.n_kv_heads * n_tokens * cache->cfg.head_dim * sizeof(float);
-    cl_mem km = NULL, vm = NULL;
-    clkvq_status st = create_buffer(ctx, bytes, k, &km, "k upload");
-    if (st == CLKVQ_OK)
-        st = create_buffer(ctx, bytes, v, &vm, "v upload");
-    if (st == CLKVQ_OK)
-        st = clkvq_cache_append_mem(cache, layer, seq, n_tokens, km, vm);
-    release_mem(&km);
-    release_mem(&vm);
-    return st;
+    if (cache->cfg.runtime_tables)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "this cache's pages belong to the runtime: append with "
+                          "clkvq_cache_append_paged and its block table");
+    clkvq_clear_error(ctx);
+    return append_impl(cache, layer, seq, n_tokens, NULL, NULL, k, v);
 }
 
 clkvq_status clkvq_cache_length(const clkvq_cache *cache, int layer, int seq, int *n_tokens)
@@ -1010,6 +1097,7 @@ clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens)
             }
             clkvq_pages_drop_from(cache, l, seq, keep);
             layer->length[seq] = n_tokens;
+            layer->len_dirty = 1;
         }
     return st;
 }
@@ -1070,6 +1158,7 @@ clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq_dst)
         if (cache->paged && !cache->cfg.runtime_tables)
             clkvq_pages_share(cache, l, seq_src, seq_dst);
         cache->layers[l].length[seq_dst] = cache->layers[l].length[seq_src];
+        cache->layers[l].len_dirty = 1;
     }
     return CLKVQ_OK;
 }

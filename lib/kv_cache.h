@@ -48,7 +48,17 @@ typedef struct {
     int fp_slots;           /* ring + n_sink */
     clkvq_tensor_store k, v;
     int *length;            /* per sequence */
+    /* the device copy of length the decode kernels read: written without
+     * blocking when a decode finds it stale. The host array is changed only
+     * after a clFinish (append, truncate, fork), so such a write has always
+     * read it by then. */
+    cl_mem len_mem;
+    int len_dirty;
     clkvq_page_pool pages;
+    /* this device's tuned entries for the layer's shape and the cache's
+     * layouts (decode picks the one nearest its batch and length) */
+    clkvq_tune_result *tuned_set;
+    int n_tuned_set;
 } clkvq_cache_layer;
 
 struct clkvq_cache {
@@ -61,16 +71,16 @@ struct clkvq_cache {
     int paged;              /* pages taken and returned as tokens come and go */
     cl_mem rt_table;        /* runtime tables: the block table last given (retained) */
     int rt_max_blocks;      /* its width */
-    cl_mem seq_len;         /* int32 [n_seqs], lengths of the layer last decoded */
+    int async_writes;       /* a non-blocking length write was enqueued (release waits) */
     cl_mem partials;        /* decode split-K partial results */
     size_t partials_bytes;
-    cl_mem q_scratch;       /* permuted, scaled queries */
+    cl_mem q_scratch;       /* permuted, scaled queries (serial variant) */
     size_t q_scratch_bytes;
     cl_mem qsum_scratch;    /* their per-group sums */
     size_t qsum_scratch_bytes;
     clkvq_attn_tuning tuning; /* 0 fields: defaults */
-    clkvq_tune_params *tuned; /* per layer, from the tuning lookup (lazy) */
-    int *host_len;          /* staging for seq_len uploads */
+    clkvq_tune_params *tuned; /* per layer, from the tuning lookup at create */
+    clkvq_tuning_source *tuned_source; /* the chain's level each of them came from */
     cl_mem xform[2];        /* appended K, V rows after centering/rotation (packed order) */
     size_t xform_bytes[2];
 };

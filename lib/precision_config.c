@@ -202,6 +202,121 @@ clkvq_status clkvq_config_check_model(clkvq_context *ctx, const clkvq_precision_
     return CLKVQ_OK;
 }
 
+/* ------------------------------------------------------------ geometry */
+
+int config_set_model(clkvq_precision_config *cfg, const char *model)
+{
+    char *copy = strdup(model ? model : "");
+    if (!copy)
+        return 0;
+    free(cfg->top.model);
+    cfg->top.model = copy;
+    return 1;
+}
+
+/* "<a>: the config says x, the model has y" for each differing field. */
+static int carried_mismatch(const config_top *t, const clkvq_model_geometry *g, char *why,
+                            size_t n)
+{
+    const struct {
+        const char *name;
+        int mine, theirs;
+    } f[3] = {{"n_q_heads", t->n_q_heads, g->n_q_heads},
+              {"n_kv_heads", t->n_kv_heads, g->n_kv_heads},
+              {"head_dim", t->head_dim, g->head_dim}};
+    size_t used = 0;
+    why[0] = '\0';
+    for (int i = 0; i < 3; i++)
+        if (f[i].mine != f[i].theirs && used < n)
+            used += (size_t)snprintf(why + used, n - used, "%s%s: the config says %d, the model has %d",
+                                     used ? "; " : "", f[i].name, f[i].mine, f[i].theirs);
+    return used == 0;
+}
+
+int config_geometry_fits(const clkvq_precision_config *cfg, const clkvq_model_geometry *g,
+                         char *why, size_t n)
+{
+    if (g->n_q_heads <= 0 || g->n_kv_heads <= 0 || g->head_dim <= 0 || g->n_layers < 0 ||
+        g->n_q_heads % g->n_kv_heads) {
+        snprintf(why, n,
+                 "the geometry (n_q_heads %d, n_kv_heads %d, head_dim %d, layers %d) is not a "
+                 "model's: positive, and n_q_heads a multiple of n_kv_heads",
+                 g->n_q_heads, g->n_kv_heads, g->head_dim, g->n_layers);
+        return 0;
+    }
+    if (g->n_layers && cfg->n_layers != g->n_layers) {
+        snprintf(why, n, "the config has %d layers, the model %d", cfg->n_layers, g->n_layers);
+        return 0;
+    }
+    if (cfg->top.head_dim && !carried_mismatch(&cfg->top, g, why, n))
+        return 0;
+    if (cfg->perm_heads && (cfg->perm_heads != g->n_kv_heads || cfg->head_dim != g->head_dim)) {
+        snprintf(why, n, "perms are %d heads x %d channels, the model has %d kv heads x head_dim %d",
+                 cfg->perm_heads, cfg->head_dim, g->n_kv_heads, g->head_dim);
+        return 0;
+    }
+    for (int l = 0; l < cfg->n_layers; l++) {
+        const config_layer *cl = &cfg->layers[l];
+        if (cl->n_heads && cl->n_heads != g->n_kv_heads) {
+            snprintf(why, n, "layer %d has bits for %d kv heads, the model has %d", l,
+                     cl->n_heads, g->n_kv_heads);
+            return 0;
+        }
+        /* V is grouped along head_dim in every quantized scheme */
+        if (cl->cfg.scheme != CLKVQ_SCHEME_FP16 && g->head_dim % cl->cfg.group_size) {
+            snprintf(why, n, "layer %d: group_size %d does not divide the model's head_dim %d", l,
+                     cl->cfg.group_size, g->head_dim);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+int clkvq_config_geometry(const clkvq_precision_config *cfg, clkvq_model_geometry *out)
+{
+    if (!cfg || !cfg->top.head_dim)
+        return 0;
+    if (out)
+        *out = (clkvq_model_geometry){cfg->n_layers, cfg->top.n_q_heads, cfg->top.n_kv_heads,
+                                      cfg->top.head_dim};
+    return 1;
+}
+
+/* "config for llama-3.1-8b" or "config" */
+static void config_name(const clkvq_precision_config *cfg, char *buf, size_t n)
+{
+    const char *model = clkvq_config_model(cfg);
+    snprintf(buf, n, "config%s%.200s", *model ? " for " : "", model);
+}
+
+clkvq_status clkvq_config_check_geometry(clkvq_context *ctx, const clkvq_precision_config *cfg,
+                                         const clkvq_model_geometry *g)
+{
+    clkvq_clear_error(ctx);
+    if (!cfg || !g)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "clkvq_config_check_geometry: %s is NULL",
+                          !cfg ? "cfg" : "g");
+    char why[512], name[256], text[64];
+    if (config_geometry_fits(cfg, g, why, sizeof why))
+        return CLKVQ_OK;
+    config_name(cfg, name, sizeof name);
+    clkvq_model_format(g, text, sizeof text);
+    return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "%s does not fit the model (%s): %s", name, text,
+                      why);
+}
+
+clkvq_status clkvq_config_set_geometry(clkvq_context *ctx, clkvq_precision_config *cfg,
+                                       const clkvq_model_geometry *g)
+{
+    clkvq_status st = clkvq_config_check_geometry(ctx, cfg, g);
+    if (st != CLKVQ_OK)
+        return st;
+    cfg->top.n_q_heads = g->n_q_heads;
+    cfg->top.n_kv_heads = g->n_kv_heads;
+    cfg->top.head_dim = g->head_dim;
+    return CLKVQ_OK;
+}
+
 /* ------------------------------------------------------------ the cache */
 
 /* Per-head bits can run only when a layer's heads all agree (the kernels
@@ -241,6 +356,17 @@ clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
     if (!cfg || !out)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_create_from_config: %s is NULL",
                           !cfg ? "cfg" : "out");
+    clkvq_model_geometry carried;
+    if (clkvq_config_geometry(cfg, &carried)) {
+        clkvq_model_geometry asked = {cfg->n_layers, n_q_heads, n_kv_heads, head_dim};
+        char why[512], name[256];
+        if (!config_geometry_fits(cfg, &asked, why, sizeof why)) {
+            config_name(cfg, name, sizeof name);
+            return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                              "clkvq_cache_create_from_config: %s does not fit the cache: %s",
+                              name, why);
+        }
+    }
     clkvq_layer_config *layers = calloc((size_t)cfg->n_layers, sizeof *layers);
     if (!layers)
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating layer configs");

@@ -50,4 +50,12 @@ static inline head_pair head_from_layer(const clkvq_layer_config *c)
  * or "defaults" when l < 0); perms are the caller's to check. */
 clkvq_status config_check_layer(clkvq_context *ctx, const clkvq_layer_config *c, int l);
 
+/* 1 when cfg fits a model of geometry g; else 0 and the first mismatch in
+ * why (clkvq_config_check_geometry's rules). g->n_layers 0: the config's. */
+int config_geometry_fits(const clkvq_precision_config *cfg, const clkvq_model_geometry *g,
+                         char *why, size_t why_size);
+
+/* Replaces cfg's model name (a copy); 0 when out of memory. */
+int config_set_model(clkvq_precision_config *cfg, const char *model);
+
 #endif

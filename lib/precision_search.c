@@ -23,7 +23,7 @@
 #define KMEANS_ITERS 50
 
 struct clkvq_search_result {
-    int n_layers, n_pairs, n_kv_heads, head_dim;
+    int n_layers, n_pairs, n_q_heads, n_kv_heads, head_dim;
     char model[128];
     clkvq_layer_config defaults;
     clkvq_bit_pair pairs[MAX_PAIRS];
@@ -428,6 +428,7 @@ clkvq_status clkvq_precision_search(clkvq_context *ctx, const clkvq_kv_dump *dum
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "search result");
     res->n_layers = info.n_layers;
     res->n_pairs = opt->n_pairs;
+    res->n_q_heads = info.n_q_heads;
     res->n_kv_heads = info.n_kv_heads;
     res->head_dim = info.head_dim;
     snprintf(res->model, sizeof res->model, "%s", info.model);
@@ -515,5 +516,11 @@ clkvq_status clkvq_search_config(clkvq_context *ctx, const clkvq_search_result *
     clkvq_status st = clkvq_config_create(ctx, res->model[0] ? res->model : NULL, res->n_layers,
                                           layers, res->n_kv_heads, res->head_dim, out);
     free(layers);
+    /* the config carries the dump's geometry: it was searched for that model */
+    clkvq_model_geometry g = {res->n_layers, res->n_q_heads, res->n_kv_heads, res->head_dim};
+    if (st == CLKVQ_OK && (st = clkvq_config_set_geometry(ctx, *out, &g)) != CLKVQ_OK) {
+        clkvq_config_free(*out);
+        *out = NULL;
+    }
     return st;
 }

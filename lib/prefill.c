@@ -291,7 +291,7 @@ clkvq_status clkvq_gemv_decode(clkvq_context *ctx, int n_q_heads, int n_kv_heads
     if (!ctx)
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_gemv_decode: context is NULL");
     clkvq_clear_error(ctx);
-    ctx->last_device_ms = -1.0;
+    clkvq_timing_reset(ctx);
     if (n_q_heads < 1 || n_kv_heads < 1 || head_dim < 1 || n_tokens < 0)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
                           "clkvq_gemv_decode: n_q_heads %d, n_kv_heads %d, head_dim %d must be "
@@ -531,7 +531,7 @@ clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq, in
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_prefill_host: cache is NULL");
     clkvq_context *ctx = cache->ctx;
     clkvq_clear_error(ctx);
-    ctx->last_device_ms = -1.0;
+    clkvq_timing_reset(ctx);
     const clkvq_cache_config *cfg = &cache->cfg;
     if (layer < 0 || layer >= cfg->n_layers)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,

@@ -8,6 +8,7 @@
 #include "reference.h"
 
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -68,41 +69,92 @@ static clkvq_status launch(clkvq_context *ctx, cl_kernel kernel, size_t items, c
     return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, what);
 }
 
-clkvq_status clkvq_check_finite(clkvq_context *ctx, const clkvq_quant_params *qp, cl_mem x,
-                                size_t n, cl_event *event)
+/* Queues the check of n floats of x, setting *flag (INT_MAX: none bad). */
+static clkvq_status queue_check(clkvq_context *ctx, cl_kernel kernel, cl_mem x, size_t n,
+                                cl_mem *flag, cl_event *event)
 {
-    cl_kernel kernel;
-    clkvq_quant_params any = clkvq_quant_params_default();
-    clkvq_status st = get_kernel(ctx, qp ? qp : &any, "clkvq_check_input", &kernel);
-    if (st != CLKVQ_OK)
-        return st;
     cl_int err;
-    cl_int first_bad = INT_MAX;
-    cl_mem bad = clCreateBuffer(ctx->cl_ctx, CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR,
-                                sizeof first_bad, &first_bad, &err);
-    if (err != CL_SUCCESS)
+    cl_int none = INT_MAX;
+    *flag = clCreateBuffer(ctx->cl_ctx, CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR, sizeof none,
+                           &none, &err);
+    if (err != CL_SUCCESS) {
+        *flag = NULL;
         return clkvq_cl_fail(ctx, err, "creating the input-check flag");
+    }
     clkvq_args a;
     clkvq_args_begin(&a, kernel, 0);
     clkvq_args_mem(&a, x);
     clkvq_args_int(&a, (int)n);
     clkvq_args_int(&a, CHECK_PER_ITEM);
-    clkvq_args_mem(&a, bad);
-    st = clkvq_args_end(ctx, &a, "the input check");
+    clkvq_args_mem(&a, *flag);
+    clkvq_status st = clkvq_args_end(ctx, &a, "the input check");
     if (st == CLKVQ_OK)
         st = launch(ctx, kernel, (n + CHECK_PER_ITEM - 1) / CHECK_PER_ITEM, "input check", event);
-    if (st == CLKVQ_OK) {
-        err = clEnqueueReadBuffer(ctx->queue, bad, CL_TRUE, 0, sizeof first_bad, &first_bad, 0,
-                                  NULL, NULL);
-        if (err != CL_SUCCESS)
-            st = clkvq_cl_fail(ctx, err, "reading the input-check flag");
-    }
-    clReleaseMemObject(bad);
-    if (st == CLKVQ_OK && first_bad != INT_MAX)
-        st = clkvq_fail(ctx, CLKVQ_ERR_NONFINITE,
-                        "input element %d is NaN, Inf or beyond +-65504; nothing was written",
-                        (int)first_bad);
     return st;
+}
+
+clkvq_status clkvq_check_finite_n(clkvq_context *ctx, const clkvq_quant_params *qp,
+                                  const cl_mem *x, const size_t *n, int count, int *bad_tensor,
+                                  cl_event *event)
+{
+    if (count < 1 || count > CLKVQ_CHECK_MAX)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "checking %d tensors at once (1..%d)",
+                          count, CLKVQ_CHECK_MAX);
+    cl_kernel kernel;
+    clkvq_quant_params any = clkvq_quant_params_default();
+    clkvq_status st = get_kernel(ctx, qp ? qp : &any, "clkvq_check_input", &kernel);
+    if (st != CLKVQ_OK)
+        return st;
+    cl_mem flags[CLKVQ_CHECK_MAX] = {NULL};
+    cl_int first_bad[CLKVQ_CHECK_MAX];
+    for (int i = 0; i < count && st == CLKVQ_OK; i++)
+        st = queue_check(ctx, kernel, x[i], n[i], &flags[i], i == 0 ? event : NULL);
+    /* every flag read in one wait: the last read blocks, the in-order queue
+     * finishes the others first */
+    for (int i = 0; i < count && st == CLKVQ_OK; i++) {
+        cl_int err = clEnqueueReadBuffer(ctx->queue, flags[i], i == count - 1 ? CL_TRUE : CL_FALSE,
+                                         0, sizeof first_bad[i], &first_bad[i], 0, NULL, NULL);
+        if (err != CL_SUCCESS) {
+            st = clkvq_cl_fail(ctx, err, "reading the input-check flag");
+            clFinish(ctx->queue); /* no read may still target first_bad */
+        }
+    }
+    for (int i = 0; i < count; i++)
+        if (flags[i])
+            clReleaseMemObject(flags[i]);
+    for (int i = 0; i < count && st == CLKVQ_OK; i++)
+        if (first_bad[i] != INT_MAX) {
+            if (bad_tensor)
+                *bad_tensor = i;
+            return clkvq_fail(ctx, CLKVQ_ERR_NONFINITE,
+                              "input element %d is NaN, Inf or beyond +-65504; nothing was "
+                              "written",
+                              (int)first_bad[i]);
+        }
+    return st;
+}
+
+clkvq_status clkvq_check_finite(clkvq_context *ctx, const clkvq_quant_params *qp, cl_mem x,
+                                size_t n, cl_event *event)
+{
+    return clkvq_check_finite_n(ctx, qp, &x, &n, 1, NULL, event);
+}
+
+long clkvq_first_nonfinite(const float *x, size_t n)
+{
+    /* the kernel's test, !(|x| <= 65504), in blocks: a block without a bad
+     * value (the usual case) is a branch-free reduction */
+    for (size_t b = 0; b < n; b += 256) {
+        size_t e = n - b < 256 ? n : b + 256;
+        int bad = 0;
+        for (size_t i = b; i < e; i++)
+            bad |= !(fabsf(x[i]) <= KVQ_INPUT_MAX);
+        if (bad)
+            for (size_t i = b; i < e; i++)
+                if (!(fabsf(x[i]) <= KVQ_INPUT_MAX))
+                    return (long)i;
+    }
+    return -1;
 }
 
 /* Arguments 0..7 of every group kernel: four buffers, then the shape. */
@@ -130,7 +182,7 @@ clkvq_status clkvq_quantize(clkvq_context *ctx, const clkvq_quant_params *qp,
     if (!ctx)
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_quantize: context is NULL");
     clkvq_clear_error(ctx);
-    ctx->last_device_ms = -1.0;
+    clkvq_timing_reset(ctx);
     clkvq_quant_layout layout;
     clkvq_status st = clkvq_quant_params_validate(ctx, qp, shape);
     if (st != CLKVQ_OK)
@@ -195,7 +247,7 @@ clkvq_status clkvq_dequantize(clkvq_context *ctx, const clkvq_quant_params *qp,
     if (!ctx)
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_dequantize: context is NULL");
     clkvq_clear_error(ctx);
-    ctx->last_device_ms = -1.0;
+    clkvq_timing_reset(ctx);
     clkvq_quant_layout layout;
     clkvq_status st = clkvq_quant_params_validate(ctx, qp, shape);
     if (st != CLKVQ_OK)

@@ -16,6 +16,13 @@
  * verification must reject it (n_rejected), and it must never be timed. */
 extern int clkvq_tune_perturb_for_tests;
 
+/* lib/attention.c: when set, the cooperative decode programs are built
+ * with CLKVQ_PLANTED_BUG, which skips the online softmax's rescale of the
+ * accumulators: decode over more than one tile must then fail the tests'
+ * tolerance (they can fail). Programs built while it is set are cached
+ * under their own options. */
+extern int clkvq_attn_planted_bug_for_tests;
+
 /* lib/prefill.c: bytes of scores one prefill query chunk may hold (256 MiB
  * by default); tests lower it to exercise the chunking on small shapes. */
 extern size_t clkvq_prefill_score_budget;

@@ -49,7 +49,10 @@ typedef struct {
 } clkvq_embedded_tuning_file;
 extern const clkvq_embedded_tuning_file clkvq_embedded_tuning[];
 
-#define FORMAT_VERSION 1
+/* 2: the cooperative variant's tunables tpl, vwpl and waves (issue 14's
+ * kernel); version-1 files time a cooperative kernel that no longer
+ * exists and are ignored (re-tune). */
+#define FORMAT_VERSION 2
 #define PATH_BUF 4096
 #define WHY_MAX 1024
 /* Tuning files hold a few hundred entries at most; anything this large is
@@ -179,11 +182,21 @@ static int check_shape(const clkvq_tune_shape *s, char *why, size_t why_size)
 
 /* attn_fit.c's rules that do not depend on the device: what a cache
  * would accept for a shape of this scheme. */
+/* The shape attn_fit.c checks against: the fp16 scheme's V lanes follow
+ * q8 in groups of 32 (attention.c builds it so). */
+static clkvq_attn_fit_shape fit_shape(const clkvq_tune_params *p, const clkvq_tune_shape *s)
+{
+    int fp16 = s->scheme == CLKVQ_SCHEME_FP16;
+    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, 1, s->head_dim, !fp16, p->layout_k,
+                                p->layout_v, fp16 ? CLKVQ_FMT_Q8 : s->format_v,
+                                fp16 ? 32 : s->group_size, 0};
+    return fit;
+}
+
 static int check_params(const clkvq_tune_params *p, const clkvq_tune_shape *s, char *why,
                         size_t why_size)
 {
-    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, 1, s->head_dim,
-                                s->scheme != CLKVQ_SCHEME_FP16, p->layout_k, p->layout_v};
+    clkvq_attn_fit_shape fit = fit_shape(p, s);
     return clkvq_attn_tuning_check(&p->attn, &fit, NULL, why, why_size) == CLKVQ_OK;
 }
 
@@ -206,8 +219,7 @@ static int check_entry(const clkvq_tune_result *e, char *why, size_t why_size)
 static int params_fit(const clkvq_context *ctx, const clkvq_tune_params *p,
                       const clkvq_tune_shape *s)
 {
-    clkvq_attn_fit_shape fit = {s->n_q_heads / s->n_kv_heads, 1, s->head_dim,
-                                s->scheme != CLKVQ_SCHEME_FP16, p->layout_k, p->layout_v};
+    clkvq_attn_fit_shape fit = fit_shape(p, s);
     char why[256];
     return clkvq_attn_tuning_check(&p->attn, &fit, &ctx->info, why, sizeof why) == CLKVQ_OK;
 }
@@ -396,6 +408,9 @@ static int parse_params(const cJSON *e, const char *where, clkvq_tune_params *p,
     return get_int(o, w, "wgs", 1, 65536, &p->attn.wgs, why, why_size) &&
            get_int(o, w, "chunk", 1, 1 << 24, &p->attn.chunk, why, why_size) &&
            get_int(o, w, "vw", 1, 64, &p->attn.vw, why, why_size) &&
+           get_int(o, w, "tpl", 1, 64, &p->attn.tpl, why, why_size) &&
+           get_int(o, w, "vwpl", 0, 64, &p->attn.vwpl, why, why_size) &&
+           get_int(o, w, "waves", 1, 64, &p->attn.waves, why, why_size) &&
            get_layout(o, w, "layout_k", &p->layout_k, why, why_size) &&
            get_layout(o, w, "layout_v", &p->layout_v, why, why_size);
 }
@@ -560,6 +575,9 @@ static cJSON *entry_json(const clkvq_tune_result *r)
     ok &= cJSON_AddNumberToObject(p, "wgs", r->params.attn.wgs) != NULL;
     ok &= cJSON_AddNumberToObject(p, "chunk", r->params.attn.chunk) != NULL;
     ok &= cJSON_AddNumberToObject(p, "vw", r->params.attn.vw) != NULL;
+    ok &= cJSON_AddNumberToObject(p, "tpl", r->params.attn.tpl) != NULL;
+    ok &= cJSON_AddNumberToObject(p, "vwpl", r->params.attn.vwpl) != NULL;
+    ok &= cJSON_AddNumberToObject(p, "waves", r->params.attn.waves) != NULL;
     ok &= cJSON_AddStringToObject(p, "layout_k", layout_name(r->params.layout_k)) != NULL;
     ok &= cJSON_AddStringToObject(p, "layout_v", layout_name(r->params.layout_v)) != NULL;
     ok &= add_exact(e, "default_ms", r->default_ms);
@@ -821,7 +839,11 @@ done:
 clkvq_tune_params clkvq_tuning_builtin(const clkvq_context *ctx)
 {
     /* CPUs (PoCL) want one long chunk per work-item with explicit vectors,
-     * which reads group-planar layouts; GPUs share a chunk in a work-group */
+     * which reads group-planar layouts. GPUs walk tiles in a work-group
+     * (docs/gpu-decode.md): 128 lanes x 4 tokens, automatic V width, two
+     * work-groups per compute unit; K group-planar (a lane's 4 tokens are
+     * one aligned 16-byte load per word, neighbours adjacent), V
+     * token-major (a token's row is read by adjacent lanes in one piece). */
     clkvq_tune_params p;
     memset(&p, 0, sizeof p);
     int gpu = ctx->info.is_gpu;
@@ -829,7 +851,11 @@ clkvq_tune_params clkvq_tuning_builtin(const clkvq_context *ctx)
     p.attn.wgs = gpu ? 128 : 64;
     p.attn.chunk = 256;
     p.attn.vw = 16;
-    p.layout_k = p.layout_v = gpu ? CLKVQ_LAYOUT_TOKEN_MAJOR : CLKVQ_LAYOUT_GROUP_PLANAR;
+    p.attn.tpl = 4;
+    p.attn.vwpl = 0;
+    p.attn.waves = 2;
+    p.layout_k = CLKVQ_LAYOUT_GROUP_PLANAR;
+    p.layout_v = gpu ? CLKVQ_LAYOUT_TOKEN_MAJOR : CLKVQ_LAYOUT_GROUP_PLANAR;
     return p;
 }
 
@@ -962,6 +988,68 @@ clkvq_status clkvq_tuning_lookup(clkvq_context *ctx, const clkvq_tune_shape *sha
     return CLKVQ_OK;
 }
 
+int clkvq_tuning_device_entries(clkvq_context *ctx, clkvq_tune_result **entries, int *n)
+{
+    char path[PATH_BUF], why[WHY_MAX];
+    *entries = NULL;
+    *n = 0;
+    if (device_file_path(ctx, path, sizeof path) != CLKVQ_OK) {
+        clkvq_clear_error(ctx);
+        return 0;
+    }
+    return load_device_file(ctx, path, entries, n, why, sizeof why) == FILE_OK;
+}
+
+const char *clkvq_tuning_source_name(clkvq_tuning_source source)
+{
+    static const char *const names[] = {"exact", "nearest", "vendor", "builtin", "caller"};
+    return (int)source >= 0 && (int)source < (int)(sizeof names / sizeof names[0])
+               ? names[source]
+               : "?";
+}
+
+/* ------------------------------------------------------------ per decode */
+
+clkvq_status clkvq_tuning_entries_for(clkvq_context *ctx, const clkvq_tune_shape *shape,
+                                      clkvq_layout layout_k, clkvq_layout layout_v,
+                                      clkvq_tune_result **entries_out, int *n_out)
+{
+    *entries_out = NULL;
+    *n_out = 0;
+    char path[PATH_BUF], why[WHY_MAX];
+    if (device_file_path(ctx, path, sizeof path) != CLKVQ_OK) return CLKVQ_OK;
+    clkvq_tune_result *entries;
+    int n;
+    if (load_device_file(ctx, path, &entries, &n, why, sizeof why) != FILE_OK) return CLKVQ_OK;
+    int kept = 0;
+    for (int i = 0; i < n; i++)
+        if (clkvq_tuning_shape_distance(&entries[i].shape, shape) < NEAR_MAX &&
+            entries[i].params.layout_k == layout_k && entries[i].params.layout_v == layout_v &&
+            params_fit(ctx, &entries[i].params, shape))
+            entries[kept++] = entries[i];
+    if (kept == 0) {
+        free(entries);
+        return CLKVQ_OK;
+    }
+    *entries_out = entries;
+    *n_out = kept;
+    return CLKVQ_OK;
+}
+
+int clkvq_tuning_nearest(const clkvq_tune_result *entries, int n, const clkvq_tune_shape *shape)
+{
+    int best = -1;
+    double best_d = INFINITY;
+    for (int i = 0; i < n; i++) {
+        double d = clkvq_tuning_shape_distance(&entries[i].shape, shape);
+        if (d < best_d) {
+            best_d = d;
+            best = i;
+        }
+    }
+    return best;
+}
+
 /* ------------------------------------------------------------ show */
 
 static void print_params(FILE *out, const clkvq_tune_params *p)
@@ -969,7 +1057,8 @@ static void print_params(FILE *out, const clkvq_tune_params *p)
     if (p->attn.variant == CLKVQ_ATTN_SERIAL)
         fprintf(out, "serial chunk %d vw %d", p->attn.chunk, p->attn.vw);
     else
-        fprintf(out, "cooperative wgs %d chunk %d", p->attn.wgs, p->attn.chunk);
+        fprintf(out, "cooperative wgs %d tpl %d vwpl %d waves %d", p->attn.wgs, p->attn.tpl,
+                p->attn.vwpl, p->attn.waves);
     fprintf(out, ", layouts %s/%s", layout_name(p->layout_k), layout_name(p->layout_v));
 }
 
@@ -1005,6 +1094,11 @@ clkvq_status clkvq_tuning_show(clkvq_context *ctx, FILE *out)
     fprintf(out, "device: %s / %s (%s, driver %s, %d compute units)\n", info->vendor, info->name,
             info->is_gpu ? "gpu" : "cpu", info->driver_version, info->compute_units);
     fprintf(out, "key:    %s\n", info->device_key);
+    fprintf(out, "extensions: subgroups %s, fp16 %s, integer dot product %s (no decode path "
+                 "uses them yet)\n",
+            ctx->features & CLKVQ_FEATURE_SUBGROUPS ? "yes" : "no",
+            ctx->features & CLKVQ_FEATURE_FP16 ? "yes" : "no",
+            ctx->features & CLKVQ_FEATURE_INT_DOT ? "yes" : "no");
 
     char path[PATH_BUF], why[WHY_MAX];
     if (device_file_path(ctx, path, sizeof path) != CLKVQ_OK) {

@@ -5,7 +5,8 @@
 # candidate against a reference, caches the winners where the library looks
 # them up, and prints default vs tuned time per shape.
 # Extra arguments go to clkvq-tune (e.g. --quick, --budget 0 for the whole
-# space, --json, --shape qwen2.5-7b). Default budget: 45 s per shape.
+# space, --json, --shape qwen2.5-7b, or --config FILE --tokens N to tune for a
+# layer precision config). Default budget: 45 s per shape.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -36,6 +36,13 @@ expect --batch 1.5 "$tune" --batch 1.5
 expect --reps abc "$tune" --reps abc
 expect --tokens 4096, "$tune" --tokens 4096,
 expect --tokens 1,nan "$tune" --tokens 1,nan
+expect --tokens 1,x "$tune" --tokens 64 --tokens 1,x
+expect --residual abc "$tune" --config x.yaml --residual abc
+expect --residual 1e3 "$tune" --config x.yaml --residual 1e3
+for v in q32:kv8:dx:l32 q0:kv8:d128:l32 q32:kv8:d128 q32:kv8:d128:l32:l1 q30:kv8:d128:l32 " q32:kv8:d128:l32"; do
+  expect --geometry "$v" "$tune" --geometry "$v"
+done
+expect --model nonesuch "$tune" --model nonesuch
 
 for v in nan abc 0 9 -3; do
   expect --budget "$v" "$tune" precision --calib x.safetensors --budget "$v"
@@ -69,6 +76,15 @@ if [[ -n $bench ]]; then
   expect --tokens 1,abc "$bench" attention --tokens 1,abc
   expect --batch nan "$bench" attention --batch nan
   expect --synth-cache-mb -5 "$bench" attention --synth-cache-mb -5
+  expect --kernel serial:8x:512 "$bench" attention --kernel serial:8x:512
+  expect --kernel fast:8:512 "$bench" attention --kernel fast:8:512
+  expect --tokens 4k "$bench" append --tokens 4k
+  expect --reps 0 "$bench" append --reps 0
+  expect --tokens abc "$bench" decode --tokens abc
+  expect --wgs 1e3 "$bench" decode --wgs 1e3
+  expect --waves nan "$bench" decode --waves nan
+  expect --heads 32/8 "$bench" decode --heads 32/8
+  expect --calls 0 "$bench" decode --calls 0
 fi
 
 echo "$checked bad arguments, $failures not refused as usage errors"

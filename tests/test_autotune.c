@@ -2,6 +2,7 @@
  * through the tuning file, and the library then uses what was tuned. */
 #include "test_hooks.h"
 #include "test_util.h"
+#include "tuning_db.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -55,7 +56,7 @@ START_TEST(planted_wrong_candidate_is_rejected)
 {
     fresh_cache_dir();
     clkvq_tune_shape sh = small_shape();
-    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL};
+    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL, NULL};
     clkvq_tune_result res;
     clkvq_tune_perturb_for_tests = 1;
     clkvq_status st = clkvq_tune_decode(test_ctx(), &sh, &opt, &res);
@@ -74,7 +75,7 @@ START_TEST(tuned_result_is_what_the_library_uses)
     fresh_cache_dir();
     clkvq_context *ctx = test_ctx();
     clkvq_tune_shape sh = small_shape();
-    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL};
+    clkvq_tune_options opt = {0, 1, 2, 1, NULL, NULL, NULL};
     clkvq_tune_result res;
     ck_assert_int_eq(clkvq_tune_decode(ctx, &sh, &opt, &res), CLKVQ_OK);
     ck_assert_int_eq(res.n_rejected, 0);
@@ -120,6 +121,8 @@ START_TEST(stored_entry_changes_the_variant)
     res.params.attn.wgs = 32;
     res.params.attn.chunk = 128;
     res.params.attn.vw = 8;
+    res.params.attn.tpl = 2;
+    res.params.attn.waves = 1;
     res.params.layout_k = res.params.layout_v = CLKVQ_LAYOUT_GROUP_PLANAR;
     res.default_ms = 2.0;
     res.tuned_ms = 1.0;
@@ -162,6 +165,45 @@ START_TEST(stored_entry_changes_the_variant)
 }
 END_TEST
 
+/* Split and chunk choices are keyed by length: of two entries for one
+ * structure, a decode uses the one tuned nearest its longest sequence. */
+START_TEST(decode_takes_the_entry_nearest_its_length)
+{
+    fresh_cache_dir();
+    clkvq_context *ctx = test_ctx();
+    clkvq_tune_shape sh = small_shape();
+    sh.tokens = 4096;
+    clkvq_tune_result res[2];
+    memset(res, 0, sizeof res);
+    for (int i = 0; i < 2; i++) {
+        snprintf(res[i].kernel, sizeof res[i].kernel, "decode");
+        res[i].shape = sh;
+        res[i].shape.tokens = i ? 4096 : 128;
+        res[i].params = clkvq_tuning_builtin(ctx);
+        res[i].params.attn.variant = CLKVQ_ATTN_SERIAL;
+        res[i].params.attn.chunk = i ? 1024 : 64;
+        res[i].params.layout_k = res[i].params.layout_v = CLKVQ_LAYOUT_GROUP_PLANAR;
+        res[i].default_ms = 2.0;
+        res[i].tuned_ms = 1.0;
+    }
+    ck_assert_int_eq(clkvq_tuning_store(ctx, res, 2, NULL, 0), CLKVQ_OK);
+    clkvq_cache *cache = cache_for_shape(&sh, CLKVQ_LAYOUT_GROUP_PLANAR);
+    clkvq_attn_tuning t;
+    ck_assert_int_eq(clkvq_cache_get_tuning(cache, &t), CLKVQ_OK);
+    ck_assert_int_eq(t.chunk, 64); /* empty: nearest the short entry */
+    size_t kv = (size_t)sh.n_kv_heads * 3000 * sh.head_dim;
+    float *k = malloc(kv * sizeof(float)), *v = malloc(kv * sizeof(float));
+    clkvq_shape part = {sh.n_kv_heads, 3000, sh.head_dim};
+    clkvq_synth_kv(5, &part, k, v);
+    ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 3000, k, v), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_cache_get_tuning(cache, &t), CLKVQ_OK);
+    ck_assert_int_eq(t.chunk, 1024);
+    free(k);
+    free(v);
+    clkvq_cache_release(cache);
+}
+END_TEST
+
 START_TEST(tune_bad_arguments)
 {
     clkvq_tune_shape sh = small_shape();
@@ -173,8 +215,108 @@ START_TEST(tune_bad_arguments)
 }
 END_TEST
 
+/* The suite's own cache dir (ctest's build/test-cache), before any test
+ * points CLKVQ_CACHE_DIR at a fresh one. */
+static char g_suite_cache_dir[1024];
+
+/* The programs already built by the suites (the suite's cache dir's) serve
+ * the fresh one too: only the tuning results must start empty. */
+static void fresh_cache_dir_sharing_programs(void)
+{
+    char programs[1100] = "";
+    if (g_suite_cache_dir[0])
+        snprintf(programs, sizeof programs, "%s/programs", g_suite_cache_dir);
+    fresh_cache_dir();
+    char link_path[1024];
+    snprintf(link_path, sizeof link_path, "%s/programs", getenv("CLKVQ_CACHE_DIR"));
+    if (programs[0] && access(programs, F_OK) == 0)
+        ck_assert_int_eq(symlink(programs, link_path), 0);
+}
+
+/* clkvq-tune --config in the library's terms: every distinct layer setting
+ * of a config, tuned at the model's geometry and a cache's capacity and
+ * batch, with the settings of the layers it serves; afterwards a cache
+ * opened by model name finds an exact entry for every layer, and one of
+ * another capacity does not. */
+START_TEST(config_tuned_for_gives_every_layer_an_exact_entry)
+{
+    fresh_cache_dir_sharing_programs();
+    clkvq_tuning_set_shipped(NULL, NULL, 0); /* no vendor level: before = built-in */
+    clkvq_context *ctx = test_ctx();
+    const char *y = "model: test-model\nn_q_heads: 8\nn_kv_heads: 2\nhead_dim: 64\n"
+                    "scheme: kivi\nresidual: 32\n"
+                    "0: {nbits_key: 2, nbits_value: 2}\n1: {nbits_key: 4, nbits_value: 4}\n"
+                    "2: {nbits_key: 2, nbits_value: 2}\n3: {nbits_key: 8, nbits_value: 4}\n";
+    clkvq_precision_config *cfg = NULL;
+    ck_assert_int_eq(clkvq_config_parse(ctx, y, strlen(y), NULL, &cfg), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_config_store(ctx, cfg, NULL, NULL, 0), CLKVQ_OK);
+    const int tokens = 192, batch = 1;
+
+    clkvq_cache *cache = NULL;
+    clkvq_tuning_source src;
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < 4; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_int_eq(src, CLKVQ_TUNED_BUILTIN);
+    }
+    clkvq_cache_release(cache);
+
+    clkvq_model_geometry g;
+    ck_assert(clkvq_config_geometry(cfg, &g));
+    clkvq_tune_shape shapes[8];
+    int n = 0, first[8];
+    ck_assert_int_eq(clkvq_config_tune_shapes(ctx, cfg, &g, tokens, batch, shapes, 8, &n, NULL,
+                                              first),
+                     CLKVQ_OK);
+    ck_assert_int_eq(n, 3);
+    clkvq_tune_result res[8];
+    for (int i = 0; i < n; i++) {
+        clkvq_layer_config lc;
+        clkvq_config_layer(cfg, first[i], &lc);
+        ck_assert_int_eq(lc.residual, 32);
+        clkvq_tune_options opt = {0, 1, 1, 1, NULL, NULL, &lc};
+        clkvq_status st = clkvq_tune_decode(ctx, &shapes[i], &opt, &res[i]);
+        ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
+        ck_assert_int_eq(res[i].n_rejected, 0);
+    }
+    ck_assert_int_eq(clkvq_tuning_store(ctx, res, n, NULL, 0), CLKVQ_OK);
+
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < 4; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_msg(src == CLKVQ_TUNED_EXACT, "layer %d: %s", l, clkvq_tuning_source_name(src));
+    }
+    clkvq_cache_release(cache);
+    /* another capacity: the nearest entry, not an exact one */
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, 2 * tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < 4; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_int_eq(src, CLKVQ_TUNED_NEAREST);
+    }
+    clkvq_cache_release(cache);
+
+    /* the layer given must be the shape's */
+    clkvq_layer_config other;
+    clkvq_config_layer(cfg, 1, &other); /* K4V4, not K2V2 */
+    clkvq_tune_options opt = {0, 1, 1, 1, NULL, NULL, &other};
+    ck_assert_int_eq(clkvq_tune_decode(ctx, &shapes[0], &opt, &res[0]), CLKVQ_ERR_INVALID_ARG);
+    ck_assert(strstr(clkvq_last_error(ctx), "options->layer"));
+    clkvq_tuning_set_shipped(NULL, NULL, -1);
+    clkvq_config_free(cfg);
+}
+END_TEST
+
 int main(void)
 {
+    const char *dir = getenv("CLKVQ_CACHE_DIR");
+    if (dir)
+        snprintf(g_suite_cache_dir, sizeof g_suite_cache_dir, "%s", dir);
     Suite *s = suite_create("autotune");
     TCase *tc = tcase_create("autotune");
     tcase_set_timeout(tc, 600);
@@ -182,6 +324,8 @@ int main(void)
     tcase_add_test(tc, planted_wrong_candidate_is_rejected);
     tcase_add_test(tc, tuned_result_is_what_the_library_uses);
     tcase_add_test(tc, stored_entry_changes_the_variant);
+    tcase_add_test(tc, config_tuned_for_gives_every_layer_an_exact_entry);
+    tcase_add_test(tc, decode_takes_the_entry_nearest_its_length);
     suite_add_tcase(s, tc);
     return test_run_suite(s);
 }

@@ -521,6 +521,29 @@ START_TEST(failed_appends_change_nothing)
         ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 20, k, v), CLKVQ_ERR_NONFINITE);
         k[17] = 1e6f; /* beyond fp16 */
         ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 20, k, v), CLKVQ_ERR_NONFINITE);
+        /* the same from device buffers: checked on the device, K and V with
+         * one wait, the failing tensor named */
+        for (int bad_v = 0; bad_v < 2; bad_v++) {
+            float saved = v[HEADS * 20 * dim - 1];
+            if (bad_v) {
+                k[17] = 0.0f;
+                v[HEADS * 20 * dim - 1] = -INFINITY;
+            }
+            cl_int err;
+            size_t bytes = sizeof(float) * HEADS * 20 * dim;
+            cl_mem km = clCreateBuffer(clkvq_context_cl_context(ctx), CL_MEM_COPY_HOST_PTR, bytes,
+                                       k, &err);
+            cl_mem vm = clCreateBuffer(clkvq_context_cl_context(ctx), CL_MEM_COPY_HOST_PTR, bytes,
+                                       v, &err);
+            ck_assert_int_eq(clkvq_cache_append_mem(cache, 0, 0, 20, km, vm),
+                             CLKVQ_ERR_NONFINITE);
+            ck_assert_ptr_nonnull(
+                strstr(clkvq_last_error(ctx), bad_v ? "v: input element" : "k: input element"));
+            clReleaseMemObject(km);
+            clReleaseMemObject(vm);
+            v[HEADS * 20 * dim - 1] = saved;
+        }
+        k[17] = 1e6f;
         ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 0, k, v), CLKVQ_ERR_INVALID_ARG);
         ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 5, NULL, v), CLKVQ_ERR_INVALID_ARG);
         ck_assert_int_eq(clkvq_cache_append(cache, 1, 0, 5, k, v), CLKVQ_ERR_INVALID_ARG);

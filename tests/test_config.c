@@ -411,7 +411,7 @@ static const error_case g_errors[] = {
     {"unknown field", "0:\n  nbits_key: 4\n  nbits_value: 4\n  nbits_kye: 4\n",
      CLKVQ_ERR_CORRUPT, {"<memory>:4:", "unknown field 'nbits_kye'", "valid fields: nbits_key"}},
     {"unknown top-level field", "modle: x\n0: " OK_LAYER "\n", CLKVQ_ERR_CORRUPT,
-     {"<memory>:1:", "unknown field 'modle'", "model, nbits_key"}},
+     {"<memory>:1:", "unknown field 'modle'", "model, n_q_heads, n_kv_heads, head_dim, nbits_key"}},
     {"not a permutation", "0:\n  nbits_key: 4\n  nbits_value: 4\n  perm_k: [[0, 1, 1, 3]]\n",
      CLKVQ_ERR_CORRUPT, {"<memory>:4:", "perm_k", "not a permutation"}},
     {"perm index out of range", "0:\n  nbits_key: 4\n  nbits_value: 4\n  perm_v:\n    - [0, 4]\n",
@@ -788,7 +788,8 @@ START_TEST(table_fields_yaml_errors)
             char text[64];
             if (!good) {
                 clkvq_layer_config d = clkvq_layer_config_default(CLKVQ_SCHEME_TOKEN);
-                config_top t0 = {"m"};
+                /* valid values of every top-level field */
+                config_top t0 = {.model = "m", .n_q_heads = 8, .n_kv_heads = 8, .head_dim = 64};
                 config_field_format(f, config_field_cvalue(f, &d, &t0), text, sizeof text);
                 good = text;
             }

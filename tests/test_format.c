@@ -101,6 +101,23 @@ START_TEST(trit_digits_without_division)
 }
 END_TEST
 
+/* The decode kernels' float digit (KVQ_TRIT_FLOAT: multiplies and floors
+ * in IEEE single precision, as on the device), for every byte a packed
+ * group can hold (at most 2 * (1 + 3 + 9 + 27 + 81) = 242) and digit. */
+START_TEST(trit_digits_in_float)
+{
+    for (uint32_t b = 0; b < 243; b++) {
+        uint32_t div = 1;
+        volatile float x = (float)b; /* no constant folding in wider precision */
+        for (int d = 0; d < 5; d++, div *= 3) {
+            float digit = KVQ_TRIT_FLOAT(x, d, floorf);
+            ck_assert_msg(digit == (float)((b / div) % 3), "byte %u digit %d: %g", b, d,
+                          (double)digit);
+        }
+    }
+}
+END_TEST
+
 /* The kernels' word-level unpacking (KVQ_CODE from a group padded to
  * whole words, as the cache stores it) reads what the byte-level packer
  * wrote, for every format and code position; a code that straddles two
@@ -291,6 +308,7 @@ int main(void)
     tcase_add_test(tc, pack_unpack_round_trip);
     tcase_add_test(tc, packing_is_lsb_first);
     tcase_add_test(tc, trit_digits_without_division);
+    tcase_add_test(tc, trit_digits_in_float);
     tcase_add_test(tc, word_unpacking_matches_byte_packing);
     tcase_add_test(tc, rotation_round_trips);
     tcase_add_test(tc, fp16_matches_compiler_conversion);

@@ -17,8 +17,10 @@
  *   bit.
  * - decode: the 25 (K, V) format pairs, each once, over the quantized schemes
  *   (token, kivi, skvq) in turn, plus the fp16 scheme with each variant. The
- *   variant cycles through cooperative at work-group sizes 16/32/64/128 and
- *   serial (vw 4/8/16); head_dim 32/64/128 and GQA 1/4/7 cycle on other
+ *   variant cycles through cooperative at work-group sizes 16/32/64/128 (tokens
+ *   per lane 1/2/4, V words per lane automatic/1/2/4, one split written
+ *   directly or several and the merge) and serial (vw 4/8/16); head_dim
+ *   32/64/128 and GQA 1/4/7 cycle on other
  *   strides so that every pair of (scheme, variant, head_dim, GQA) levels
  *   occurs, and the four K/V packed layout pairs cycle over the cooperative
  *   configurations (serial reads group-planar only). Parameter storage
@@ -247,15 +249,23 @@ static void decode_config_get(int i, decode_config *c)
         int lp = (i / 7 + i) % 4;
         c->layout_k = layouts[lp][0];
         c->layout_v = layouts[lp][1];
-        c->tuning = (clkvq_attn_tuning){CLKVQ_ATTN_COOPERATIVE, wgs[slot], wgs[slot], 0};
+        /* tiles of at most 256 tokens (simulated work-items are slow);
+         * waves 64 splits every sequence (the merge), 1 does not */
+        int tpl = 1 << ((i / 5) % 3);
+        while (wgs[slot] * tpl > 256)
+            tpl /= 2;
+        c->tuning = (clkvq_attn_tuning){CLKVQ_ATTN_COOPERATIVE, wgs[slot], 0, 0, tpl,
+                                        (i / 3) % 4 == 3 ? 4 : (i / 3) % 4, i % 2 ? 64 : 1};
     } else {
         int vw = 4 << (i % 3);
         c->layout_k = c->layout_v = P;
-        c->tuning = (clkvq_attn_tuning){CLKVQ_ATTN_SERIAL, 0, 4 * vw, vw};
+        c->tuning = (clkvq_attn_tuning){CLKVQ_ATTN_SERIAL, 0, 4 * vw, vw, 0, 0, 0};
     }
-    /* seq 0 spans two chunks and part of a third, and is past every
-     * window, residual and group; seq 1 is empty, one token or a few */
-    c->lengths[0] = 2 * c->tuning.chunk + 13;
+    /* seq 0 spans two chunks (tiles) and part of a third, and is past
+     * every window, residual and group; seq 1 is empty, one token or a few */
+    int chunk = c->tuning.variant == CLKVQ_ATTN_SERIAL ? c->tuning.chunk
+                                                       : c->tuning.wgs * c->tuning.tpl;
+    c->lengths[0] = 2 * chunk + 13;
     if (c->lengths[0] < 80)
         c->lengths[0] = 80;
     static const int short_lengths[] = {0, 1, 7, 40};
@@ -268,12 +278,17 @@ static void describe(int i, const decode_config *c, char *buf, size_t size)
     const clkvq_layer_config *lc = &c->lc;
     int fp16 = lc->scheme == CLKVQ_SCHEME_FP16;
     int serial = c->tuning.variant == CLKVQ_ATTN_SERIAL;
-    snprintf(buf, size, "decode %d/%d: %s %s/%s d%d gqa%d %s %d chunk %d layouts %s/%s%s%s%s",
+    char tun[64];
+    if (serial)
+        snprintf(tun, sizeof tun, "serial vw %d chunk %d", c->tuning.vw, c->tuning.chunk);
+    else
+        snprintf(tun, sizeof tun, "cooperative wgs %d tpl %d vwpl %d waves %d", c->tuning.wgs,
+                 c->tuning.tpl, c->tuning.vwpl, c->tuning.waves);
+    snprintf(buf, size, "decode %d/%d: %s %s/%s d%d gqa%d %s layouts %s/%s%s%s%s",
              i + 1, N_DECODE, clkvq_scheme_name(lc->scheme),
              fp16 ? "-" : clkvq_format_get(lc->format_k)->name,
-             fp16 ? "-" : clkvq_format_get(lc->format_v)->name, c->head_dim, c->qpk,
-             serial ? "serial vw" : "cooperative wgs", serial ? c->tuning.vw : c->tuning.wgs,
-             c->tuning.chunk, c->layout_k == CLKVQ_LAYOUT_GROUP_PLANAR ? "P" : "T",
+             fp16 ? "-" : clkvq_format_get(lc->format_v)->name, c->head_dim, c->qpk, tun,
+             c->layout_k == CLKVQ_LAYOUT_GROUP_PLANAR ? "P" : "T",
              c->layout_v == CLKVQ_LAYOUT_GROUP_PLANAR ? "P" : "T",
              lc->param_type ? " fp8" : "", lc->zero_mode ? " int-zero" : "",
              c->permute ? " perm" : "");

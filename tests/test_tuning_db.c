@@ -125,6 +125,9 @@ static clkvq_tune_result make_entry(clkvq_tune_shape shape, clkvq_attn_variant v
     r.params.attn.wgs = wgs;
     r.params.attn.chunk = chunk;
     r.params.attn.vw = vw;
+    r.params.attn.tpl = 4;
+    r.params.attn.vwpl = 0;
+    r.params.attn.waves = 2;
     r.params.layout_k = lk;
     r.params.layout_v = lv;
     r.default_ms = 2.5;
@@ -136,7 +139,9 @@ static int params_equal(const clkvq_tune_params *a, const clkvq_tune_params *b)
 {
     return a->attn.variant == b->attn.variant && a->attn.wgs == b->attn.wgs &&
            a->attn.chunk == b->attn.chunk && a->attn.vw == b->attn.vw &&
-           a->layout_k == b->layout_k && a->layout_v == b->layout_v;
+           a->attn.tpl == b->attn.tpl && a->attn.vwpl == b->attn.vwpl &&
+           a->attn.waves == b->attn.waves && a->layout_k == b->layout_k &&
+           a->layout_v == b->layout_v;
 }
 
 static int results_equal(const clkvq_tune_result *a, const clkvq_tune_result *b)
@@ -155,7 +160,7 @@ static char *file_text(const char *vendor, const char *name, const char *type,
     size_t cap = 1024 + (size_t)n * 1024;
     char *text = malloc(cap);
     size_t at = (size_t)snprintf(text, cap,
-                                 "{\"clkvq_tuning\": 1, \"device\": {\"vendor\": \"%s\", "
+                                 "{\"clkvq_tuning\": 2, \"device\": {\"vendor\": \"%s\", "
                                  "\"name\": \"%s\", \"driver\": \"9.9\", \"compute_units\": 7, "
                                  "\"type\": \"%s\"}, \"entries\": [",
                                  vendor, name, type);
@@ -165,14 +170,16 @@ static char *file_text(const char *vendor, const char *name, const char *type,
             "%s{\"kernel\": \"decode\", \"shape\": {\"scheme\": \"%s\", \"format_k\": \"%s\", "
             "\"format_v\": \"%s\", \"group_size\": %d, \"head_dim\": %d, \"n_q_heads\": %d, "
             "\"n_kv_heads\": %d, \"tokens\": %d, \"batch\": %d}, \"params\": {\"variant\": "
-            "\"%s\", \"wgs\": %d, \"chunk\": %d, \"vw\": %d, \"layout_k\": \"%s\", "
-            "\"layout_v\": \"%s\"}, \"default_ms\": %.17g, \"tuned_ms\": %.17g}",
+            "\"%s\", \"wgs\": %d, \"chunk\": %d, \"vw\": %d, \"tpl\": %d, \"vwpl\": %d, "
+            "\"waves\": %d, \"layout_k\": \"%s\", \"layout_v\": \"%s\"}, \"default_ms\": %.17g, "
+            "\"tuned_ms\": %.17g}",
             i ? ", " : "", clkvq_scheme_name(e[i].shape.scheme),
             clkvq_format_get(e[i].shape.format_k)->name,
             clkvq_format_get(e[i].shape.format_v)->name, e[i].shape.group_size, e[i].shape.head_dim,
             e[i].shape.n_q_heads, e[i].shape.n_kv_heads, e[i].shape.tokens, e[i].shape.batch,
             e[i].params.attn.variant == CLKVQ_ATTN_SERIAL ? "serial" : "cooperative",
             e[i].params.attn.wgs, e[i].params.attn.chunk, e[i].params.attn.vw,
+            e[i].params.attn.tpl, e[i].params.attn.vwpl, e[i].params.attn.waves,
             layouts[e[i].params.layout_k], layouts[e[i].params.layout_v], e[i].default_ms,
             e[i].tuned_ms);
     snprintf(text + at, cap - at, "]}\n");
@@ -182,7 +189,7 @@ static char *file_text(const char *vendor, const char *name, const char *type,
 /* ------------------------------------------------------------ parser */
 
 static const char GOOD[] =
-    "{\"clkvq_tuning\": 1,\n"
+    "{\"clkvq_tuning\": 2,\n"
     " \"device\": {\"vendor\": \"Acme\", \"name\": \"Rocket 9000\", \"driver\": \"1.2.3\",\n"
     "            \"compute_units\": 64, \"type\": \"gpu\"},\n"
     " \"entries\": [\n"
@@ -191,7 +198,8 @@ static const char GOOD[] =
     "             \"group_size\": 32, \"head_dim\": 128, \"n_q_heads\": 32,\n"
     "             \"n_kv_heads\": 8, \"tokens\": 4096, \"batch\": 1},\n"
     "   \"params\": {\"variant\": \"cooperative\", \"wgs\": 64, \"chunk\": 512,\n"
-    "              \"vw\": 16, \"layout_k\": \"token\", \"layout_v\": \"planar\"},\n"
+    "              \"vw\": 16, \"tpl\": 4, \"vwpl\": 0, \"waves\": 2,\n"
+    "              \"layout_k\": \"token\", \"layout_v\": \"planar\"},\n"
     "   \"default_ms\": 2.5, \"tuned_ms\": 1.9},\n"
     "  {\"kernel\": \"prefill\", \"anything\": [1, {\"a\": null}]},\n"
     "  {\"kernel\": \"decode\",\n"
@@ -199,7 +207,8 @@ static const char GOOD[] =
     "             \"group_size\": 128, \"head_dim\": 128, \"n_q_heads\": 8,\n"
     "             \"n_kv_heads\": 8, \"tokens\": 1024, \"batch\": 4},\n"
     "   \"params\": {\"variant\": \"serial\", \"wgs\": 64, \"chunk\": 256,\n"
-    "              \"vw\": 8, \"layout_k\": \"planar\", \"layout_v\": \"planar\"},\n"
+    "              \"vw\": 8, \"tpl\": 4, \"vwpl\": 0, \"waves\": 2,\n"
+    "              \"layout_k\": \"planar\", \"layout_v\": \"planar\"},\n"
     "   \"default_ms\": 0.75, \"tuned_ms\": 0.5}\n"
     " ]}\n";
 
@@ -240,10 +249,10 @@ static const edit BAD_EDITS[] = {
     {"\"entries\": [", "\"entries\": [,"},
     {"\"tuned_ms\": 1.9}", "\"tuned_ms\": 1.9"},
     {" ]}\n", " ]}x\n"},
-    {"\"clkvq_tuning\": 1,", "\"clkvq_tuning\": 1,,"},
+    {"\"clkvq_tuning\": 2,", "\"clkvq_tuning\": 2,,"},
     {"{\"clkvq_tuning\"", "[{\"clkvq_tuning\""},
     /* wrong types */
-    {"\"clkvq_tuning\": 1", "\"clkvq_tuning\": \"1\""},
+    {"\"clkvq_tuning\": 2", "\"clkvq_tuning\": \"2\""},
     {"\"vendor\": \"Acme\"", "\"vendor\": 7"},
     {"\"compute_units\": 64", "\"compute_units\": \"64\""},
     {"\"compute_units\": 64", "\"compute_units\": 64.5"},
@@ -268,12 +277,18 @@ static const edit BAD_EDITS[] = {
     {"\"wgs\": 64", "\"wgs\": 48"},
     {"\"wgs\": 64", "\"wgs\": 0"},
     {"\"chunk\": 512", "\"chunk\": 0"},
-    {"\"chunk\": 512", "\"chunk\": 96"},    /* not a multiple of wgs */
+    {"\"wgs\": 64", "\"wgs\": 8"},         /* cooperative: under 16 */
+    {"\"tpl\": 4", "\"tpl\": 3"},
+    {"\"tpl\": 4", "\"tpl\": 0"},
+    {"\"vwpl\": 0", "\"vwpl\": 3"},
+    {"\"vwpl\": 0", "\"vwpl\": -1"},
+    {"\"waves\": 2", "\"waves\": 0"},
+    {"\"waves\": 2", "\"waves\": 65"},
     {"\"chunk\": 256,", "\"chunk\": 260,"}, /* serial: not a multiple of vw */
-    {"\"vw\": 16", "\"vw\": 12"},
+    {"\"vw\": 8", "\"vw\": 12"},           /* serial */
     {"\"variant\": \"cooperative\"", "\"variant\": \"default\""},
     {"\"layout_k\": \"token\"", "\"layout_k\": \"tiled\""},
-    {"\"vw\": 8, \"layout_k\": \"planar\"", "\"vw\": 8, \"layout_k\": \"token\""}, /* serial */
+    {"\"layout_k\": \"planar\"", "\"layout_k\": \"token\""}, /* serial (the first planar) */
     {"\"scheme\": \"token\"", "\"scheme\": \"int4\""},
     {"\"format_k\": \"q4\"", "\"format_k\": \"4\""}, /* the writer never writes aliases */
     {"\"format_v\": \"q2\"", "\"format_v\": \"q5\""},
@@ -297,7 +312,8 @@ static const char *const FIELDS[] = {
     "type",         "entries",    "kernel",     "shape",     "scheme",     "format_k",
     "format_v",     "group_size", "head_dim",   "n_q_heads", "n_kv_heads", "tokens",
     "batch",        "params",     "variant",    "wgs",       "chunk",      "vw",
-    "layout_k",     "layout_v",   "default_ms", "tuned_ms",
+    "tpl",          "vwpl",       "waves",      "layout_k",  "layout_v",   "default_ms",
+    "tuned_ms",
 };
 
 /* Applies one edit; NULL when `from` is not in GOOD (a broken test table). */
@@ -354,12 +370,12 @@ END_TEST
 START_TEST(parse_reports_the_reason)
 {
     clkvq_context *ctx = test_ctx();
-    char *text = apply_edit("\"vw\": 16", "\"vw\": 12");
+    char *text = apply_edit("\"tpl\": 4", "\"tpl\": 3");
     clkvq_tune_result *e;
     int n;
     ck_assert_int_eq(clkvq_tuning_parse(ctx, text, &e, &n, NULL), CLKVQ_ERR_CORRUPT);
     ck_assert_msg(strstr(clkvq_last_error(ctx), "entries[0]") &&
-                      strstr(clkvq_last_error(ctx), "vw"),
+                      strstr(clkvq_last_error(ctx), "tpl"),
                   "message: %s", clkvq_last_error(ctx));
     free(text);
 }
@@ -386,11 +402,12 @@ END_TEST
 START_TEST(parse_refuses_foreign_version)
 {
     clkvq_context *ctx = test_ctx();
-    char *text = apply_edit("\"clkvq_tuning\": 1", "\"clkvq_tuning\": 2");
+    /* version 1 timed the cooperative kernel before issue 14's */
+    char *text = apply_edit("\"clkvq_tuning\": 2", "\"clkvq_tuning\": 1");
     clkvq_tune_result *e;
     int n;
     ck_assert_int_eq(clkvq_tuning_parse(ctx, text, &e, &n, NULL), CLKVQ_ERR_CORRUPT);
-    ck_assert_msg(strstr(clkvq_last_error(ctx), "version 2"), "message: %s", clkvq_last_error(ctx));
+    ck_assert_msg(strstr(clkvq_last_error(ctx), "version 1"), "message: %s", clkvq_last_error(ctx));
     free(text);
 }
 END_TEST
@@ -459,7 +476,7 @@ static clkvq_tune_result random_entry(uint64_t *rng)
     s.tokens = 1 + (int)(test_uniform(rng) * 200000);
     s.batch = 1 + (int)(test_uniform(rng) * 16);
     int serial = test_uniform(rng) < 0.5;
-    int wgs = 1 << (int)(test_uniform(rng) * 9), vw = 4 << (int)(test_uniform(rng) * 3);
+    int wgs = 16 << (int)(test_uniform(rng) * 5), vw = 4 << (int)(test_uniform(rng) * 3);
     int chunk = (serial ? vw : wgs) * (1 + (int)(test_uniform(rng) * 16));
     clkvq_layout lk =
         serial || test_uniform(rng) < 0.5 ? CLKVQ_LAYOUT_GROUP_PLANAR : CLKVQ_LAYOUT_TOKEN_MAJOR;
@@ -467,6 +484,9 @@ static clkvq_tune_result random_entry(uint64_t *rng)
         serial || test_uniform(rng) < 0.5 ? CLKVQ_LAYOUT_GROUP_PLANAR : CLKVQ_LAYOUT_TOKEN_MAJOR;
     clkvq_tune_result r =
         make_entry(s, serial ? CLKVQ_ATTN_SERIAL : CLKVQ_ATTN_COOPERATIVE, wgs, chunk, vw, lk, lv);
+    r.params.attn.tpl = 1 << (int)(test_uniform(rng) * 3);
+    r.params.attn.vwpl = (int)(test_uniform(rng) * 3) * 2; /* 0, 2, 4 */
+    r.params.attn.waves = 1 + (int)(test_uniform(rng) * 64);
     /* doubles with every bit in use, to see they come back exactly */
     r.tuned_ms = 1e-3 + test_uniform(rng) * 10;
     r.default_ms = r.tuned_ms * (1 + test_uniform(rng));
@@ -691,7 +711,12 @@ static clkvq_tune_params builtin(void)
     p.attn.wgs = info.is_gpu ? 128 : 64;
     p.attn.chunk = 256;
     p.attn.vw = 16;
-    p.layout_k = p.layout_v = info.is_gpu ? CLKVQ_LAYOUT_TOKEN_MAJOR : CLKVQ_LAYOUT_GROUP_PLANAR;
+    p.attn.tpl = 4;
+    p.attn.vwpl = 0;
+    p.attn.waves = 2;
+    /* GPUs: group-planar K (a lane's tokens in one load), token-major V */
+    p.layout_k = CLKVQ_LAYOUT_GROUP_PLANAR;
+    p.layout_v = info.is_gpu ? CLKVQ_LAYOUT_TOKEN_MAJOR : CLKVQ_LAYOUT_GROUP_PLANAR;
     return p;
 }
 
@@ -762,10 +787,10 @@ START_TEST(lookup_vendor_level)
      * device's, so it only counts as a vendor default) */
     clkvq_tune_result mine[2] = {make_entry(s64, CLKVQ_ATTN_COOPERATIVE, 16, 64, 4,
                                             CLKVQ_LAYOUT_GROUP_PLANAR, CLKVQ_LAYOUT_GROUP_PLANAR),
-                                 make_entry(s, CLKVQ_ATTN_COOPERATIVE, 8, 64, 4,
+                                 make_entry(s, CLKVQ_ATTN_COOPERATIVE, 128, 64, 4,
                                             CLKVQ_LAYOUT_TOKEN_MAJOR, CLKVQ_LAYOUT_TOKEN_MAJOR)};
     /* closer shapes, but another type or another vendor */
-    clkvq_tune_result theirs = make_entry(s64, CLKVQ_ATTN_COOPERATIVE, 4, 8, 4,
+    clkvq_tune_result theirs = make_entry(s64, CLKVQ_ATTN_COOPERATIVE, 256, 8, 4,
                                           CLKVQ_LAYOUT_TOKEN_MAJOR, CLKVQ_LAYOUT_TOKEN_MAJOR);
     char *texts[3] = {file_text(info.vendor, "Some Other Model", type, mine, 2),
                       file_text(info.vendor, info.name, other_type, &theirs, 1),
@@ -919,7 +944,7 @@ START_TEST(foreign_device_file_is_not_trusted)
     free(shown);
     /* and a foreign version the same way */
     text = file_text(info.vendor, info.name, info.is_gpu ? "gpu" : "cpu", &r, 1);
-    char *v2 = strstr(text, "\"clkvq_tuning\": 1");
+    char *v2 = strstr(text, "\"clkvq_tuning\": 2");
     v2[strlen("\"clkvq_tuning\": ")] = '3';
     write_text(path, text);
     free(text);
@@ -947,7 +972,7 @@ START_TEST(show_lists_the_entries)
     ck_assert_int_eq(clkvq_tuning_store(ctx, &r, 1, NULL, 0), CLKVQ_OK);
     shown = show_text();
     ck_assert_msg(strstr(shown, "1 tuned shape") && strstr(shown, "kivi") &&
-                      strstr(shown, "2.00x") && strstr(shown, "cooperative wgs 32 chunk 128"),
+                      strstr(shown, "2.00x") && strstr(shown, "cooperative wgs 32 tpl 4 vwpl 0 waves 2"),
                   "%s", shown);
     free(shown);
     ck_assert_int_eq(clkvq_tuning_show(ctx, NULL), CLKVQ_ERR_INVALID_ARG);
@@ -995,6 +1020,91 @@ START_TEST(lookup_cost)
 }
 END_TEST
 
+/* ------------------------------------------------------------ a cache's sources */
+
+static clkvq_cache *sources_cache(clkvq_layout layout, const clkvq_layer_config *layers)
+{
+    clkvq_cache_config cfg = {.n_layers = 4, .n_seqs = 2, .capacity = 64, .n_kv_heads = 2,
+                              .n_q_heads = 4, .head_dim = 64, .layout_k = layout,
+                              .layout_v = layout, .layers = layers};
+    clkvq_cache *cache = NULL;
+    clkvq_status st = clkvq_cache_create(test_ctx(), &cfg, &cache);
+    ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(test_ctx()));
+    return cache;
+}
+
+static void expect_sources(const clkvq_cache *cache, const int *want)
+{
+    for (int l = 0; l < 4; l++) {
+        clkvq_tuning_source src = (clkvq_tuning_source)-1;
+        clkvq_status st = clkvq_cache_tuning_source(cache, l, &src);
+        ck_assert_msg(st == CLKVQ_OK, "layer %d: %s", l, clkvq_last_error(test_ctx()));
+        ck_assert_msg((int)src == want[l], "layer %d: %s, want %s", l,
+                      clkvq_tuning_source_name(src),
+                      clkvq_tuning_source_name((clkvq_tuning_source)want[l]));
+    }
+}
+
+/* Each layer of a cache says where its decode tunables come from: its
+ * shape's exact entry, a nearest one, built-in defaults (nothing tuned, or a
+ * serial entry the cache's layouts cannot run), the caller's override; a
+ * later retuning does not change what a cache took. */
+START_TEST(cache_reports_each_layers_tuning_source)
+{
+    clkvq_layer_config layers[4];
+    const clkvq_format fk[4] = {CLKVQ_FMT_Q4, CLKVQ_FMT_Q2, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4};
+    const clkvq_format fv[4] = {CLKVQ_FMT_Q4, CLKVQ_FMT_Q2, CLKVQ_FMT_Q4, CLKVQ_FMT_Q2};
+    for (int l = 0; l < 4; l++) {
+        layers[l] = clkvq_layer_config_default(l == 3 ? CLKVQ_SCHEME_KIVI : CLKVQ_SCHEME_TOKEN);
+        layers[l].format_k = fk[l];
+        layers[l].format_v = fv[l];
+        layers[l].group_size = 32;
+        if (l == 3)
+            layers[l].residual = 32;
+    }
+    const clkvq_layout P = CLKVQ_LAYOUT_GROUP_PLANAR, T = CLKVQ_LAYOUT_TOKEN_MAJOR;
+    clkvq_tune_shape k4v4 = {CLKVQ_SCHEME_TOKEN, CLKVQ_FMT_Q4, CLKVQ_FMT_Q4, 32, 64, 4, 2, 64, 2};
+    clkvq_tune_shape k2v2 = k4v4;
+    k2v2.format_k = k2v2.format_v = CLKVQ_FMT_Q2;
+    k2v2.tokens = 128; /* not the cache's capacity: nearest */
+    clkvq_tune_result e[2] = {make_entry(k4v4, CLKVQ_ATTN_SERIAL, 64, 64, 8, P, P),
+                              make_entry(k2v2, CLKVQ_ATTN_COOPERATIVE, 32, 64, 16, P, P)};
+    ck_assert_int_eq(clkvq_tuning_store(test_ctx(), e, 2, NULL, 0), CLKVQ_OK);
+
+    clkvq_cache *cache = sources_cache(CLKVQ_LAYOUT_AUTO, layers);
+    const int tuned[4] = {CLKVQ_TUNED_EXACT, CLKVQ_TUNED_NEAREST, CLKVQ_TUNED_EXACT,
+                          CLKVQ_TUNED_BUILTIN};
+    expect_sources(cache, tuned);
+    clkvq_attn_tuning chunk = {CLKVQ_ATTN_DEFAULT, 0, 128, 0, 0, 0, 0};
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, &chunk), CLKVQ_OK);
+    const int caller[4] = {CLKVQ_TUNED_CALLER, CLKVQ_TUNED_CALLER, CLKVQ_TUNED_CALLER,
+                           CLKVQ_TUNED_CALLER};
+    expect_sources(cache, caller);
+    ck_assert_int_eq(clkvq_cache_set_tuning(cache, NULL), CLKVQ_OK);
+    expect_sources(cache, tuned);
+    clkvq_tuning_source src;
+    ck_assert_int_eq(clkvq_cache_tuning_source(cache, 4, &src), CLKVQ_ERR_INVALID_ARG);
+    ck_assert_int_eq(clkvq_cache_tuning_source(NULL, 0, &src), CLKVQ_ERR_INVALID_ARG);
+
+    /* retuned since: the cache keeps the parameters, and the source, it
+     * was created with */
+    clkvq_tune_result again = make_entry(k4v4, CLKVQ_ATTN_SERIAL, 64, 128, 8, P, P);
+    ck_assert_int_eq(clkvq_tuning_store(test_ctx(), &again, 1, NULL, 0), CLKVQ_OK);
+    expect_sources(cache, tuned);
+    clkvq_cache_release(cache);
+
+    /* token-major layouts cannot run the serial entry: built-in defaults */
+    cache = sources_cache(T, layers);
+    const int token_major[4] = {CLKVQ_TUNED_BUILTIN, CLKVQ_TUNED_NEAREST, CLKVQ_TUNED_BUILTIN,
+                                CLKVQ_TUNED_BUILTIN};
+    expect_sources(cache, token_major);
+    clkvq_cache_release(cache);
+    ck_assert_str_eq(clkvq_tuning_source_name(CLKVQ_TUNED_EXACT), "exact");
+    ck_assert_str_eq(clkvq_tuning_source_name(CLKVQ_TUNED_CALLER), "caller");
+    ck_assert_str_eq(clkvq_tuning_source_name((clkvq_tuning_source)99), "?");
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("tuning_db");
@@ -1023,6 +1133,7 @@ static Suite *suite(void)
     tcase_add_test(tc, foreign_device_file_is_not_trusted);
     tcase_add_test(tc, show_lists_the_entries);
     tcase_add_test(tc, lookup_cost);
+    tcase_add_test(tc, cache_reports_each_layers_tuning_source);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -63,7 +63,9 @@ typedef struct {
     int n_layers, n_q_heads, n_kv_heads, head_dim;
 } model_shape;
 
-/* Attention geometry of public models (layers, q heads, kv heads, head_dim). */
+/* Shapes of this program's own (layers, q heads, kv heads, head_dim); any
+ * model of the library's table (clkvq_model_lookup) and any explicit
+ * geometry (q32:kv8:d128:l32) are taken too. */
 static const model_shape g_shapes[] = {
     {"llama3-8b", 32, 32, 8, 128},  {"llama2-7b", 32, 32, 32, 128},
     {"mistral-7b", 32, 32, 8, 128}, {"qwen2.5-7b", 28, 28, 4, 128},
@@ -100,7 +102,9 @@ static void usage(FILE *f)
     for (size_t i = 0; i < sizeof g_shapes / sizeof g_shapes[0]; i++)
         fprintf(f, " %s", g_shapes[i].name);
     fprintf(f,
-            "\n"
+            ",\n"
+            "                       a model of clkvq-tune --list-models, or a geometry\n"
+            "                       q<heads>:kv<kv heads>:d<head_dim>:l<layers>\n"
             "  --layers L           layers to write (default: the model's)\n"
             "  --tokens T           tokens per layer (default 2048)\n"
             "  --seed S             base seed (default 1)\n"
@@ -284,12 +288,26 @@ int main(int argc, char **argv)
         case 'o': output = optarg; break;
         case 'h': usage(stdout); return 0;
         case OPT_SHAPE: {
+            static model_shape other;
+            static char other_name[128];
+            clkvq_model_geometry g;
             shape = NULL;
             for (size_t i = 0; i < sizeof g_shapes / sizeof g_shapes[0]; i++)
                 if (!strcmp(optarg, g_shapes[i].name))
                     shape = &g_shapes[i];
+            /* a geometry has ':'s, a name none: the message fits what was meant */
+            int is_geometry = strchr(optarg, ':') != NULL;
+            if (!shape && (is_geometry ? clkvq_model_parse(optarg, &g)
+                                       : clkvq_model_lookup(optarg, &g)) == CLKVQ_OK) {
+                const char *c = clkvq_model_canonical(optarg);
+                snprintf(other_name, sizeof other_name, "%s", c ? c : optarg);
+                other = (model_shape){other_name, g.n_layers, g.n_q_heads, g.n_kv_heads,
+                                      g.head_dim};
+                shape = &other;
+            }
             if (!shape) {
-                fprintf(stderr, "clkvq-synth-dump: unknown shape '%s' (see --help)\n", optarg);
+                fprintf(stderr, "clkvq-synth-dump: unknown shape '%s' (see --help): %s\n", optarg,
+                        clkvq_last_error(NULL));
                 return 2;
             }
             break;
