@@ -13,7 +13,7 @@ packages=(
   build-essential cmake pkg-config
   ocl-icd-opencl-dev opencl-headers pocl-opencl-icd clinfo
   libclblast-dev check libsubunit-dev libyaml-dev libcjson-dev gnuplot-nox
-  python3 python3-pip
+  python3 python3-pip python3-venv
 )
 
 missing=()
@@ -43,11 +43,13 @@ else
 fi
 
 # The dump interop test checks our safetensors reader/writer against the
-# real Python packages (numpy + safetensors from PyPI).
-if command -v python3 >/dev/null 2>&1 && ! python3 -c "import numpy, safetensors" 2>/dev/null; then
-  echo "setup: installing numpy, safetensors (pip)"
-  python3 -m pip install --quiet numpy safetensors ml_dtypes 2>/dev/null ||
-    python3 -m pip install --quiet --break-system-packages numpy safetensors ml_dtypes
+# real Python packages (numpy + safetensors from PyPI); pytest runs the
+# Python binding's tests (scripts/test_python.sh).
+if command -v python3 >/dev/null 2>&1 &&
+  ! python3 -c "import numpy, safetensors, ml_dtypes, pytest" 2>/dev/null; then
+  echo "setup: installing numpy, safetensors, ml_dtypes, pytest (pip)"
+  python3 -m pip install --quiet numpy safetensors ml_dtypes pytest 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages numpy safetensors ml_dtypes pytest
 fi
 
 jobs="$(nproc 2>/dev/null || echo 2)"

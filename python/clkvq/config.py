@@ -1,0 +1,199 @@
+"""Layer precision configs (KVTuner YAML files): load, parse, build, save."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+from . import _lib
+from ._check import as_int, check_status
+from .context import Context
+from .errors import ClkvqError, Status, invalid
+from .spec import layer_config
+from .types import Format, LayerConfig
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _ctx_handle(ctx: Optional[Context]) -> Optional[int]:
+    """Configs only borrow a context for its error messages: none once it is closed."""
+    return None if ctx is None or ctx.closed else ctx.handle
+
+
+def _defaults(defaults: Any, call: str) -> Tuple[Optional[_lib.LayerConfigC], List[Any]]:
+    if defaults is None:
+        return None, []
+    lc = layer_config(defaults)
+    return lc.to_c(call=call)
+
+
+class PrecisionConfig:
+    """clkvq_precision_config: per layer (and optionally per kv head) the key
+    and value formats plus the scheme settings. Load one with
+    :meth:`load` / :meth:`parse`, build one with :meth:`create`.
+
+    ``defaults`` (a spec string or LayerConfig; None: the token scheme's)
+    give every field the file leaves out, e.g. the scheme a KVTuner preset
+    was searched for.
+    """
+
+    def __init__(self, handle: int, ctx: Optional[Context], dims: Tuple[Optional[int],
+                                                                        Optional[int]]):
+        self._handle: Optional[int] = handle
+        self._ctx = ctx
+        self._lib = _lib.load()
+        self.n_kv_heads, self.head_dim = dims
+
+    @classmethod
+    def load(cls, path: PathLike, defaults: Any = None, ctx: Optional[Context] = None,
+             n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None
+             ) -> "PrecisionConfig":
+        """clkvq_config_load. n_kv_heads/head_dim: the shape its permutations
+        have (needed only to read them back with :meth:`layer`)."""
+        lib = _lib.load()
+        d, keep = _defaults(defaults, "PrecisionConfig.load")
+        out = ctypes.c_void_p()
+        h = _ctx_handle(ctx)
+        check_status(lib.clkvq_config_load(h, os.fsencode(path),
+                                           ctypes.byref(d) if d is not None else None,
+                                           ctypes.byref(out)), h, "PrecisionConfig.load")
+        del keep
+        return cls(out.value, ctx, (n_kv_heads, head_dim))  # type: ignore[arg-type]
+
+    @classmethod
+    def parse(cls, text: Union[str, bytes], defaults: Any = None, ctx: Optional[Context] = None,
+              n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None
+              ) -> "PrecisionConfig":
+        """clkvq_config_parse: YAML text in memory."""
+        lib = _lib.load()
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        d, keep = _defaults(defaults, "PrecisionConfig.parse")
+        out = ctypes.c_void_p()
+        h = _ctx_handle(ctx)
+        check_status(lib.clkvq_config_parse(h, data, len(data),
+                                            ctypes.byref(d) if d is not None else None,
+                                            ctypes.byref(out)), h, "PrecisionConfig.parse")
+        del keep
+        return cls(out.value, ctx, (n_kv_heads, head_dim))  # type: ignore[arg-type]
+
+    @classmethod
+    def create(cls, layers: Sequence[Any], model: Optional[str] = None,
+               n_kv_heads: int = 0, head_dim: int = 0,
+               ctx: Optional[Context] = None) -> "PrecisionConfig":
+        """clkvq_config_create from per-layer configs (spec strings or
+        LayerConfigs). n_kv_heads/head_dim matter only when layers carry
+        permutations."""
+        call = "PrecisionConfig.create"
+        lib = _lib.load()
+        lcs = [layer_config(x) for x in layers]
+        if not lcs:
+            raise invalid("no layers", call)
+        nk = as_int(n_kv_heads, "n_kv_heads", call, 0)
+        hd = as_int(head_dim, "head_dim", call, 0)
+        arr = (_lib.LayerConfigC * len(lcs))()
+        keep: List[Any] = []
+        for i, lc in enumerate(lcs):
+            has = any(a is not None for a in (lc.perm_k, lc.perm_v, lc.mean_k, lc.mean_v))
+            if has and (nk <= 0 or hd <= 0):
+                raise invalid(f"layer {i} carries permutations: give n_kv_heads and head_dim",
+                              call)
+            c, k = lc.to_c(nk if has else None, hd if has else None, call)
+            arr[i] = c
+            keep.append(k)
+        out = ctypes.c_void_p()
+        h = _ctx_handle(ctx)
+        check_status(lib.clkvq_config_create(h, model.encode() if model else None, len(lcs),
+                                             arr, nk, hd, ctypes.byref(out)), h, call)
+        return cls(out.value, ctx,  # type: ignore[arg-type]
+                   (nk or None, hd or None))
+
+    # ---- lifetime
+
+    @property
+    def handle(self) -> int:
+        if self._handle is None:
+            raise ClkvqError(Status.ERR_INVALID_ARG, "the config is closed", "PrecisionConfig")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._lib.clkvq_config_free(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> "PrecisionConfig":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- contents
+
+    def save(self, path: PathLike) -> None:
+        """clkvq_config_save (atomic); load(save(c)) == c."""
+        h = _ctx_handle(self._ctx)
+        check_status(self._lib.clkvq_config_save(h, self.handle, os.fsencode(path)), h,
+                     "PrecisionConfig.save")
+
+    @property
+    def n_layers(self) -> int:
+        return int(self._lib.clkvq_config_n_layers(self.handle))
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    @property
+    def model(self) -> str:
+        m = self._lib.clkvq_config_model(self.handle)
+        return m.decode("utf-8", "replace") if m else ""
+
+    def layer(self, layer: int, n_kv_heads: Optional[int] = None,
+              head_dim: Optional[int] = None) -> LayerConfig:
+        """Layer l's settings; its permutations are copied out when the
+        config's shape is known (from create, or given here or at load)."""
+        call = "PrecisionConfig.layer"
+        c = _lib.LayerConfigC()
+        check_status(self._lib.clkvq_config_layer(self.handle, as_int(layer, "layer", call),
+                                                  ctypes.byref(c)), None, call)
+        return LayerConfig.from_c(c, n_kv_heads or self.n_kv_heads, head_dim or self.head_dim)
+
+    def layers(self, n_kv_heads: Optional[int] = None,
+               head_dim: Optional[int] = None) -> List[LayerConfig]:
+        return [self.layer(i, n_kv_heads, head_dim) for i in range(self.n_layers)]
+
+    def n_heads(self, layer: int) -> int:
+        """Heads with their own bits in the layer (0: one pair for the layer)."""
+        return int(self._lib.clkvq_config_n_heads(self.handle,
+                                                  as_int(layer, "layer", "n_heads")))
+
+    def head(self, layer: int, head: int) -> Tuple[Format, Format]:
+        """(format_k, format_v) of one head of a per-head layer."""
+        call = "PrecisionConfig.head"
+        fk, fv = ctypes.c_int(), ctypes.c_int()
+        check_status(self._lib.clkvq_config_head(self.handle, as_int(layer, "layer", call),
+                                                 as_int(head, "head", call), ctypes.byref(fk),
+                                                 ctypes.byref(fv)), None, call)
+        return Format(fk.value), Format(fv.value)
+
+    @property
+    def average_bits(self) -> float:
+        """KVTuner's average: mean over layers of (bits_k + bits_v) / 2."""
+        return float(self._lib.clkvq_config_average_bits(self.handle))
+
+    def check_model(self, n_layers: int) -> None:
+        """Raises unless the config has exactly n_layers layers."""
+        h = _ctx_handle(self._ctx)
+        check_status(self._lib.clkvq_config_check_model(
+            h, self.handle, as_int(n_layers, "n_layers", "check_model")), h, "check_model")
+
+    def __repr__(self) -> str:
+        if self._handle is None:
+            return "<clkvq.PrecisionConfig closed>"
+        return (f"<clkvq.PrecisionConfig {self.model or '(no model)'}: {self.n_layers} layers, "
+                f"{self.average_bits:.3f} average bits>")
