@@ -89,7 +89,8 @@ class PoolStatsC(Structure):
 
 
 class AttnTuningC(Structure):
-    _fields_ = [("variant", c_enum), ("wgs", c_int), ("chunk", c_int), ("vw", c_int)]
+    _fields_ = [("variant", c_enum), ("wgs", c_int), ("chunk", c_int), ("vw", c_int),
+                ("tpl", c_int), ("vwpl", c_int), ("waves", c_int)]
 
 
 class TuneShapeC(Structure):
@@ -109,7 +110,10 @@ class DumpInfoC(Structure):
 
 class EvalResultC(Structure):
     _fields_ = [("bits_per_element", c_double), ("rel_err", c_double), ("cosine", c_double),
-                ("k_rel_err", c_double), ("v_rel_err", c_double), ("n_queries", c_int)]
+                ("k_rel_err", c_double), ("v_rel_err", c_double), ("n_queries", c_int),
+                ("err_sq", c_double), ("ref_sq", c_double), ("k_err_sq", c_double),
+                ("k_ref_sq", c_double), ("v_err_sq", c_double), ("v_ref_sq", c_double),
+                ("bits_long", c_double)]
 
 
 # Every struct the binding mirrors, by its C name (tests/test_abi.py).

@@ -34,6 +34,9 @@ class EvalResult:
     k_rel_err: float
     v_rel_err: float
     n_queries: int
+    err_sq: float = 0.0  # the sums behind rel_err, so that layers pool exactly
+    ref_sq: float = 0.0
+    bits_long: float = 0.0  # bits per element as the context grows without bound
 
 
 def eval_layer(ctx: Context, config: Union[str, Spec, LayerConfig], q: np.ndarray,
@@ -56,7 +59,7 @@ def eval_layer(ctx: Context, config: Union[str, Spec, LayerConfig], q: np.ndarra
                                               ctypes.byref(out)), ctx.handle, call)
     del keep
     return EvalResult(out.bits_per_element, out.rel_err, out.cosine, out.k_rel_err,
-                      out.v_rel_err, out.n_queries)
+                      out.v_rel_err, out.n_queries, out.err_sq, out.ref_sq, out.bits_long)
 
 
 def reference_sq_norm(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_queries: int) -> float:

@@ -347,19 +347,23 @@ class AttnTuning:
     wgs: int = 0
     chunk: int = 0
     vw: int = 0
+    tpl: int = 0
+    vwpl: int = 0
+    waves: int = 0
 
     def __post_init__(self) -> None:
         call = "AttnTuning"
         object.__setattr__(self, "variant", AttnVariant.coerce(self.variant, "variant", call))
-        for name in ("wgs", "chunk", "vw"):
+        for name in ("wgs", "chunk", "vw", "tpl", "vwpl", "waves"):
             object.__setattr__(self, name, as_int(getattr(self, name), name, call))
 
     def to_c(self) -> _lib.AttnTuningC:
-        return _lib.AttnTuningC(int(self.variant), self.wgs, self.chunk, self.vw)
+        return _lib.AttnTuningC(int(self.variant), self.wgs, self.chunk, self.vw, self.tpl,
+                                self.vwpl, self.waves)
 
     @classmethod
     def from_c(cls, c: _lib.AttnTuningC) -> "AttnTuning":
-        return cls(AttnVariant(c.variant), c.wgs, c.chunk, c.vw)
+        return cls(AttnVariant(c.variant), c.wgs, c.chunk, c.vw, c.tpl, c.vwpl, c.waves)
 
 
 __all__ = ["Format", "Axis", "ParamType", "ZeroMode", "Scheme", "Layout", "AttnVariant",
