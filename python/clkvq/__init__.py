@@ -16,29 +16,32 @@ bad arguments raise :class:`InvalidArgumentError`, a ``ValueError`` too.
 
 from ._lib import LibraryNotFoundError, library_path
 from .cache import Cache, CacheMemory, PoolStats
-from .config import PrecisionConfig
+from .config import PrecisionConfig, config_show
 from .context import Context, DeviceInfo, default_context, list_devices
 from .dump import Dump, DumpInfo, write_dump
 from .errors import (ClkvqError, InvalidArgumentError, NonFiniteError, OutOfBlocksError,
                      Status)
 from .evaluate import EvalResult, SchemeScore, eval_layer, evaluate_dump
-from .quant import (QuantLayout, Quantized, calibrate_clip, calibrate_permutation, dequantize,
-                    quant_layout, quantize, synth_kv, validate_params)
+from .models import ModelGeometry, model_canonical, model_geometry, model_lookup, models
+from .quant import (QuantLayout, Quantized, calibrate_clip, calibrate_layer,
+                    calibrate_permutation, dequantize, quant_layout, quantize, synth_kv,
+                    validate_params)
 from .spec import Spec, parse_spec
-from .tuning import TuneParams, TuneShape, tuning_lookup, tuning_show
-from .types import (AttnTuning, AttnVariant, Axis, Format, FormatInfo, LayerConfig, Layout,
-                    ParamType, QuantParams, Scheme, TuningSource, ZeroMode, format_info)
+from .tuning import TuneParams, TuneShape, tuning_lookup, tuning_show, tuning_source_name
+from .types import (AttnTuning, AttnVariant, Axis, Fit, Format, FormatInfo, LayerConfig,
+                    Layout, ParamType, QuantParams, Scheme, TuningSource, ZeroMode, format_info)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LibraryNotFoundError", "library_path", "Cache", "CacheMemory", "PoolStats",
-    "PrecisionConfig", "Context", "DeviceInfo", "default_context", "list_devices", "Dump",
+    "PrecisionConfig", "config_show", "Context", "DeviceInfo", "default_context", "list_devices", "Dump",
     "DumpInfo", "write_dump", "ClkvqError", "InvalidArgumentError", "NonFiniteError",
     "OutOfBlocksError", "Status", "EvalResult", "SchemeScore", "eval_layer", "evaluate_dump",
-    "QuantLayout", "Quantized", "calibrate_clip", "calibrate_permutation", "dequantize",
-    "quant_layout", "quantize", "synth_kv", "validate_params", "Spec", "parse_spec",
-    "TuneParams", "TuneShape", "tuning_lookup", "tuning_show", "AttnTuning", "AttnVariant",
-    "Axis", "Format", "FormatInfo", "LayerConfig", "Layout", "ParamType", "QuantParams",
+    "ModelGeometry", "model_canonical", "model_geometry", "model_lookup", "models",
+    "QuantLayout", "Quantized", "calibrate_clip", "calibrate_layer", "calibrate_permutation",
+    "dequantize", "quant_layout", "quantize", "synth_kv", "validate_params", "Spec",
+    "parse_spec", "TuneParams", "TuneShape", "tuning_lookup", "tuning_show",
+    "tuning_source_name", "AttnTuning", "AttnVariant", "Axis", "Fit", "Format", "FormatInfo", "LayerConfig", "Layout", "ParamType", "QuantParams",
     "Scheme", "TuningSource", "ZeroMode", "format_info",
 ]

@@ -3,9 +3,11 @@
     python -m clkvq devices                 the OpenCL devices (index: platform / device)
     python -m clkvq info [--device D]       the chosen device and where libclkvq came from
     python -m clkvq eval --calib DUMP --scheme SPEC [--scheme SPEC ...] [--config FILE ...]
-                    [--config-scheme SPEC] [--queries M] [--json] [--device D]
+                    [--config-scheme SPEC] [--fit DUMP] [--queries M] [--json] [--device D]
                                             clkvq-eval's table, through the binding
     python -m clkvq tuning [--device D]     what is tuned for the device
+    python -m clkvq models                  the model table (name, q:kv:d:l geometry)
+    python -m clkvq configs [--device D]    stored configs per model, shipped defaults
 
 Exit status: 0 done, 1 a library or I/O failure, 2 a usage error.
 """
@@ -18,9 +20,11 @@ import sys
 from typing import Optional, Sequence
 
 from ._lib import LibraryNotFoundError, library_path
+from .config import config_show
 from .context import Context, list_devices
 from .errors import ClkvqError, InvalidArgumentError
 from .evaluate import evaluate_dump
+from .models import models
 from .spec import parse_spec
 from .tuning import tuning_show
 
@@ -34,18 +38,21 @@ def _eval(a: argparse.Namespace) -> int:
         rows = evaluate_dump(ctx, a.calib, a.scheme, a.config, a.config_scheme, a.queries,
                              progress=lambda layer, name, r: print(
                                  f"layer {layer}  {name:40s} rel_err {r.rel_err:.3e}",
-                                 file=sys.stderr))
+                                 file=sys.stderr), fit=a.fit)
     if a.json:
-        print(json.dumps({"calib": a.calib, "queries": a.queries,
+        print(json.dumps({"calib": a.calib, "fit": a.fit, "queries": a.queries,
                           "results": [r.as_dict() for r in rows]}, indent=1))
         return 0
-    print(f"| {'scheme':40s} | bits/elem |   rel_err |    cosine | k_rel_err | v_rel_err |")
-    print("|:" + "-" * 41 + "|----------:|----------:|----------:|----------:|----------:|")
+    print(f"| {'scheme':40s} | {'fit':13s} | bits/elem | bits_long |   rel_err |    cosine | "
+          "k_rel_err | v_rel_err |")
+    print("|:" + "-" * 41 + "|:" + "-" * 13 + "|" + "----------:|" * 6)
     for r in rows:
-        print(f"| {r.scheme:40s} | {r.bits_per_element:9.4f} | {r.rel_err:9.3e} | "
-              f"{r.cosine:9.6f} | {r.k_rel_err:9.3e} | {r.v_rel_err:9.3e} |")
-    if any(r.in_sample for r in rows):
-        print("note: ':calib' and ':perm' rows are calibrated on this same dump: in-sample")
+        print(f"| {r.scheme:40s} | {r.fitted:13s} | {r.bits_per_element:9.4f} | "
+              f"{r.bits_long:9.4f} | {r.rel_err:9.3e} | {r.cosine:9.6f} | {r.k_rel_err:9.3e} | "
+              f"{r.v_rel_err:9.3e} |")
+    if any(r.fitted != "-" for r in rows):
+        where = f"on {a.fit}: out of sample" if a.fit else "on this same dump: in-sample"
+        print(f"note: calib/perm/center rows are fitted {where}")
     return 0
 
 
@@ -63,9 +70,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ev.add_argument("--scheme", action="append", default=[], help="a scheme spec (repeatable)")
     ev.add_argument("--config", action="append", default=[], help="a precision config (YAML)")
     ev.add_argument("--config-scheme", help="what the configs leave out")
+    ev.add_argument("--fit", help="fit calib/perm/center on this dump instead (out of sample)")
     ev.add_argument("--queries", type=int, default=128, help="positions per layer (128)")
     ev.add_argument("--json", action="store_true", help="one JSON object")
     ev.add_argument("--device")
+    sub.add_parser("models", help="the model table")
+    cfgs = sub.add_parser("configs", help="stored configs per model and shipped defaults")
+    cfgs.add_argument("--device")
     a = p.parse_args(argv)
     if a.command == "eval" and not (a.scheme or a.config):
         p.error("give at least one --scheme or --config")
@@ -83,6 +94,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 sys.stdout.write(tuning_show(ctx))
         elif a.command == "eval":
             return _eval(a)
+        elif a.command == "models":
+            for name, g in models().items():
+                print(f"{name:20s} {g}")
+        elif a.command == "configs":
+            with Context(a.device) as ctx:
+                sys.stdout.write(config_show(ctx))
         return 0
     except InvalidArgumentError as e:
         print(f"python -m clkvq: {e}", file=sys.stderr)

@@ -116,6 +116,17 @@ class EvalResultC(Structure):
                 ("bits_long", c_double)]
 
 
+class ModelGeometryC(Structure):
+    _fields_ = [("n_layers", c_int), ("n_q_heads", c_int), ("n_kv_heads", c_int),
+                ("head_dim", c_int)]
+
+
+class CalibOptionsC(Structure):
+    _fields_ = [("fit", ctypes.c_uint), ("clip_lo", c_float), ("clip_hi", c_float),
+                ("clip_step", c_float), ("mean_k", POINTER(c_float)), ("mean_v", POINTER(c_float)),
+                ("perm_k", POINTER(ctypes.c_int32)), ("perm_v", POINTER(ctypes.c_int32))]
+
+
 # Every struct the binding mirrors, by its C name (tests/test_abi.py).
 STRUCTS = {
     "clkvq_device_info": DeviceInfoC, "clkvq_format_info": FormatInfoC,
@@ -125,6 +136,7 @@ STRUCTS = {
     "clkvq_pool_stats": PoolStatsC, "clkvq_attn_tuning": AttnTuningC,
     "clkvq_tune_shape": TuneShapeC, "clkvq_tune_params": TuneParamsC,
     "clkvq_dump_info": DumpInfoC, "clkvq_eval_result": EvalResultC,
+    "clkvq_model_geometry": ModelGeometryC, "clkvq_calib_options": CalibOptionsC,
 }
 
 # ---------------------------------------------------------------- prototypes
@@ -179,6 +191,14 @@ PROTOTYPES = {
     "clkvq_cache_prefill_host": (st, [vp, c_int, c_int, c_int, f32p, f32p, c_float]),
     "clkvq_tuning_lookup": (st, [vp, P(TuneShapeC), P(TuneParamsC), P(c_enum)]),
     "clkvq_tuning_show": (st, [vp, vp]),
+    "clkvq_tuning_source_name": (c_char_p, [c_enum]),
+    "clkvq_cache_tuning_source": (st, [vp, c_int, P(c_enum)]),
+    "clkvq_model_lookup": (st, [c_char_p, P(ModelGeometryC)]),
+    "clkvq_model_canonical": (c_char_p, [c_char_p]),
+    "clkvq_model_count": (c_int, []),
+    "clkvq_model_name": (c_char_p, [c_int]),
+    "clkvq_model_parse": (st, [c_char_p, P(ModelGeometryC)]),
+    "clkvq_model_format": (c_int, [P(ModelGeometryC), c_char_p, c_size_t]),
     "clkvq_config_load": (st, [vp, c_char_p, P(LayerConfigC), P(vp)]),
     "clkvq_config_parse": (st, [vp, c_char_p, c_size_t, P(LayerConfigC), P(vp)]),
     "clkvq_config_save": (st, [vp, vp, c_char_p]),
@@ -193,6 +213,17 @@ PROTOTYPES = {
     "clkvq_config_check_model": (st, [vp, vp, c_int]),
     "clkvq_cache_create_from_config": (st, [vp, vp, c_int, c_int, c_int, c_int, c_int, c_enum,
                                             c_enum, P(vp)]),
+    "clkvq_config_geometry": (c_int, [vp, P(ModelGeometryC)]),
+    "clkvq_config_check_geometry": (st, [vp, vp, P(ModelGeometryC)]),
+    "clkvq_config_set_geometry": (st, [vp, vp, P(ModelGeometryC)]),
+    "clkvq_config_tune_shapes": (st, [vp, vp, P(ModelGeometryC), c_int, c_int, P(TuneShapeC),
+                                      c_int, P(c_int), P(c_int), P(c_int)]),
+    "clkvq_config_load_for_model": (st, [vp, c_char_p, P(LayerConfigC), P(ModelGeometryC),
+                                         P(vp)]),
+    "clkvq_config_store": (st, [vp, vp, c_char_p, c_char_p, c_size_t]),
+    "clkvq_config_for_model": (st, [vp, c_char_p, P(vp), c_char_p, c_size_t]),
+    "clkvq_cache_create_for_model": (st, [vp, c_char_p, c_int, c_int, c_enum, c_enum, P(vp)]),
+    "clkvq_config_show": (st, [vp, vp]),
     "clkvq_dump_open": (st, [vp, c_char_p, P(vp)]),
     "clkvq_dump_open_memory": (st, [vp, c_void_p, c_size_t, P(vp)]),
     "clkvq_dump_close": (None, [vp]),
@@ -204,6 +235,8 @@ PROTOTYPES = {
     "clkvq_calibrate_permutation": (st, [vp, P(ShapeC), f32p, c_int, i32p]),
     "clkvq_calibrate_clip": (st, [vp, P(QuantParamsC), P(ShapeC), f32p, i32p, c_float, c_float,
                                   c_float, P(c_float), P(c_double)]),
+    "clkvq_calibrate_layer": (st, [vp, P(LayerConfigC), c_int, c_int, c_int, f32p, f32p,
+                                   P(CalibOptionsC), P(LayerConfigC)]),
     "clkvq_synth_kv": (st, [c_uint64, P(ShapeC), f32p, f32p]),
 }
 

@@ -25,7 +25,7 @@ from .config import PrecisionConfig
 from .context import Context
 from .errors import ClkvqError, Status, invalid
 from .spec import Spec, layer_config
-from .types import AttnTuning, Layout, LayerConfig
+from .types import AttnTuning, Layout, LayerConfig, TuningSource
 
 LayersArg = Union[str, Spec, LayerConfig, Sequence[Union[str, Spec, LayerConfig]]]
 
@@ -50,14 +50,16 @@ class PoolStats:
     block_bytes: int
 
 
-def _layers(layers: LayersArg, n_layers: Optional[int], call: str) -> List[LayerConfig]:
+def _layers(layers: LayersArg, n_layers: Optional[int], head_dim: Any,
+            call: str) -> List[LayerConfig]:
+    hd = head_dim if isinstance(head_dim, int) and not isinstance(head_dim, bool) else None
     if isinstance(layers, (str, Spec, LayerConfig)):
         if n_layers is None:
             raise invalid("give n_layers with a single scheme for every layer", call)
-        lc = layer_config(layers)
+        lc = layer_config(layers, hd)
         return [lc] * as_int(n_layers, "n_layers", call, 1)
     try:
-        out = [layer_config(x) for x in layers]
+        out = [layer_config(x, hd) for x in layers]
     except TypeError:
         raise invalid(f"layers must be a spec, a LayerConfig or a list of them, not "
                       f"{type(layers).__name__}", call) from None
@@ -122,7 +124,7 @@ class Cache:
         self._bufs: Dict[str, _cl.DeviceBuffer] = {}
         if not isinstance(ctx, Context):
             raise invalid(f"ctx must be a clkvq.Context, not {type(ctx).__name__}", call)
-        self.layers = _layers(layers, n_layers, call)
+        self.layers = _layers(layers, n_layers, head_dim, call)
         nq = n_kv_heads if n_q_heads is None else n_q_heads
         plan = _Plan(self.layers, n_seqs, capacity, n_kv_heads, nq, head_dim, layout_k,
                      layout_v, block_size, n_blocks, runtime_tables, call)
@@ -139,7 +141,51 @@ class Cache:
         self.n_kv_heads, self.n_q_heads, self.head_dim = cfg.n_kv_heads, cfg.n_q_heads, \
             cfg.head_dim
         self.block_size, self.runtime_tables = cfg.block_size, bool(cfg.runtime_tables)
+        self.model: Optional[str] = None
+        self.config_origin: Optional[str] = None
         ctx._adopt(self)
+
+    @classmethod
+    def for_model(cls, ctx: Context, model: str, *, n_seqs: int = 1, capacity: int,
+                  layout_k: Any = "auto", layout_v: Any = "auto") -> "Cache":
+        """A model's cache in one call (clkvq_cache_create_for_model): its
+        config (the one stored with :meth:`PrecisionConfig.store`, else the
+        shipped KVTuner preset that is its default; ``config_origin`` says
+        which), its geometry, and tuned decode parameters per layer from
+        this device's tuning results (:meth:`tuning_source` tells where
+        from). An unknown model raises InvalidArgumentError listing the
+        known ones."""
+        call = "Cache.for_model"
+        if not isinstance(ctx, Context):
+            raise invalid(f"ctx must be a clkvq.Context, not {type(ctx).__name__}", call)
+        if not isinstance(model, str) or not model:
+            raise invalid(f"model must be a non-empty string, not {model!r}", call)
+        ns, cap = as_int(n_seqs, "n_seqs", call), as_int(capacity, "capacity", call)
+        lk = int(Layout.coerce(layout_k, "layout_k", call))
+        lv = int(Layout.coerce(layout_v, "layout_v", call))
+        lib = _lib.load()
+        out = ctypes.c_void_p()
+        check_status(lib.clkvq_cache_create_for_model(ctx.handle, model.encode(), ns, cap, lk,
+                                                      lv, ctypes.byref(out)), ctx.handle, call)
+        self = cls.__new__(cls)
+        self._handle = None
+        self._bufs = {}
+        self._plan = None
+        try:
+            # the same lookup the C call made, for the layer settings and geometry
+            with PrecisionConfig.for_model(model, ctx) as config:
+                g = config.geometry
+                assert g is not None  # clkvq_config_for_model records it
+                self.layers = config.layers(g.n_kv_heads, g.head_dim)
+                origin = config.origin
+        except BaseException:
+            lib.clkvq_cache_release(out.value)
+            raise
+        cfg = _lib.CacheConfigC(g.n_layers, ns, cap, g.n_kv_heads, g.n_q_heads, g.head_dim,
+                                lk, lv, None, 0, 0, 0)
+        self._init(ctx, out.value, cfg)  # type: ignore[arg-type]
+        self.model, self.config_origin = model, origin
+        return self
 
     @classmethod
     def from_config(cls, ctx: Context, config: Union[PrecisionConfig, str, "os.PathLike[str]"],
@@ -195,7 +241,7 @@ class Cache:
         """clkvq_cache_plan: validates the arguments as the constructor would
         and reports what it would allocate (nothing is)."""
         call = "Cache.plan"
-        lcs = _layers(layers, n_layers, call)
+        lcs = _layers(layers, n_layers, head_dim, call)
         nq = n_kv_heads if n_q_heads is None else n_q_heads
         p = _Plan(lcs, n_seqs, capacity, n_kv_heads, nq, head_dim, layout_k, layout_v,
                   block_size, n_blocks, runtime_tables, call)
@@ -449,3 +495,13 @@ class Cache:
                           call)
         c = value.to_c()
         self._check(self._lib.clkvq_cache_set_tuning(self.handle, ctypes.byref(c)), call)
+
+    def tuning_source(self, layer: int = 0) -> TuningSource:
+        """Where the decode tunables of one layer come from, as the cache
+        uses them (clkvq_cache_tuning_source): EXACT, NEAREST, VENDOR,
+        BUILTIN, or CALLER under an assigned :attr:`tuning`."""
+        call = "Cache.tuning_source"
+        src = ctypes.c_int()
+        self._check(self._lib.clkvq_cache_tuning_source(
+            self.handle, as_int(layer, "layer", call), ctypes.byref(src)), call)
+        return TuningSource(src.value)

@@ -10,8 +10,12 @@ from . import _lib
 from ._check import as_int, check_status
 from .context import Context
 from .errors import ClkvqError, Status, invalid
+from .models import ModelGeometry, model_geometry
 from .spec import layer_config
+from .tuning import TuneShape
 from .types import Format, LayerConfig
+
+PATH_MAX = 4096 + 256  # room for <cache dir>/configs/<model>.yaml
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -44,6 +48,7 @@ class PrecisionConfig:
         self._ctx = ctx
         self._lib = _lib.load()
         self.n_kv_heads, self.head_dim = dims
+        self.origin: Optional[str] = None  # for_model: the stored file or "shipped:<preset>"
 
     @classmethod
     def load(cls, path: PathLike, defaults: Any = None, ctx: Optional[Context] = None,
@@ -76,6 +81,47 @@ class PrecisionConfig:
                                             ctypes.byref(out)), h, "PrecisionConfig.parse")
         del keep
         return cls(out.value, ctx, (n_kv_heads, head_dim))  # type: ignore[arg-type]
+
+    @classmethod
+    def load_for_model(cls, path: PathLike, defaults: Any = None,
+                       geometry: Union[None, str, ModelGeometry] = None,
+                       ctx: Optional[Context] = None) -> "PrecisionConfig":
+        """clkvq_config_load_for_model: a config file to run on one model.
+        Geometry: ``geometry`` (a ModelGeometry, a model name or
+        "q32:kv8:d128:l32"), else the file's own, its ``model`` field's, or
+        the model a KVTuner preset's file name names; it is checked and
+        recorded. KVTuner presets load with the settings they were searched
+        under unless defaults are given."""
+        call = "PrecisionConfig.load_for_model"
+        g = None if geometry is None else model_geometry(geometry).to_c()
+        d, keep = _defaults(defaults, call)
+        out = ctypes.c_void_p()
+        h = _ctx_handle(ctx)
+        check_status(_lib.load().clkvq_config_load_for_model(
+            h, os.fsencode(path), ctypes.byref(d) if d is not None else None,
+            ctypes.byref(g) if g is not None else None, ctypes.byref(out)), h, call)
+        del keep
+        return cls(out.value, ctx, (None, None))  # type: ignore[arg-type]
+
+    @classmethod
+    def for_model(cls, model: str, ctx: Optional[Context] = None) -> "PrecisionConfig":
+        """clkvq_config_for_model: the config stored for model (:meth:`store`),
+        else the shipped KVTuner preset that is its default; ``origin`` says
+        which (the stored file's path or "shipped:<preset file>"). An
+        unknown model with nothing stored raises InvalidArgumentError listing
+        the known models; a known one with nothing stored or shipped,
+        ClkvqError CLKVQ_ERR_IO."""
+        call = "PrecisionConfig.for_model"
+        if not isinstance(model, str) or not model:
+            raise invalid(f"model must be a non-empty string, not {model!r}", call)
+        out = ctypes.c_void_p()
+        origin = ctypes.create_string_buffer(PATH_MAX)
+        h = _ctx_handle(ctx)
+        check_status(_lib.load().clkvq_config_for_model(h, model.encode(), ctypes.byref(out),
+                                                        origin, len(origin)), h, call)
+        c = cls(out.value, ctx, (None, None))  # type: ignore[arg-type]
+        c.origin = origin.value.decode("utf-8", "replace")
+        return c
 
     @classmethod
     def create(cls, layers: Sequence[Any], model: Optional[str] = None,
@@ -156,12 +202,16 @@ class PrecisionConfig:
     def layer(self, layer: int, n_kv_heads: Optional[int] = None,
               head_dim: Optional[int] = None) -> LayerConfig:
         """Layer l's settings; its permutations are copied out when the
-        config's shape is known (from create, or given here or at load)."""
+        config's shape is known (from create, its recorded geometry, or
+        given here or at load)."""
         call = "PrecisionConfig.layer"
         c = _lib.LayerConfigC()
         check_status(self._lib.clkvq_config_layer(self.handle, as_int(layer, "layer", call),
                                                   ctypes.byref(c)), None, call)
-        return LayerConfig.from_c(c, n_kv_heads or self.n_kv_heads, head_dim or self.head_dim)
+        g = self.geometry
+        nk = n_kv_heads or self.n_kv_heads or (g.n_kv_heads if g else None)
+        hd = head_dim or self.head_dim or (g.head_dim if g else None)
+        return LayerConfig.from_c(c, nk, hd)
 
     def layers(self, n_kv_heads: Optional[int] = None,
                head_dim: Optional[int] = None) -> List[LayerConfig]:
@@ -192,8 +242,92 @@ class PrecisionConfig:
         check_status(self._lib.clkvq_config_check_model(
             h, self.handle, as_int(n_layers, "n_layers", "check_model")), h, "check_model")
 
+    # ---- geometry and per-model storage
+
+    @property
+    def geometry(self) -> Optional[ModelGeometry]:
+        """The model geometry the config carries (its file's, or recorded by
+        :meth:`set_geometry` / :meth:`load_for_model`), else None."""
+        g = _lib.ModelGeometryC()
+        if not self._lib.clkvq_config_geometry(self.handle, ctypes.byref(g)):
+            return None
+        return ModelGeometry.from_c(g)
+
+    def check_geometry(self, geometry: Union[str, ModelGeometry]) -> None:
+        """clkvq_config_check_geometry: raises InvalidArgumentError naming the
+        first mismatch unless the config fits a model of that geometry (a
+        ModelGeometry, a model name or "q32:kv8:d128:l32")."""
+        call = "PrecisionConfig.check_geometry"
+        g = model_geometry(geometry).to_c()
+        h = _ctx_handle(self._ctx)
+        check_status(self._lib.clkvq_config_check_geometry(h, self.handle, ctypes.byref(g)), h,
+                     call)
+
+    def set_geometry(self, geometry: Union[str, ModelGeometry]) -> None:
+        """Checks (as :meth:`check_geometry`), then records the geometry:
+        saved and stored with the config from now on."""
+        call = "PrecisionConfig.set_geometry"
+        g = model_geometry(geometry).to_c()
+        h = _ctx_handle(self._ctx)
+        check_status(self._lib.clkvq_config_set_geometry(h, self.handle, ctypes.byref(g)), h,
+                     call)
+
+    def tune_shapes(self, geometry: Union[None, str, ModelGeometry] = None, tokens: int = 4096,
+                    batch: int = 1) -> Tuple[List[TuneShape], List[int], List[int]]:
+        """clkvq_config_tune_shapes: the distinct decode shapes a cache of
+        ``tokens`` capacity and ``batch`` sequences made from this config
+        looks up (one per distinct scheme, formats and group), the index of
+        each layer's shape, and the first layer using each shape. geometry:
+        the config's own when None."""
+        call = "PrecisionConfig.tune_shapes"
+        geo = self.geometry if geometry is None else model_geometry(geometry)
+        if geo is None:
+            raise invalid("the config carries no geometry: give one", call)
+        g = geo.to_c()
+        t, b = as_int(tokens, "tokens", call, 1), as_int(batch, "batch", call, 1)
+        n_layers = self.n_layers
+        layer_shape = (ctypes.c_int * n_layers)()
+        n = ctypes.c_int()
+        h = _ctx_handle(self._ctx)
+        cap = n_layers  # at most one shape per layer
+        shapes = (_lib.TuneShapeC * cap)()
+        first = (ctypes.c_int * cap)()
+        check_status(self._lib.clkvq_config_tune_shapes(h, self.handle, ctypes.byref(g), t, b,
+                                                        shapes, cap, ctypes.byref(n),
+                                                        layer_shape, first), h, call)
+        return ([TuneShape.from_c(shapes[i]) for i in range(n.value)], list(layer_shape),
+                list(first[:n.value]))
+
+    def store(self, model: Optional[str] = None) -> str:
+        """clkvq_config_store: stores the config as model's (None: the
+        config's own model), <cache dir>/configs/<model>.yaml, where
+        :meth:`for_model` and :meth:`Cache.for_model` find it. The config
+        must carry its geometry or name a model of the table. Returns the
+        path."""
+        call = "PrecisionConfig.store"
+        if model is not None and (not isinstance(model, str) or not model):
+            raise invalid(f"model must be a non-empty string or None, not {model!r}", call)
+        path = ctypes.create_string_buffer(PATH_MAX)
+        h = _ctx_handle(self._ctx)
+        check_status(self._lib.clkvq_config_store(h, self.handle,
+                                                  model.encode() if model else None, path,
+                                                  len(path)), h, call)
+        return os.fsdecode(path.value)
+
     def __repr__(self) -> str:
         if self._handle is None:
             return "<clkvq.PrecisionConfig closed>"
         return (f"<clkvq.PrecisionConfig {self.model or '(no model)'}: {self.n_layers} layers, "
                 f"{self.average_bits:.3f} average bits>")
+
+
+def config_show(ctx: Context) -> str:
+    """clkvq_config_show: the stored configs (their layer settings, the
+    layers using each, where each is tuned on ctx's device), then the
+    shipped default per model, as text."""
+    if not isinstance(ctx, Context):
+        raise invalid(f"ctx must be a clkvq.Context, not {type(ctx).__name__}", "config_show")
+    lib = _lib.load()
+    status, text = _lib.capture_file_output(lambda f: lib.clkvq_config_show(ctx.handle, f))
+    check_status(status, ctx.handle, "config_show")
+    return text

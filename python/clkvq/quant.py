@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -12,7 +12,8 @@ from . import _lib
 from ._check import as_float, as_int, check_status, float_array, fptr, int32_array, iptr
 from .context import Context
 from .errors import invalid
-from .types import QuantParams
+from .spec import Spec, parse_spec
+from .types import Fit, LayerConfig, QuantParams
 
 
 def _shape3(x_shape, call: str) -> _lib.ShapeC:
@@ -150,6 +151,65 @@ def calibrate_clip(ctx: Context, x: np.ndarray, params: QuantParams,
         as_float(lo, "lo", call), as_float(hi, "hi", call), as_float(step, "step", call),
         ctypes.byref(alpha), ctypes.byref(mse)), ctx.handle, call)
     return float(alpha.value), float(mse.value)
+
+
+def calibrate_layer(ctx: Context, config: Union[str, Spec, LayerConfig], k: np.ndarray,
+                    v: np.ndarray, fit: Any = None,
+                    clip_grid: Optional[Sequence[float]] = None) -> LayerConfig:
+    """clkvq_calibrate_layer: fits a layer config on calibration K/V
+    ([n_kv_heads, n_tokens, head_dim], e.g. a dump's layer) and returns it
+    with the fitted fields replaced: per-channel means, then on the centered
+    (and, with rotate, rotated) rows the channel permutation, then each clip
+    under it with the layer's own format, axis and group.
+
+    config: a spec (its ``calib``/``perm``/``center`` fields say what to fit
+    unless ``fit`` is given; skvq without ``gN`` groups min(128, head_dim))
+    or a LayerConfig (then give ``fit``: :class:`clkvq.Fit` flags).
+    clip_grid: (lo, hi, step), None for the library's 0.40 .. 1.00 step 0.02.
+    """
+    call = "calibrate_layer"
+    if not isinstance(ctx, Context):
+        raise invalid(f"ctx must be a clkvq.Context, not {type(ctx).__name__}", call)
+    k = float_array(k, "k", call, (None, None, None))
+    nkv, nt, hd = k.shape
+    v = float_array(v, "v", call, (nkv, nt, hd))
+    if isinstance(config, str):
+        config = parse_spec(config)
+    if isinstance(config, Spec):
+        base = config.layer_config(hd)
+        flags = config.fit if fit is None else fit
+    elif isinstance(config, LayerConfig):
+        if fit is None:
+            raise invalid("give fit (clkvq.Fit flags) with a LayerConfig", call)
+        base, flags = config, fit
+    else:
+        raise invalid(f"config must be a spec or LayerConfig, not {type(config).__name__}",
+                      call)
+    flags = Fit(as_int(flags, "fit", call, 0, int(Fit.CLIP | Fit.MEAN | Fit.PERM)))
+    if clip_grid is None:
+        grid = (0.0, 0.0, 0.0)
+    else:
+        try:
+            lo, hi, step = clip_grid
+        except (TypeError, ValueError):
+            raise invalid("clip_grid is (lo, hi, step)", call) from None
+        grid = (as_float(lo, "clip lo", call), as_float(hi, "clip hi", call),
+                as_float(step, "clip step", call))
+    store = {name: (np.empty((nkv, hd), dtype) if flags & f else None)
+             for name, f, dtype in (("mean_k", Fit.MEAN_K, np.float32),
+                                    ("mean_v", Fit.MEAN_V, np.float32),
+                                    ("perm_k", Fit.PERM_K, np.int32),
+                                    ("perm_v", Fit.PERM_V, np.int32))}
+    opt = _lib.CalibOptionsC(int(flags), *grid, fptr(store["mean_k"]), fptr(store["mean_v"]),
+                             iptr(store["perm_k"]), iptr(store["perm_v"]))
+    c_in, keep = base.to_c(nkv, hd, call)
+    out = _lib.LayerConfigC()
+    check_status(_lib.load().clkvq_calibrate_layer(ctx.handle, ctypes.byref(c_in), nkv, nt, hd,
+                                                   fptr(k), fptr(v), ctypes.byref(opt),
+                                                   ctypes.byref(out)), ctx.handle, call)
+    result = LayerConfig.from_c(out, nkv, hd)  # copies the arrays out of store / keep
+    del keep, store
+    return result
 
 
 def synth_kv(seed: int, shape: Tuple[int, int, int], k: bool = True,

@@ -1,6 +1,7 @@
 """Scheme spec strings: ``SCHEME[:FIELD]...``, the grammar of clkvq-eval.
 
     fp16   token:k4v4:g32   kivi:k2v2:g32:r128   skvq:k2v1.5:g128:w128:s5:a0.92:fp8
+    skvq:k3v2:g32:w128:s5:kc:fp8:center:calib    token:k4v4:rot7:perm
 
 tools/clkvq_eval.c (parse_spec) defines the grammar; this module follows it
 field for field, with the same refusals (tests/test_spec.py runs both on
@@ -8,48 +9,64 @@ the same strings). Format and scheme names go through the library's own
 parsers (clkvq_format_parse, clkvq_scheme_parse).
 
 Each field is one row of FIELDS, tried in order (exact names before
-one-letter prefixes, so ``rot`` is not read as ``r`` + ``ot``). To add a
-field: a row with its name (or prefix), the schemes it applies to and a
-function that sets it on the LayerConfig.
+prefixes, ``rot`` before ``r``, ``kc`` before ``k``, as clkvq-eval tries
+them). To add a field: a row with its name (or prefix), the schemes it
+applies to and a function that sets it on the LayerConfig or the fits.
 
-Rows marked ``ahead=True`` are understood here before clkvq-eval has them
-(``rot``: the randomized Hadamard rotation, ``kc``: skvq keys per channel);
-keep their spelling in step with tools/clkvq_eval.c when it gains them.
+``calib``, ``perm`` and ``center`` ask for fits on data (clips, channel
+permutations, per-channel means; :class:`clkvq.Fit`), which
+:func:`clkvq.calibrate_layer` makes and :func:`clkvq.evaluate_dump` makes
+per layer, as clkvq-eval does. skvq's group is min(128, head_dim) unless
+``gN`` is given (:meth:`Spec.layer_config`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import re
+import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from . import _lib
 from .errors import invalid
-from .types import Axis, Format, LayerConfig, ParamType, Scheme, ZeroMode
+from .types import Axis, Fit, Format, LayerConfig, ParamType, Scheme, ZeroMode
 
 MAX_SPEC = 255  # clkvq_eval.c: char buf[256]
 MAX_INT = 1 << 24
+MAX_SEED = (1 << 32) - 1
 
 _INT = re.compile(r"[0-9]+\Z")
+# what strtod reads whole after cli_starts_number (a digit or '.' and a digit first)
 _REAL = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
+_HEX = re.compile(r"0[xX]([0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)([pP][+-]?[0-9]+)?\Z")
 
 
 @dataclass
 class Spec:
-    """A parsed spec: the layer config, and what must be calibrated on data
-    first (``"calib"``: skvq permutation + clip search; ``"perm"``: the
-    permutation alone; None)."""
+    """A parsed spec: the layer config, what must be fitted on data first
+    (``fit``: :class:`clkvq.Fit` flags, 0 for none) and whether the group
+    size was given (skvq's default follows the head: min(128, head_dim))."""
     text: str
     config: LayerConfig
-    calibrate: Optional[str] = None
+    fit: Fit = Fit(0)
+    group_given: bool = False
+
+    def layer_config(self, head_dim: Optional[int] = None) -> LayerConfig:
+        """The config for a model of head_dim: skvq without ``gN`` groups
+        min(128, head_dim) channels, as clkvq-eval does."""
+        if head_dim is not None and self.config.scheme == Scheme.SKVQ and not self.group_given:
+            return self.config.replace(group_size=min(128, head_dim))
+        return self.config
 
 
 class _State:
     def __init__(self, text: str, lc: LayerConfig):
         self.text, self.lc = text, lc
-        self.calibrate: Optional[str] = None
+        self.fit = Fit(0)
+        self.center = False
         self.have_clip = False
+        self.have_group = False
 
     def fail(self, why: str) -> None:
         raise invalid(f"scheme '{self.text}': {why}", "parse_spec")
@@ -86,43 +103,66 @@ def _fp16_window(st: _State, value: str, what: str) -> int:
     return 0 if value == "0" else _positive(st, value, what)
 
 
+def _real(text: str) -> Optional[float]:
+    """strtod's reading of text when it takes all of it and is finite and
+    in range (glibc flags underflow to a subnormal as ERANGE), else None."""
+    if _REAL.match(text):
+        v = float(text)
+    elif _HEX.match(text):
+        v = float.fromhex(text)
+    else:
+        return None
+    if v != v or v in (float("inf"), float("-inf")) or 0.0 < v < sys.float_info.min:
+        return None
+    return v
+
+
 def _clip(st: _State, value: str) -> None:
-    if not _REAL.match(value) or not 0.0 < float(value) <= 1.0:
+    a = _real(value)
+    if a is None or not 0.0 < a <= 1.0:
         st.fail(f"clip '{value}' must be in (0, 1]")
-    st.lc.clip_k = st.lc.clip_v = float(value)
+    st.lc.clip_k = st.lc.clip_v = float(a)  # type: ignore[arg-type]
     st.have_clip = True
 
 
-def _set_calib(st: _State, how: str) -> None:
-    st.calibrate = how
+def _rot(st: _State, seed: str) -> None:
+    if seed and (not _INT.match(seed) or int(seed) > MAX_SEED):
+        st.fail(f"rotation seed '{seed}' is not an integer in [0, {MAX_SEED}]")
+    st.lc.rotate = True
+    st.lc.rot_seed = int(seed) if seed else 0
+
+
+def _group(st: _State, value: str) -> None:
+    st.lc.group_size = _positive(st, value, "group")
+    st.have_group = True
+
+
+def _add_fit(st: _State, fit: Fit) -> None:
+    st.fit |= fit
 
 
 @dataclass
 class Field:
-    """One field of the grammar: an exact name, or a one-letter prefix
-    followed by a value."""
+    """One field of the grammar: an exact name, or a prefix followed by a
+    value."""
     name: str
     prefix: bool
     schemes: Tuple[Scheme, ...]  # where it applies (empty: every quantized scheme)
     apply: Callable[[_State, str, str], None]  # (state, whole field, value after prefix)
     what: str = ""  # the error's word for a field in the wrong scheme
-    ahead: bool = False  # understood here before clkvq-eval has it
 
 
 FIELDS: List[Field] = [
     Field("fp8", False, (), lambda st, f, v: setattr(st.lc, "param_type", ParamType.FP8_E4M3)),
     Field("int", False, (), lambda st, f, v: setattr(st.lc, "zero_mode", ZeroMode.INT)),
-    Field("calib", False, (Scheme.SKVQ,), lambda st, f, v: _set_calib(st, "calib"),
-          "calib is an skvq field"),
-    Field("perm", False, (Scheme.SKVQ,), lambda st, f, v: _set_calib(st, "perm"),
-          "perm is an skvq field"),
-    Field("rot", False, (), lambda st, f, v: setattr(st.lc, "rotate", True), ahead=True),
+    Field("calib", False, (), lambda st, f, v: _add_fit(st, Fit.CLIP)),
+    Field("perm", False, (), lambda st, f, v: _add_fit(st, Fit.PERM)),
+    Field("center", False, (), lambda st, f, v: setattr(st, "center", True)),
     Field("kc", False, (Scheme.SKVQ,),
-          lambda st, f, v: setattr(st.lc, "key_axis", Axis.CHANNEL), "kc is an skvq field",
-          ahead=True),
+          lambda st, f, v: setattr(st.lc, "key_axis", Axis.CHANNEL), "kc is an skvq field"),
+    Field("rot", True, (), lambda st, f, v: _rot(st, v)),
     Field("k", True, (), lambda st, f, v: _bits(st, f)),
-    Field("g", True, (), lambda st, f, v: setattr(st.lc, "group_size",
-                                                  _positive(st, v, "group"))),
+    Field("g", True, (), lambda st, f, v: _group(st, v)),
     Field("r", True, (Scheme.KIVI,), lambda st, f, v: setattr(st.lc, "residual",
                                                               _positive(st, v, "residual")),
           "residual ('r') is a kivi field"),
@@ -163,24 +203,36 @@ def parse_spec(text: str) -> Spec:
         if row.schemes and scheme not in row.schemes:
             st.fail(row.what or f"'{f}' does not apply to {scheme.text}")
         row.apply(st, f, f[len(row.name):] if row.prefix else "")
-    if st.have_clip and st.calibrate == "calib":
-        st.fail("aX fixes the clip, calib searches it: pick one")
-    return Spec(text, st.lc, st.calibrate)
+    if st.have_clip and st.fit & Fit.CLIP:
+        st.fail("aX fixes the clip, calib fits it: pick one")
+    # keys grouped per channel keep their offsets in the zero points
+    if st.center:
+        channel_keys = scheme == Scheme.KIVI or st.lc.key_axis == Axis.CHANNEL
+        st.fit |= Fit.MEAN_V if channel_keys else Fit.MEAN
+    return Spec(text, st.lc, st.fit, st.have_group)
 
 
-def layer_config(spec) -> LayerConfig:
-    """A LayerConfig from a spec string, a Spec or a LayerConfig. A spec
-    that asks for calibration needs data; use clkvq.evaluate or calibrate
-    first."""
+def fit_names(fit: Fit) -> str:
+    """The spec fields that ask for fit ("calib:perm:center"), "" for none."""
+    names = [n for n, f in (("calib", Fit.CLIP), ("perm", Fit.PERM), ("center", Fit.MEAN))
+             if fit & f]
+    return ":".join(names)
+
+
+def layer_config(spec, head_dim: Optional[int] = None) -> LayerConfig:
+    """A LayerConfig from a spec string, a Spec or a LayerConfig (for a
+    model of head_dim: skvq's default group, :meth:`Spec.layer_config`). A
+    spec that asks for fits needs data: fit it first with
+    :func:`clkvq.calibrate_layer`."""
     if isinstance(spec, LayerConfig):
         return spec
     if isinstance(spec, str):
         spec = parse_spec(spec)
     if isinstance(spec, Spec):
-        if spec.calibrate:
-            raise invalid(f"scheme '{spec.text}': ':{spec.calibrate}' calibrates on data; "
-                          "calibrate the LayerConfig first (clkvq.calibrate_permutation, "
-                          "calibrate_clip)", "layer_config")
-        return spec.config
+        if spec.fit:
+            raise invalid(f"scheme '{spec.text}': ':{fit_names(spec.fit)}' fits on data; "
+                          "fit the LayerConfig first (clkvq.calibrate_layer(ctx, spec, k, v))",
+                          "layer_config")
+        return spec.layer_config(head_dim)
     raise invalid(f"a layer config is a spec string or LayerConfig, not {type(spec).__name__}",
                   "layer_config")

@@ -9,6 +9,7 @@ from typing import Any, Tuple
 from . import _lib
 from ._check import as_int, check_status
 from .context import Context
+from .errors import invalid
 from .types import AttnTuning, Format, Layout, Scheme, TuningSource
 
 
@@ -34,6 +35,11 @@ class TuneShape:
             *(as_int(getattr(self, n), n, call) for n in
               ("group_size", "head_dim", "n_q_heads", "n_kv_heads", "tokens", "batch")))
 
+    @classmethod
+    def from_c(cls, c: _lib.TuneShapeC) -> "TuneShape":
+        return cls(Scheme(c.scheme), Format(c.format_k), Format(c.format_v), c.group_size,
+                   c.head_dim, c.n_q_heads, c.n_kv_heads, c.tokens, c.batch)
+
 
 @dataclass(frozen=True)
 class TuneParams:
@@ -53,6 +59,18 @@ def tuning_lookup(ctx: Context, shape: TuneShape) -> Tuple[TuneParams, TuningSou
                  ctx.handle, "tuning_lookup")
     return (TuneParams(AttnTuning.from_c(out.attn), Layout(out.layout_k), Layout(out.layout_v)),
             TuningSource(src.value))
+
+
+def tuning_source_name(source: Any) -> str:
+    """clkvq_tuning_source_name: "exact", "nearest", "vendor", "builtin" or
+    "caller" for a TuningSource (or its value)."""
+    call = "tuning_source_name"
+    if isinstance(source, int) and not isinstance(source, (bool, TuningSource)):
+        if source not in {int(m) for m in TuningSource}:
+            raise invalid(f"no tuning source {source}", call)
+        source = TuningSource(source)
+    s = TuningSource.coerce(source, "source", call)
+    return _lib.load().clkvq_tuning_source_name(int(s)).decode()
 
 
 def tuning_show(ctx: Context) -> str:

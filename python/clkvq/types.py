@@ -132,15 +132,31 @@ class AttnVariant(_NamedEnum):
 
 
 class TuningSource(_NamedEnum):
+    """Where decode tunables come from (clkvq_tuning_source); the names are
+    clkvq_tuning_source_name's."""
     EXACT = 0
     NEAREST = 1
     VENDOR = 2
     BUILTIN = 3
+    CALLER = 4
 
     @classmethod
     def _names(cls):
         return {cls.EXACT: ("exact",), cls.NEAREST: ("nearest",), cls.VENDOR: ("vendor",),
-                cls.BUILTIN: ("builtin",)}
+                cls.BUILTIN: ("builtin",), cls.CALLER: ("caller",)}
+
+
+class Fit(enum.IntFlag):
+    """What clkvq_calibrate_layer fits (CLKVQ_FIT_*), or-ed."""
+    CLIP_K = 1 << 0
+    CLIP_V = 1 << 1
+    MEAN_K = 1 << 2
+    MEAN_V = 1 << 3
+    PERM_K = 1 << 4
+    PERM_V = 1 << 5
+    CLIP = CLIP_K | CLIP_V
+    MEAN = MEAN_K | MEAN_V
+    PERM = PERM_K | PERM_V
 
 
 # ---------------------------------------------------------------- formats
@@ -367,5 +383,5 @@ class AttnTuning:
 
 
 __all__ = ["Format", "Axis", "ParamType", "ZeroMode", "Scheme", "Layout", "AttnVariant",
-           "TuningSource", "FormatInfo", "format_info", "QuantParams", "LayerConfig",
+           "TuningSource", "Fit", "FormatInfo", "format_info", "QuantParams", "LayerConfig",
            "AttnTuning"]

@@ -18,6 +18,7 @@ ENUMS = {
     clkvq.ParamType: "CLKVQ_PARAM_", clkvq.ZeroMode: "CLKVQ_ZERO_",
     clkvq.Scheme: "CLKVQ_SCHEME_", clkvq.Layout: "CLKVQ_LAYOUT_",
     clkvq.AttnVariant: "CLKVQ_ATTN_", clkvq.TuningSource: "CLKVQ_TUNED_",
+    clkvq.Fit: "CLKVQ_FIT_",
 }
 
 
@@ -84,12 +85,22 @@ def test_every_prototype_is_exported():
 
 # Public functions the binding leaves out on purpose: raw cl_mem entry points
 # whose host or paged forms are bound, the autotuner and search (the
-# clkvq-tune program runs them).
+# clkvq-tune program runs them), one line each.
 NOT_BOUND = {
-    "clkvq_quantize", "clkvq_dequantize", "clkvq_cache_append_mem", "clkvq_cache_decode",
-    "clkvq_gemv_decode", "clkvq_tune_decode", "clkvq_tuning_store",
-    "clkvq_precision_search", "clkvq_search_free", "clkvq_search_front_size",
-    "clkvq_search_front_point", "clkvq_search_layer_error", "clkvq_search_config",
+    "clkvq_quantize": "cl_mem in and out; clkvq_quantize_host is bound",
+    "clkvq_dequantize": "cl_mem in and out; clkvq_dequantize_host is bound",
+    "clkvq_cache_append_mem": "cl_mem K/V; Cache.append copies host arrays",
+    "clkvq_cache_decode": "cl_mem q/out; Cache.decode uses clkvq_cache_decode_host",
+    "clkvq_gemv_decode": "an fp32 CLBlast baseline over cl_mem, for benchmarks",
+    "clkvq_tune_decode": "the autotuner: clkvq-tune runs it (minutes of timing)",
+    "clkvq_tuning_store": "writes autotuner results: clkvq-tune's job",
+    "clkvq_precision_search": "the precision search: the clkvq-tune program runs it",
+    "clkvq_search_free": "precision search result (not bound)",
+    "clkvq_search_front_size": "precision search result (not bound)",
+    "clkvq_search_front_point": "precision search result (not bound)",
+    "clkvq_search_layer_error": "precision search result (not bound)",
+    "clkvq_search_front_index": "precision search result (not bound)",
+    "clkvq_search_config": "precision search result (not bound)",
 }
 
 

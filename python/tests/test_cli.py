@@ -73,3 +73,23 @@ def test_e2e_tiny_model(tmp_path):
     for row in rows:
         assert row["fused_err"] < 1e-4  # the fused decode agrees with the read-back
     assert "| `token:k4v4:g32` |" in r.stdout
+
+
+def test_models_and_configs(tmp_path):
+    r = run(PY + ["models"])
+    assert r.returncode == 0, r.stderr
+    table = dict(line.split() for line in r.stdout.splitlines())
+    assert table == {name: str(g) for name, g in clkvq.models().items()}
+    env = dict(os.environ, CLKVQ_CACHE_DIR=str(tmp_path))  # nothing stored there
+    r = run(PY + ["configs"], env=env)
+    assert r.returncode == 0 and "0 stored" in r.stdout and "llama-3.1-8b" in r.stdout, r.stderr
+
+
+def test_eval_fit_out_of_sample(tiny_dump):
+    r = run(PY + ["eval", "--calib", tiny_dump, "--fit", tiny_dump, "--scheme",
+                  "token:k4v4:g32:calib", "--queries", "8"])
+    assert r.returncode == 0, r.stderr
+    assert "| out-of-sample |" in r.stdout and "out of sample" in r.stdout
+    r = run(PY + ["eval", "--calib", tiny_dump, "--scheme", "token:k4v4:g32:calib", "--queries",
+                  "8", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["fitted"] == "in-sample"

@@ -76,9 +76,10 @@ def test_bandwidth_and_device_ms(ctx):
 
 
 def test_tuning_show_matches_clkvq_tune(ctx, program):
+    """clkvq-tune --show prints the tuning, a blank line, then the configs."""
     r = run([program("clkvq-tune"), "--show"])
     assert r.returncode == 0, r.stderr
-    assert clkvq.tuning_show(ctx) == r.stdout
+    assert clkvq.tuning_show(ctx) + "\n" + clkvq.config_show(ctx) == r.stdout
 
 
 def test_tuning_lookup(ctx):
