@@ -906,13 +906,16 @@ static int run_cache_row(attn_bench *b, const attn_options *opt, attn_result *re
         /* the fill said why */
     } else if (st != CLKVQ_OK) {
         rc = report(b, st, "get tuning");
-    } else if ((res->tuning = tuning, choice->tuning.variant)) {
+    } else {
+        res->tuning = tuning;
         /* a candidate's tunables: the kernel column shows them */
-    } else if (!b->have_tuning) {
-        b->tuning = tuning;
-        b->have_tuning = 1;
-    } else if (memcmp(&tuning, &b->tuning, sizeof tuning)) {
-        b->tuning_varies = 1;
+        if (choice->tuning.variant) {
+        } else if (!b->have_tuning) {
+            b->tuning = tuning;
+            b->have_tuning = 1;
+        } else if (memcmp(&tuning, &b->tuning, sizeof tuning)) {
+            b->tuning_varies = 1;
+        }
     }
 
     paged_twin twin = {NULL, NULL, NULL, 0};
