@@ -18,8 +18,9 @@
  * only with a small --pool-blocks) defers the request or preempts the
  * sequence (freed, counted), as vLLM's scheduler would.
  *
- * Measured: wall time per phase (every call blocks until its kernels are
- * done), generated tokens per second, pages in use per step
+ * Measured: wall time per phase (every call but decode blocks until its
+ * kernels are done; the decode phase waits for its output with clFinish),
+ * generated tokens per second, pages in use per step
  * (clkvq_cache_pool_stats), and from them the peak device bytes of the
  * paged cache (pages in use x page bytes + the fp16 rings and block
  * table, which do not depend on use) against the contiguous cache the
@@ -619,6 +620,9 @@ static int run_step(serve *sv)
     double t3 = now_s();
     clkvq_status st = clkvq_cache_decode(sv->cache, 0, sv->q, sv->out, scale_of(sv));
     if (st != CLKVQ_OK) return report(sv, st, "decode");
+    /* a decode only enqueues: the step's decode ends when its output is there */
+    if (clFinish(clkvq_context_cl_queue(sv->ctx)) != CL_SUCCESS)
+        return report(sv, CLKVQ_ERR_OPENCL, "finishing the decode");
     double t4 = now_s();
     double ms = clkvq_last_device_ms(sv->ctx);
     if (ms > 0.0) s->decode_device_ms += ms;
