@@ -83,6 +83,22 @@
 #define FLOOR_NONNEG(x) CONVERT_FLOATV(CONVERT_INTV(x))
 #endif
 
+/* Software prefetch of the token vectors PF_AHEAD ahead, for chunks that
+ * cross pages: each group-planar word row the kernel streams jumps to
+ * another page at every page boundary, where the hardware prefetchers
+ * (which follow one stream per load) start over; inside one page (the
+ * contiguous cache) they need no help, and the kernel does not issue it. */
+#if defined(__has_builtin) && !KVQ_INTERPRETER
+#if __has_builtin(__builtin_prefetch)
+#define PREFETCH(p) __builtin_prefetch(p)
+#endif
+#endif
+#ifndef PREFETCH
+#define PREFETCH(p) ((void)(p))
+#endif
+#define PF_AHEAD 8  /* token vectors ahead, packed kernels */
+#define PF_TOKENS 16 /* tokens ahead, fp16 rows */
+
 /* 2^-e for 0 <= e < 127, exact */
 #define EXP2_NEG(e) as_float((uint)(127 - (e)) << 23)
 
@@ -259,7 +275,7 @@ ALWAYS_INLINE void qk_codes(__global const uint *pw, size_t step, QK_Q *qp, int 
  * masked: its ps are 0). */
 ALWAYS_INLINE void pv_codes(__global const uint *vc, const long *vb, int g, int c0, int n_codes,
                      const floatv *ps, int n_vblocks, const float *zsum, float *out,
-                     int block_size)
+                     int block_size, int page_pf)
 {
     size_t w0 = ((size_t)g * V_GW + (size_t)(c0 / V_PERIOD * V_WPP)) * block_size;
 #pragma unroll
@@ -270,6 +286,11 @@ ALWAYS_INLINE void pv_codes(__global const uint *vc, const long *vb, int g, int 
             acc[i] = (floatv)0.0f;
         for (int b = 0; b < n_vblocks; b++) {
             __global const uint *pw = vc + vb[b] + w0;
+            if (page_pf) {
+                __global const uint *pf = vc + vb[min(b + PF_AHEAD, n_vblocks - 1)] + w0;
+                PREFETCH(pf + (size_t)KVQ_WORD_OF(jb, V_BITS) * block_size);
+                PREFETCH(pf + (size_t)KVQ_WORD_OF(jb + JBV - 1, V_BITS) * block_size);
+            }
 #pragma unroll
             for (int jj = 0; jj < JBV; jj++) {
                 floatv code = code_float(pw, block_size, jb + jj, V_BITS);
@@ -308,6 +329,7 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
         return;
     }
     int n_blocks = (t_hi - base + VW - 1) / VW;
+    int page_pf = block_size < CHUNK; /* a chunk crosses pages */
 
     float qg[ROWS * NG];
     int lim[ROWS];
@@ -371,6 +393,24 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
 #if K_CHANNEL /* keys: per-channel groups along tokens; t0 % VW == 0 */
             long hb = page_row(PAGES, kh, t0);
             int o0 = t0 % block_size, j0 = o0 % GROUP_SIZE;
+            /* a token group of every channel is one stretch of words (and of
+             * parameters): the next one, maybe on another page, ahead */
+            if (page_pf && j0 == 0 && t0 + GROUP_SIZE < t_hi) {
+                int tn = t0 + GROUP_SIZE, on = tn % block_size;
+                long hn = page_row(PAGES, kh, tn);
+                if (hn >= 0) {
+                    __global const uint *wn = kc + kvq_channel_group_word(
+                                                       hn, on, 0, block_size, GROUP_SIZE,
+                                                       HEAD_DIM, K_GW);
+                    for (int i = 0; i < HEAD_DIM * K_GW; i += 16)
+                        PREFETCH(wn + i);
+                    __global const uchar *pn =
+                        kp + kvq_channel_param(hn, on, 0, block_size, GROUP_SIZE, HEAD_DIM) *
+                                 (PARAM_FP8 ? 2 : 4);
+                    for (int i = 0; i < HEAD_DIM * (PARAM_FP8 ? 2 : 4); i += 64)
+                        PREFETCH(pn + i);
+                }
+            }
             for (int c = 0; c < HEAD_DIM; c++) {
                 __global const uint *w = kc + kvq_channel_group_word(hb, o0, c, block_size,
                                                                      GROUP_SIZE, HEAD_DIM, K_GW);
@@ -394,6 +434,18 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                     acc[r] = MAD(q[r * HEAD_DIM + c], kv, acc[r]);
             }
 #else
+            if (page_pf) {
+                int bp = min(b + PF_AHEAD, n_blocks - 1);
+                if (pb[bp] >= 0) {
+#pragma unroll
+                    for (int i = 0; i < NG * K_GW; i++)
+                        PREFETCH(kc + kb[bp] + (size_t)i * block_size);
+#pragma unroll
+                    for (int g = 0; g < NG; g++)
+                        PREFETCH(kp + ((size_t)pb[bp] + (size_t)g * block_size) *
+                                          (PARAM_FP8 ? 2 : 4));
+                }
+            }
             for (int g = 0; g < NG; g++) {
                 __global const uint *gw = kc + kb[b] + (size_t)g * K_GW * block_size;
                 floatv d0[RB_QK], d1[RB_QK];
@@ -456,6 +508,9 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                 int live = pb[b] >= 0;
                 if (live)
                     params_lanes(vp, (size_t)pb[b] + (size_t)g * block_size, &scale, &zero);
+                long pbp = pb[min(b + PF_AHEAD, n_vblocks - 1)];
+                if (page_pf && pbp >= 0)
+                    PREFETCH(vp + ((size_t)pbp + (size_t)g * block_size) * (PARAM_FP8 ? 2 : 4));
 #pragma unroll
                 for (int r = 0; r < RB_PV; r++) {
                     floatv p = live ? VLOAD(0, sc + (rb + r) * CHUNK + b * VW) : (floatv)0.0f;
@@ -476,10 +531,10 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                 zsum[r] = hsum(zacc[r]);
             for (int c0 = 0; c0 < GROUP_SIZE - V_TAIL; c0 += V_PERIOD)
                 pv_codes(vc, vb, g, c0, V_PERIOD, ps, n_vblocks, zsum, out + rb * HEAD_DIM,
-                         block_size);
+                         block_size, page_pf);
 #if V_TAIL
             pv_codes(vc, vb, g, GROUP_SIZE - V_TAIL, V_TAIL, ps, n_vblocks, zsum,
-                     out + rb * HEAD_DIM, block_size);
+                     out + rb * HEAD_DIM, block_size, page_pf);
 #endif
         }
 #if SCHEME == KVQ_SCHEME_KIVI
@@ -568,10 +623,16 @@ clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
     }
     long rows[CHUNK];
     chunk_fp_rows(PAGES, kh, u_begin, n_valid, sink_end, qk, fp_slots, ring, n_sink, rows);
+    int page_pf = block_size < CHUNK; /* a chunk crosses pages */
 
     float sc[ROWS * CHUNK];
     for (int i = 0; i < n_valid; i++) {
         long row = rows[i];
+        long ahead = rows[min(i + PF_TOKENS, n_valid - 1)];
+        if (page_pf && ahead >= 0)
+#pragma unroll
+            for (int c = 0; c < HEAD_DIM; c += 32) /* one 64-byte line per 32 halves */
+                PREFETCH(kfp + ahead + c);
         if (row < 0) {
             for (int r = 0; r < ROWS; r++)
                 sc[r * CHUNK + i] = -INFINITY;
@@ -626,6 +687,9 @@ clkvq_attn_fp16_serial(__global const float *qs, __global const half *kfp,
                 o[i] = (floatv)0.0f;
             for (int i = 0; i < n_valid; i++) {
                 long row = rows[i];
+                long ahead = rows[min(i + PF_TOKENS, n_valid - 1)];
+                if (page_pf && ahead >= 0)
+                    PREFETCH(vfp + ahead + dvb * VW);
                 if (row < 0)
                     continue;
                 __global const half *vrow = vfp + row;
