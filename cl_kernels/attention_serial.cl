@@ -12,7 +12,7 @@
  * sizes are multiples of 16). fp16 tokens run lanes = channels (vload_half
  * over a row). Query rows, causal limits and pages are attention.cl's.
  *
- * Code generation (read in PoCL's x86 output, issue 13): left to itself
+ * Code generation (read in PoCL's x86 output): left to itself
  * LLVM keeps the loops over rows and codes rolled, so accumulators live in
  * stack memory (a load, add and store per multiply-add) and shifts take
  * run-time amounts. Here every loop over rows, codes, words and vector

@@ -49,7 +49,7 @@ typedef struct {
 } clkvq_embedded_tuning_file;
 extern const clkvq_embedded_tuning_file clkvq_embedded_tuning[];
 
-/* 2: the cooperative variant's tunables tpl, vwpl and waves (issue 14's
+/* 2: the cooperative variant's tunables tpl, vwpl and waves (the tiled
  * kernel); version-1 files time a cooperative kernel that no longer
  * exists and are ignored (re-tune). */
 #define FORMAT_VERSION 2

@@ -12,7 +12,7 @@
 #    coloured by family: token, kivi, skvq with per-token keys, skvq with
 #    per-channel keys (kc), and precision configs from the layer search (the
 #    rows that name no scheme). The dashed line is half of KIVI k2v2's error
-#    on that dump: the issue's target.
+#    on that dump: the target.
 
 if (!exists("a"))   a   = 'results/accuracy-real-gpl3-q16.json'
 if (!exists("b"))   b   = 'results/accuracy-real-apache2-q16.json'

@@ -376,7 +376,7 @@ static const char *row_text(const char *json, const char *scheme, const char *ke
  * and its tails are heavier, so its means and clips are wrong for A: the
  * out-of-sample row must be worse, --fit A must give the in-sample numbers
  * exactly, and the JSON must say which is which. Rows with rotation (the
- * issue's spec strings among them) run and report bits_long.
+ * three rotation spec strings among them) run and report bits_long.
  */
 START_TEST(tool_fit_is_out_of_sample)
 {

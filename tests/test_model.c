@@ -47,7 +47,7 @@ static void expect_geometry(const char *name, clkvq_model_geometry want)
 
 /* ------------------------------------------------------------ the table */
 
-/* The rows the issue names, from their config.json; Gemma-2's head_dim is
+/* The models the table must hold, from their config.json; Gemma-2's head_dim is
  * its own field (256), not hidden / heads; Phi-3-mini is MHA with 96. */
 START_TEST(table_has_the_published_geometries)
 {

@@ -402,7 +402,7 @@ END_TEST
 START_TEST(parse_refuses_foreign_version)
 {
     clkvq_context *ctx = test_ctx();
-    /* version 1 timed the cooperative kernel before issue 14's */
+    /* version 1 timed the cooperative kernel before the tiled one */
     char *text = apply_edit("\"clkvq_tuning\": 2", "\"clkvq_tuning\": 1");
     clkvq_tune_result *e;
     int n;

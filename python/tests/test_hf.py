@@ -56,7 +56,7 @@ def generate(model, cache=None, kwarg=None):
 def test_fp16_gives_the_default_tokens(model):
     ref_tokens, ref_logits = generate(model)
     cache = clkvq.hf.Cache(model.config, "fp16", capacity=64)
-    with warnings.catch_warnings():  # the name the issue used; deprecated in transformers 5
+    with warnings.catch_warnings():  # the name transformers 4 used; deprecated in transformers 5
         warnings.simplefilter("ignore", FutureWarning)
         tokens, logits = generate(model, cache, "past_key_values")
     assert torch.equal(tokens, ref_tokens)
