@@ -498,14 +498,6 @@ static cl_mem upload(const attn_bench *b, const float *host, size_t bytes, cl_in
                           CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR, bytes, (void *)host, err);
 }
 
-static const char *variant_name(clkvq_attn_variant v) {
-    switch (v) {
-    case CLKVQ_ATTN_SERIAL: return "serial";
-    case CLKVQ_ATTN_COOPERATIVE: return "cooperative";
-    default: return "default";
-    }
-}
-
 /* The decode kernels a row ran: the serial variant's unrolled float kernels
  * (cl_kernels/attention_serial.cl) or the cooperative ones, with their
  * tunables; the GEMV baseline is CLBlast's. */
@@ -1024,7 +1016,7 @@ static void print_header(const attn_bench *b, const attn_options *opt) {
     if (b->have_tuning)
         printf("tuning:  variant %s, chunk %d, vw %d, wgs %d (clkvq_cache_get_tuning, "
                "defaults)%s\n",
-               variant_name(b->tuning.variant), b->tuning.chunk, b->tuning.vw, b->tuning.wgs,
+               bench_variant_name(b->tuning.variant), b->tuning.chunk, b->tuning.vw, b->tuning.wgs,
                b->tuning_varies ? "; some caches resolved other tunables" : "");
     if (opt->n_kernels > 1 || opt->kernels[0].tuning.variant)
         printf("kernels: %d candidate%s per row (--kernel; the kernel column)\n",
@@ -1125,7 +1117,7 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
     cJSON_AddNumberToObject(root, "roof_gbps", b->roof_gbps);
     cJSON *tuning = cJSON_AddObjectToObject(root, "tuning");
     if (tuning && b->have_tuning) {
-        cJSON_AddStringToObject(tuning, "variant", variant_name(b->tuning.variant));
+        cJSON_AddStringToObject(tuning, "variant", bench_variant_name(b->tuning.variant));
         cJSON_AddNumberToObject(tuning, "wgs", b->tuning.wgs);
         cJSON_AddNumberToObject(tuning, "chunk", b->tuning.chunk);
         cJSON_AddNumberToObject(tuning, "vw", b->tuning.vw);
@@ -1149,7 +1141,7 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
         cJSON_AddStringToObject(e, "format", g_formats[r->format].name);
         if (g_formats[r->format].kind != ROW_GEMV) {
             const clkvq_attn_tuning *k = &opt->kernels[r->kernel].tuning;
-            cJSON_AddStringToObject(e, "candidate", k->variant ? variant_name(k->variant)
+            cJSON_AddStringToObject(e, "candidate", k->variant ? bench_variant_name(k->variant)
                                                                : "default");
         }
         if (r->skipped) {
@@ -1160,7 +1152,7 @@ static int print_json(const attn_bench *b, const attn_options *opt, const result
         kernel_name(r, kname, sizeof kname);
         cJSON_AddStringToObject(e, "kernel", kname);
         if (g_formats[r->format].kind != ROW_GEMV) {
-            cJSON_AddStringToObject(e, "variant", variant_name(r->tuning.variant));
+            cJSON_AddStringToObject(e, "variant", bench_variant_name(r->tuning.variant));
             cJSON_AddNumberToObject(e, "vw", r->tuning.vw);
             cJSON_AddNumberToObject(e, "chunk", r->tuning.chunk);
             cJSON_AddNumberToObject(e, "wgs", r->tuning.wgs);

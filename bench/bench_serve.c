@@ -681,8 +681,9 @@ static void print_tables(const serve *sv)
         printf(" %s group %d", g_formats[o->format].name, lc.group_size);
     printf(", group-planar K/V\n");
     printf("pages:    %d tokens, %zu bytes each (K+V); pool of %d pages; decode tunables: "
-           "variant %d, chunk %d, vw %d, wgs %d\n",
-           sv->pool.block_size, sv->pool.block_bytes, sv->pool.n_blocks, (int)sv->tuning.variant,
+           "variant %s, chunk %d, vw %d, wgs %d\n",
+           sv->pool.block_size, sv->pool.block_bytes, sv->pool.n_blocks,
+           bench_variant_name(sv->tuning.variant),
            sv->tuning.chunk, sv->tuning.vw, sv->tuning.wgs);
     printf("workload: %d slots, capacity %d, %d steps, seed %llu; %d%% of requests start with "
            "a shared %d-token prefix; prompt %d..%d, generate %d..%d tokens\n\n",

@@ -101,3 +101,12 @@ void bench_table_free(bench_table *t) {
     free(t->cells);
     free(t);
 }
+
+const char *bench_variant_name(clkvq_attn_variant v)
+{
+    switch (v) {
+    case CLKVQ_ATTN_SERIAL: return "serial";
+    case CLKVQ_ATTN_COOPERATIVE: return "cooperative";
+    default: return "default";
+    }
+}

@@ -3,6 +3,8 @@
 #ifndef CLKVQ_BENCH_UTIL_H
 #define CLKVQ_BENCH_UTIL_H
 
+#include "clkvq.h"
+
 #include <stddef.h>
 #include <stdio.h>
 
@@ -16,6 +18,9 @@ int bench_attention_main(int argc, char **argv);
 int bench_append_main(int argc, char **argv);
 int bench_decode_main(int argc, char **argv);
 int bench_serve_main(int argc, char **argv);
+
+/* "serial", "cooperative" or "default" (the device picks). */
+const char *bench_variant_name(clkvq_attn_variant v);
 
 /* Median of values[0..n); sorts values in place. n must be > 0. */
 double bench_median(double *values, int n);
