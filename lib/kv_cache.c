@@ -721,9 +721,8 @@ static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
     return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n_in, "fp16 store");
 }
 
-/* The tokens an append from n_old to n_new writes into pages: what it
- * quantizes, and every new token of the fp16 scheme. */
-static void page_writes(const clkvq_cache_layer *layer, int n_old, int n_new, int *t0, int *t1)
+void clkvq_cache_page_writes(const clkvq_cache_layer *layer, int n_old, int n_new, int *t0,
+                             int *t1)
 {
     if (layer->cfg.scheme == CLKVQ_SCHEME_FP16) {
         *t0 = n_old;
@@ -740,6 +739,14 @@ static void page_writes(const clkvq_cache_layer *layer, int n_old, int n_new, in
             *t1 = q1 > *t1 ? q1 : *t1;
         }
     }
+}
+
+int clkvq_cache_pages_kept(const clkvq_cache_layer *layer, int n_tokens)
+{
+    if (layer->cfg.scheme == CLKVQ_SCHEME_FP16)
+        return n_tokens;
+    int qk = clkvq_cache_q_end(layer, 0, n_tokens), qv = clkvq_cache_q_end(layer, 1, n_tokens);
+    return qk > qv ? qk : qv;
 }
 
 /* Runtime tables: the page ids an append writes through must name pages
@@ -861,7 +868,7 @@ static clkvq_status append_write(clkvq_cache *cache, int l, int seq, int n_token
     if (st != CLKVQ_OK)
         return st;
     int w0, w1;
-    page_writes(layer, n_old, n_new, &w0, &w1);
+    clkvq_cache_page_writes(layer, n_old, n_new, &w0, &w1);
     clkvq_page_undo undo;
     memset(&undo, 0, sizeof undo);
     if (cfg->runtime_tables)
@@ -1089,13 +1096,7 @@ clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens)
         for (int l = 0; l < cache->cfg.n_layers; l++) {
             clkvq_cache_layer *layer = &cache->layers[l];
             /* pages left with no packed token go back to the pool */
-            int keep = n_tokens;
-            if (layer->cfg.scheme != CLKVQ_SCHEME_FP16) {
-                int qk = clkvq_cache_q_end(layer, 0, n_tokens);
-                int qv = clkvq_cache_q_end(layer, 1, n_tokens);
-                keep = qk > qv ? qk : qv;
-            }
-            clkvq_pages_drop_from(cache, l, seq, keep);
+            clkvq_pages_drop_from(cache, l, seq, clkvq_cache_pages_kept(layer, n_tokens));
             layer->length[seq] = n_tokens;
             layer->len_dirty = 1;
         }

@@ -106,6 +106,15 @@ int clkvq_cache_q_end(const clkvq_cache_layer *layer, int is_v, int n_tokens);
 /* First token an append from n_old to n_new tokens packs: the old q_end,
  * but never a sink (a short sequence's q_end sits inside the sinks). */
 int clkvq_cache_pack_from(const clkvq_cache_layer *layer, int is_v, int n_old, int n_new);
+/* The tokens [*t0, *t1) an append from n_old to n_new writes into pages:
+ * what it quantizes, and every new token of the fp16 scheme (an empty
+ * range when it writes none). */
+void clkvq_cache_page_writes(const clkvq_cache_layer *layer, int n_old, int n_new, int *t0,
+                             int *t1);
+/* The end of the tokens a sequence of n_tokens holds in pages (later ones
+ * live in the fp16 rings; the fp16 scheme pages them all): truncation
+ * returns the pages past it. */
+int clkvq_cache_pages_kept(const clkvq_cache_layer *layer, int n_tokens);
 static inline int clkvq_cache_n_sink_eff(const clkvq_cache_layer *layer, int n_tokens)
 {
     return n_tokens < layer->cfg.n_sink ? n_tokens : layer->cfg.n_sink;

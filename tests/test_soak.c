@@ -130,37 +130,6 @@ static void pm_counts(const page_model *pm, int *used, int *shared)
     }
 }
 
-/* The tokens an append from n_old to n_new writes into pages (what it
- * packs; every new token of the fp16 scheme), and the first token a
- * sequence of n tokens keeps in pages after truncation. The token regions
- * are clkvq_packing.h's, through the cache's own layer. */
-static void page_writes(const clkvq_cache_layer *layer, int n_old, int n_new, int *t0, int *t1)
-{
-    if (layer->cfg.scheme == CLKVQ_SCHEME_FP16) {
-        *t0 = n_old;
-        *t1 = n_new;
-        return;
-    }
-    *t0 = n_new;
-    *t1 = 0;
-    for (int i = 0; i < 2; i++) {
-        int q0 = clkvq_cache_pack_from(layer, i, n_old, n_new);
-        int q1 = clkvq_cache_q_end(layer, i, n_new);
-        if (q1 > q0) {
-            *t0 = q0 < *t0 ? q0 : *t0;
-            *t1 = q1 > *t1 ? q1 : *t1;
-        }
-    }
-}
-
-static int pages_kept(const clkvq_cache_layer *layer, int n)
-{
-    if (layer->cfg.scheme == CLKVQ_SCHEME_FP16)
-        return n;
-    int qk = clkvq_cache_q_end(layer, 0, n), qv = clkvq_cache_q_end(layer, 1, n);
-    return qk > qv ? qk : qv;
-}
-
 /* ------------------------------------------------------------ the walk */
 
 typedef struct {
@@ -320,7 +289,7 @@ static void do_append_layer(soak *sk, int l, int s, int n)
 {
     clkvq_cache_layer *layer = &sk->cache->layers[l];
     int n_old = len_of(sk, l, s), t0, t1;
-    page_writes(layer, n_old, n_old + n, &t0, &t1);
+    clkvq_cache_page_writes(layer, n_old, n_old + n, &t0, &t1);
     int oob = pm_need(&sk->pages[l], s, t0, t1) > sk->pages[l].n_free;
     clkvq_status st = clkvq_cache_append(sk->cache, l, s, n, sk->k, sk->v);
     if (!oob) {
@@ -356,7 +325,7 @@ static void do_truncate(soak *sk, int s, int n)
                   clkvq_last_error(test_ctx()));
     for (int l = 0; l < N_LAYERS; l++) {
         clkvq_ref_cache_truncate(sk->model[l][s], n);
-        pm_drop(&sk->pages[l], s, pages_kept(&sk->cache->layers[l], n));
+        pm_drop(&sk->pages[l], s, clkvq_cache_pages_kept(&sk->cache->layers[l], n));
     }
 }
 
