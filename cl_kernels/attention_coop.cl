@@ -191,11 +191,12 @@ INL float code_f(uint c, float mid) { return as_float(c | 0x4B000000u) - (838860
 
 /* ------------------------------------------------------------------ helpers */
 
-/* Reductions over the work-group, RB values per lane, in uniform control
- * flow; the result is in red[h * WGS], read before red is reused. lid is
- * passed in: PoCL 3.1 miscompiles get_local_id() in an inlined helper
- * after a barrier region (see write_empty in attention.cl). */
-INL void tree_max(__local float *red, const float *v, int lid)
+/* A reduction over the work-group (is_max: max, else sum; a constant at
+ * each call), RB values per lane, in uniform control flow; the result is
+ * in red[h * WGS], read before red is reused. lid is passed in: PoCL 3.1
+ * miscompiles get_local_id() in an inlined helper after a barrier region
+ * (see write_empty in attention.cl). */
+INL void tree_reduce(__local float *red, const float *v, int lid, int is_max)
 {
 #pragma unroll
     for (int h = 0; h < RB; h++)
@@ -204,23 +205,10 @@ INL void tree_max(__local float *red, const float *v, int lid)
     for (int stride = WGS / 2; stride > 0; stride >>= 1) {
         if (lid < stride)
 #pragma unroll
-            for (int h = 0; h < RB; h++)
-                red[h * WGS + lid] = fmax(red[h * WGS + lid], red[h * WGS + lid + stride]);
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-}
-
-INL void tree_sum(__local float *red, const float *v, int lid)
-{
-#pragma unroll
-    for (int h = 0; h < RB; h++)
-        red[h * WGS + lid] = v[h];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int stride = WGS / 2; stride > 0; stride >>= 1) {
-        if (lid < stride)
-#pragma unroll
-            for (int h = 0; h < RB; h++)
-                red[h * WGS + lid] += red[h * WGS + lid + stride];
+            for (int h = 0; h < RB; h++) {
+                float a = red[h * WGS + lid], b = red[h * WGS + lid + stride];
+                red[h * WGS + lid] = is_max ? fmax(a, b) : a + b;
+            }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
 }
@@ -768,7 +756,7 @@ clkvq_attn_decode(__global const float *q, __global const int *perm_k,
             for (int i = 0; i < TPL; i++)
                 mx[h] = ROW_OK(i, h) ? fmax(mx[h], sc[i * RB + h]) : mx[h];
         }
-        tree_max(red, mx, lid);
+        tree_reduce(red, mx, lid, 1);
         float alpha[RB];
         int rescale = 0;
 #pragma unroll
@@ -845,7 +833,7 @@ clkvq_attn_decode(__global const float *q, __global const int *perm_k,
     }
 
     /* the split's sums: l over lanes, acc over token slices (per row) */
-    tree_sum(red, l_lane, lid);
+    tree_reduce(red, l_lane, lid, 0);
     float l_tot[RB];
 #pragma unroll
     for (int h = 0; h < RB; h++)
