@@ -23,7 +23,8 @@ from . import _cl, _lib
 from ._check import as_float, as_int, check_status, float_array, fptr, int32_array, out_array
 from .config import PrecisionConfig
 from .context import Context
-from .errors import ClkvqError, Status, invalid
+from ._owned import Owned
+from .errors import invalid
 from .spec import Spec, layer_config
 from .types import AttnTuning, Layout, LayerConfig, TuningSource
 
@@ -100,7 +101,7 @@ def _memory(ctx: Context, plan: _Plan, call: str) -> CacheMemory:
                        mem.bits_per_element)
 
 
-class Cache:
+class Cache(Owned):
     """A quantized KV cache of n_layers x n_seqs sequences of up to
     ``capacity`` tokens.
 
@@ -113,6 +114,9 @@ class Cache:
     its own block tables to :meth:`append_paged` / :meth:`decode_paged`.
     n_q_heads defaults to n_kv_heads.
     """
+
+    _NOUN = "cache"
+    _CALL = "Cache"
 
     def __init__(self, ctx: Context, layers: LayersArg, *, n_layers: Optional[int] = None,
                  n_seqs: int = 1, capacity: int, n_kv_heads: int,
@@ -258,16 +262,6 @@ class Cache:
 
     # ---- lifetime
 
-    @property
-    def handle(self) -> int:
-        if self._handle is None:
-            raise ClkvqError(Status.ERR_INVALID_ARG, "the cache is closed", "Cache")
-        return self._handle
-
-    @property
-    def closed(self) -> bool:
-        return self._handle is None
-
     def close(self) -> None:
         """Releases the cache and its scratch buffers (idempotent)."""
         for b in self._bufs.values():
@@ -276,18 +270,6 @@ class Cache:
         if self._handle is not None:
             self._lib.clkvq_cache_release(self._handle)
             self._handle = None
-
-    def __enter__(self) -> "Cache":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.n_layers} layers x {self.n_seqs} seqs"

@@ -9,7 +9,8 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 from . import _lib
 from ._check import as_int, check_status
 from .context import Context
-from .errors import ClkvqError, Status, invalid
+from ._owned import Owned
+from .errors import invalid
 from .models import ModelGeometry, model_geometry
 from .spec import layer_config
 from .tuning import TuneShape
@@ -32,7 +33,7 @@ def _defaults(defaults: Any, call: str) -> Tuple[Optional[_lib.LayerConfigC], Li
     return lc.to_c(call=call)
 
 
-class PrecisionConfig:
+class PrecisionConfig(Owned):
     """clkvq_precision_config: per layer (and optionally per kv head) the key
     and value formats plus the scheme settings. Load one with
     :meth:`load` / :meth:`parse`, build one with :meth:`create`.
@@ -41,6 +42,9 @@ class PrecisionConfig:
     give every field the file leaves out, e.g. the scheme a KVTuner preset
     was searched for.
     """
+
+    _NOUN = "config"
+    _CALL = "PrecisionConfig"
 
     def __init__(self, handle: int, ctx: Optional[Context], dims: Tuple[Optional[int],
                                                                         Optional[int]]):
@@ -156,28 +160,10 @@ class PrecisionConfig:
 
     # ---- lifetime
 
-    @property
-    def handle(self) -> int:
-        if self._handle is None:
-            raise ClkvqError(Status.ERR_INVALID_ARG, "the config is closed", "PrecisionConfig")
-        return self._handle
-
     def close(self) -> None:
         if self._handle is not None:
             self._lib.clkvq_config_free(self._handle)
             self._handle = None
-
-    def __enter__(self) -> "PrecisionConfig":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- contents
 

@@ -10,7 +10,8 @@ from typing import Any, List, Optional
 
 from . import _lib
 from ._check import as_int, check_status
-from .errors import ClkvqError, Status, invalid
+from ._owned import Owned
+from .errors import invalid
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def list_devices() -> List[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-class Context:
+class Context(Owned):
     """A clkvq context: one OpenCL device, context and (profiling) queue.
 
     ``device``: None or "" reads $CLKVQ_DEVICE, then takes the first GPU,
@@ -50,6 +51,9 @@ class Context:
     configs and dumps made on it keep it alive, and :meth:`close` closes
     them first.
     """
+
+    _NOUN = "context"
+    _CALL = "Context"
 
     def __init__(self, device: Optional[Any] = None):
         lib = _lib.load()
@@ -96,17 +100,6 @@ class Context:
 
     # ---- lifetime
 
-    @property
-    def handle(self) -> int:
-        """The clkvq_context * (raises if closed)."""
-        if self._handle is None:
-            raise ClkvqError(Status.ERR_INVALID_ARG, "the context is closed", "Context")
-        return self._handle
-
-    @property
-    def closed(self) -> bool:
-        return self._handle is None
-
     def _adopt(self, child: Any) -> None:
         self._children.add(child)
 
@@ -119,18 +112,6 @@ class Context:
                 child.close()
             self._lib.clkvq_context_release(self._handle)
             self._handle = None
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- queries
 

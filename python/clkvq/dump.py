@@ -12,7 +12,8 @@ import numpy as np
 from . import _lib
 from ._check import as_int, check_status, float_array, fptr
 from .context import Context
-from .errors import ClkvqError, Status, invalid
+from ._owned import Owned
+from .errors import invalid
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -28,9 +29,12 @@ class DumpInfo:
     model: str
 
 
-class Dump:
+class Dump(Owned):
     """A calibration dump opened by the C reader (mmap, every header field
     checked). ``Dump(ctx, path)``, or ``Dump.from_bytes(ctx, data)``."""
+
+    _NOUN = "dump"
+    _CALL = "Dump"
 
     def __init__(self, ctx: Context, path: PathLike):
         self._handle: Optional[int] = None
@@ -65,29 +69,11 @@ class Dump:
         self._setup(ctx, out.value)  # type: ignore[arg-type]
         return self
 
-    @property
-    def handle(self) -> int:
-        if self._handle is None:
-            raise ClkvqError(Status.ERR_INVALID_ARG, "the dump is closed", "Dump")
-        return self._handle
-
     def close(self) -> None:
         if self._handle is not None:
             self._lib.clkvq_dump_close(self._handle)
             self._handle = None
         self._data = None
-
-    def __enter__(self) -> "Dump":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def read(self, layer: int, which: str) -> np.ndarray:
         """One tensor of a layer as float32: which = 'q' ([n_q_heads,
