@@ -775,15 +775,26 @@ static void list_models(void)
 
 /* ------------------------------------------------------------ --config */
 
-/* "0-3,5,7-9": the layers whose setting is `which`. */
-static void layer_ranges(const int *of, int n_layers, int which, char *buf, size_t size)
+/* Whether a kv head of layer l has setting `which` (head_shape:
+ * clkvq_config_tune_shapes' [n_layers][n_heads]). */
+static int layer_uses(const int *head_shape, int n_heads, int l, int which)
+{
+    for (int h = 0; h < n_heads; h++)
+        if (head_shape[(size_t)l * n_heads + h] == which)
+            return 1;
+    return 0;
+}
+
+/* "0-3,5,7-9": the layers with a head whose setting is `which`. */
+static void layer_ranges(const int *head_shape, int n_layers, int n_heads, int which, char *buf,
+                         size_t size)
 {
     buf[0] = '\0';
     for (int l = 0; l < n_layers; l++) {
-        if (of[l] != which)
+        if (!layer_uses(head_shape, n_heads, l, which))
             continue;
         int end = l;
-        while (end + 1 < n_layers && of[end + 1] == which)
+        while (end + 1 < n_layers && layer_uses(head_shape, n_heads, end + 1, which))
             end++;
         size_t used = strlen(buf);
         if (used + 1 >= size)
@@ -925,7 +936,7 @@ static int config_main(const cli_options *o, clkvq_context *ctx)
         return EXIT_RUNTIME;
     }
     int n_layers = clkvq_config_n_layers(cfg);
-    int *of = calloc((size_t)n_layers, sizeof *of);
+    int *of = calloc((size_t)n_layers * g.n_kv_heads, sizeof *of);
     config_row *rows = calloc((size_t)MAX_SETTINGS * (size_t)o->n_tokens, sizeof *rows);
     clkvq_tune_shape shapes[MAX_SETTINGS];
     int first[MAX_SETTINGS], n_rows = 0, n_shapes = 0;
@@ -937,7 +948,13 @@ static int config_main(const cli_options *o, clkvq_context *ctx)
                                       &n_shapes, of, first);
         for (int i = 0; i < n_shapes && st == CLKVQ_OK; i++) {
             rows[n_rows].res.shape = shapes[i];
-            layer_ranges(of, n_layers, i, rows[n_rows].layers, sizeof rows[n_rows].layers);
+            config_row *r = &rows[n_rows];
+            layer_ranges(of, n_layers, g.n_kv_heads, i, r->layers, sizeof r->layers);
+            if (shapes[i].n_kv_heads < g.n_kv_heads) { /* a share of per-head layers */
+                size_t used = strlen(r->layers);
+                snprintf(r->layers + used, sizeof r->layers - used, " (%d of %d kv heads)",
+                         shapes[i].n_kv_heads, g.n_kv_heads);
+            }
             n_rows++;
         }
     }
@@ -948,6 +965,8 @@ static int config_main(const cli_options *o, clkvq_context *ctx)
         char s[64];
         clkvq_layer_config lc;
         clkvq_config_layer(cfg, first[i % n_shapes], &lc);
+        lc.format_k = rows[i].res.shape.format_k; /* a per-head layer: this share's pair */
+        lc.format_v = rows[i].res.shape.format_v;
         ps.shape_index = i;
         ps.start = now_s();
         snprintf(ps.label, sizeof ps.label, "%s %dk %s", model, rows[i].res.shape.tokens / 1024,

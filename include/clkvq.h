@@ -303,6 +303,19 @@ typedef struct {
     uint32_t rot_seed;
     const float *mean_k;       /* [n_kv_heads][head_dim] or NULL; copied at create */
     const float *mean_v;       /* subtracted at append, added back to the output */
+    /* Per-kv-head bits (KVTuner's per-head configs): [n_kv_heads] formats,
+     * or NULL for format_k / format_v on every head; copied at create. A
+     * layer whose heads carry different (K, V) pairs is stored as one share
+     * per distinct pair (in order of the pair's first head), each with its
+     * own packed pages and program variant: an append writes every share,
+     * a decode runs one launch per share over the heads that use it (their
+     * queries gathered, outputs scattered back), with tuning looked up for
+     * the share's pair and head count. Within a share, rotation signs are
+     * drawn by a head's index in the share (attention and read-back do not
+     * depend on them); rotation with perms on such a layer is refused,
+     * since its perms were fitted to the model's head signs. */
+    const clkvq_format *head_format_k;
+    const clkvq_format *head_format_v;
 } clkvq_layer_config;
 
 /* Defaults per scheme: q4/q4, group 32 (skvq 128, window 128, 5 sinks,
@@ -556,8 +569,9 @@ typedef struct {
     /* NULL: the scheme's defaults (clkvq_layer_config_default). Else the layer
      * settings to time with (residual, window, sinks, parameter storage, zero
      * mode): those of the config's layers the result is for. Its scheme,
-     * formats and group size must be the shape's; perms and means are not
-     * used (timing does not depend on their values). */
+     * formats and group size must be the shape's (a per-head layer's share:
+     * format_k/format_v set to the share's pair); perms, means and head
+     * formats are not used (timing does not depend on their values). */
     const clkvq_layer_config *layer;
 } clkvq_tune_options;
 
@@ -684,8 +698,9 @@ CLKVQ_API clkvq_status clkvq_config_parse(clkvq_context *ctx, const char *text, 
 CLKVQ_API clkvq_status clkvq_config_save(clkvq_context *ctx, const clkvq_precision_config *cfg,
                                          const char *path);
 /* Builds one from layer configs (perms and means, [n_kv_heads][head_dim],
- * copied). model may be NULL; n_kv_heads/head_dim matter only when perms or
- * means are given. */
+ * and head formats, [n_kv_heads], copied). model may be NULL; n_kv_heads
+ * matters only when perms, means or head formats are given, head_dim only
+ * for perms and means. */
 CLKVQ_API clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_layers,
                                            const clkvq_layer_config *layers, int n_kv_heads,
                                            int head_dim, clkvq_precision_config **out);
@@ -693,8 +708,9 @@ CLKVQ_API void clkvq_config_free(clkvq_precision_config *cfg);
 
 CLKVQ_API int clkvq_config_n_layers(const clkvq_precision_config *cfg);
 CLKVQ_API const char *clkvq_config_model(const clkvq_precision_config *cfg); /* "" if none */
-/* Layer l's settings; perm and mean pointers stay owned by cfg. For a
- * per-head file, format_k/format_v are the widest of the layer's heads. */
+/* Layer l's settings; perm, mean and head format pointers stay owned by
+ * cfg. For a per-head layer, head_format_k/head_format_v hold its heads'
+ * formats and format_k/format_v are the widest of them. */
 CLKVQ_API clkvq_status clkvq_config_layer(const clkvq_precision_config *cfg, int layer,
                                           clkvq_layer_config *out);
 /* Heads with their own bits in layer l (0 when the layer has one pair). */
@@ -709,9 +725,10 @@ CLKVQ_API double clkvq_config_average_bits(const clkvq_precision_config *cfg);
 CLKVQ_API clkvq_status clkvq_config_check_model(clkvq_context *ctx,
                                                 const clkvq_precision_config *cfg, int n_layers);
 
-/* A cache whose layers follow cfg (n_layers from cfg). Per-head bits are
- * not supported by the kernels: CLKVQ_ERR_UNSUPPORTED. A config that
- * carries its geometry refuses other heads or head_dim (INVALID_ARG). */
+/* A cache whose layers follow cfg (n_layers from cfg; a per-head layer's
+ * shares as clkvq_layer_config describes). A config that carries its
+ * geometry refuses other heads or head_dim (INVALID_ARG), as does a
+ * per-head layer with another head count. */
 CLKVQ_API clkvq_status clkvq_cache_create_from_config(clkvq_context *ctx,
                                                       const clkvq_precision_config *cfg, int n_seqs,
                                                       int capacity, int n_kv_heads, int n_q_heads,
@@ -738,17 +755,18 @@ CLKVQ_API clkvq_status clkvq_config_set_geometry(clkvq_context *ctx, clkvq_preci
  * The distinct decode shapes of cfg's layers on a model of geometry g, for
  * a cache of `tokens` capacity and `batch` sequences: exactly the shapes a
  * cache created from cfg looks up, one per distinct (scheme, formats, group
- * size). n_out gets their count (CLKVQ_ERR_BUFFER_TOO_SMALL when above max,
- * with n_out set); layer_shape (may be NULL, n_layers entries) the index of
- * each layer's shape; first_layer (may be NULL, max entries) the first layer
- * that uses each. A per-head layer whose heads differ: CLKVQ_ERR_UNSUPPORTED
- * (as at cache creation).
+ * size, kv heads); a per-head layer whose heads differ has one per share
+ * of its heads (that pair on the share's head count, clkvq_layer_config).
+ * n_out gets their count (CLKVQ_ERR_BUFFER_TOO_SMALL when above max, with
+ * n_out set); head_shape (may be NULL, n_layers x g->n_kv_heads entries)
+ * the index of each layer's and kv head's shape; first_layer (may be NULL,
+ * max entries) the first layer that uses each.
  */
 CLKVQ_API clkvq_status clkvq_config_tune_shapes(clkvq_context *ctx,
                                                 const clkvq_precision_config *cfg,
                                                 const clkvq_model_geometry *g, int tokens,
                                                 int batch, clkvq_tune_shape *out, int max,
-                                                int *n_out, int *layer_shape, int *first_layer);
+                                                int *n_out, int *head_shape, int *first_layer);
 
 /* -------------------------------------------- configs per model, presets */
 

@@ -88,8 +88,8 @@ static void resolve_tuning(const clkvq_cache *cache, int l, int max_len,
     if (max_len >= 0 && layer->n_tuned_set > 0) {
         const clkvq_layer_config *lc = &layer->cfg;
         clkvq_tune_shape now = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
-                                cache->cfg.head_dim, cache->cfg.n_q_heads,
-                                cache->cfg.n_kv_heads, max_len > 0 ? max_len : 1,
+                                cache->cfg.head_dim, layer->n_q_heads,
+                                layer->n_kv_heads, max_len > 0 ? max_len : 1,
                                 cache->cfg.n_seqs};
         int i = clkvq_tuning_nearest(layer->tuned_set, layer->n_tuned_set, &now);
         if (i >= 0)
@@ -120,7 +120,8 @@ static clkvq_status check_layer(clkvq_context *ctx, const clkvq_cache *cache, in
     clkvq_attn_fit_shape shape = fit_shape(cache, &cache->layers[l], n_queries);
     char why[512];
     clkvq_status st = clkvq_attn_tuning_check(t, &shape, &ctx->info, why, sizeof why);
-    return st == CLKVQ_OK ? st : clkvq_fail(ctx, st, "layer %d: %s", l, why);
+    return st == CLKVQ_OK ? st
+                          : clkvq_fail(ctx, st, "layer %d: %s", cache->layers[l].model_layer, why);
 }
 
 clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning *tuning)
@@ -131,7 +132,7 @@ clkvq_status clkvq_cache_set_tuning(clkvq_cache *cache, const clkvq_attn_tuning 
         memset(&cache->tuning, 0, sizeof cache->tuning);
         return CLKVQ_OK;
     }
-    for (int l = 0; l < cache->cfg.n_layers; l++) {
+    for (int l = 0; l < cache->n_stored; l++) {
         clkvq_attn_tuning t;
         resolve_tuning(cache, l, -1, tuning, &t);
         clkvq_status st = check_layer(cache->ctx, cache, l, &t, 1);
@@ -370,12 +371,12 @@ static clkvq_status run_coop(clkvq_cache *cache, int l, int n_queries, cl_mem q,
     char why[512];
     clkvq_status st = clkvq_attn_coop_plan_get(t, &shape, &ctx->info, &plan, why, sizeof why);
     if (st != CLKVQ_OK)
-        return clkvq_fail(ctx, st, "layer %d: %s", l, why);
+        return clkvq_fail(ctx, st, "layer %d: %s", layer->model_layer, why);
     /* page rows travel as int through local memory */
-    if ((long long)cache->n_pages * cfg->n_kv_heads > INT_MAX)
+    if ((long long)cache->n_pages * layer->n_kv_heads > INT_MAX)
         return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
                           "%d pages x %d kv heads exceed the cooperative variant's page rows",
-                          cache->n_pages, cfg->n_kv_heads);
+                          cache->n_pages, layer->n_kv_heads);
     cl_mem table;
     int max_blocks;
     if ((st = clkvq_cache_table(cache, l, &table, &max_blocks)) != CLKVQ_OK)
@@ -391,7 +392,7 @@ static clkvq_status run_coop(clkvq_cache *cache, int l, int n_queries, cl_mem q,
         return st;
 
     int tile = plan.wgs * plan.tpl, n_slots;
-    long per_split = (long)cfg->n_kv_heads * plan.n_rb;
+    long per_split = (long)layer->n_kv_heads * plan.n_rb;
     long max_grid = (long)(ctx->info.compute_units > 0 ? ctx->info.compute_units : 1) * plan.waves;
     int tps = choose_split(layer, cfg->n_seqs, tile, per_split, max_grid, &n_slots);
     size_t n_rows = (size_t)cfg->n_seqs * n_queries; /* (sequence, query) pairs */
@@ -400,7 +401,7 @@ static clkvq_status run_coop(clkvq_cache *cache, int l, int n_queries, cl_mem q,
                 CLKVQ_OK ||
             (st = check_built(ctx, merge, (size_t)plan.mwgs, "the merge kernel")) != CLKVQ_OK ||
             (st = ensure_buffer(ctx, &cache->partials, &cache->partials_bytes,
-                                n_rows * cfg->n_q_heads * n_slots * (cfg->head_dim + 2) *
+                                n_rows * layer->n_q_heads * n_slots * (cfg->head_dim + 2) *
                                     sizeof(float),
                                 "partial results")) != CLKVQ_OK)
             return st;
@@ -424,8 +425,8 @@ static clkvq_status run_coop(clkvq_cache *cache, int l, int n_queries, cl_mem q,
     clkvq_args_mem(&a, layer->len_mem);
     clkvq_args_mem(&a, n_slots > 1 ? cache->partials : NULL);
     clkvq_args_mem(&a, out);
-    clkvq_args_int(&a, cfg->n_q_heads);
-    clkvq_args_int(&a, cfg->n_kv_heads);
+    clkvq_args_int(&a, layer->n_q_heads);
+    clkvq_args_int(&a, layer->n_kv_heads);
     clkvq_args_int(&a, max_blocks);
     clkvq_args_int(&a, cache->block_size);
     clkvq_args_int(&a, cache->n_pages);
@@ -450,10 +451,10 @@ static clkvq_status run_coop(clkvq_cache *cache, int l, int n_queries, cl_mem q,
     clkvq_args_mem(&a, layer->v.perm);
     clkvq_args_mem(&a, layer->v.mean);
     clkvq_args_mem(&a, out);
-    clkvq_args_int(&a, cfg->n_q_heads);
+    clkvq_args_int(&a, layer->n_q_heads);
     clkvq_args_int(&a, n_slots);
     clkvq_args_int(&a, (int)layer->cfg.rot_seed);
-    size_t mglobal[2] = {(size_t)cfg->n_q_heads * plan.mwgs, n_rows};
+    size_t mglobal[2] = {(size_t)layer->n_q_heads * plan.mwgs, n_rows};
     size_t mlocal[2] = {(size_t)plan.mwgs, 1};
     if ((st = clkvq_args_end(ctx, &a, "merge")) != CLKVQ_OK)
         return st;
@@ -521,7 +522,7 @@ static clkvq_status run_serial(clkvq_cache *cache, int l, int n_queries, cl_mem 
     count_chunks(cache, layer, t.chunk, &n_packed, &n_fp);
     int n_slots = n_packed + n_fp;
     size_t n_rows = (size_t)cfg->n_seqs * n_queries; /* (sequence, query) pairs */
-    size_t n_q = n_rows * cfg->n_q_heads;
+    size_t n_q = n_rows * layer->n_q_heads;
     if ((st = ensure_buffer(ctx, &cache->q_scratch, &cache->q_scratch_bytes,
                             n_q * cfg->head_dim * sizeof(float), "query scratch")) != CLKVQ_OK ||
         (st = ensure_buffer(ctx, &cache->qsum_scratch, &cache->qsum_scratch_bytes,
@@ -556,7 +557,7 @@ static clkvq_status run_serial(clkvq_cache *cache, int l, int n_queries, cl_mem 
     clkvq_args_mem(&a, qs);
     clkvq_args_mem(&a, qsum);
     clkvq_args_int(&a, (int)n_rows);
-    clkvq_args_int(&a, cfg->n_q_heads);
+    clkvq_args_int(&a, layer->n_q_heads);
     clkvq_args_float(&a, scale);
     clkvq_args_int(&a, (int)layer->cfg.rot_seed);
     size_t plocal = PREPARE_LOCAL_SIZE, pglobal = clkvq_round_up(n_q, plocal);
@@ -576,11 +577,11 @@ static clkvq_status run_serial(clkvq_cache *cache, int l, int n_queries, cl_mem 
         clkvq_args_mem(&a, layer->len_mem);
         clkvq_args_mem(&a, table);
         clkvq_args_mem(&a, cache->partials);
-        clkvq_args_int(&a, cfg->n_q_heads);
-        clkvq_args_int(&a, cfg->n_kv_heads);
+        clkvq_args_int(&a, layer->n_q_heads);
+        clkvq_args_int(&a, layer->n_kv_heads);
         args_regions(&a, cache, layer, max_blocks);
         clkvq_args_int(&a, n_slots);
-        size_t global[3] = {(size_t)n_packed, (size_t)cfg->n_kv_heads, (size_t)cfg->n_seqs};
+        size_t global[3] = {(size_t)n_packed, (size_t)layer->n_kv_heads, (size_t)cfg->n_seqs};
         if ((st = clkvq_args_end(ctx, &a, "packed attention chunks")) != CLKVQ_OK ||
             (st = enqueue(ctx, packed, 3, global, local3, events, "packed attention chunks")) !=
                 CLKVQ_OK)
@@ -594,12 +595,12 @@ static clkvq_status run_serial(clkvq_cache *cache, int l, int n_queries, cl_mem 
         clkvq_args_mem(&a, layer->len_mem);
         clkvq_args_mem(&a, table);
         clkvq_args_mem(&a, cache->partials);
-        clkvq_args_int(&a, cfg->n_q_heads);
-        clkvq_args_int(&a, cfg->n_kv_heads);
+        clkvq_args_int(&a, layer->n_q_heads);
+        clkvq_args_int(&a, layer->n_kv_heads);
         args_regions(&a, cache, layer, max_blocks);
         clkvq_args_int(&a, n_packed); /* the first fp16 slot */
         clkvq_args_int(&a, n_slots);
-        size_t global[3] = {(size_t)n_fp, (size_t)cfg->n_kv_heads, (size_t)cfg->n_seqs};
+        size_t global[3] = {(size_t)n_fp, (size_t)layer->n_kv_heads, (size_t)cfg->n_seqs};
         if ((st = clkvq_args_end(ctx, &a, "fp16 attention chunks")) != CLKVQ_OK ||
             (st = enqueue(ctx, fpk, 3, global, local3, events, "fp16 attention chunks")) !=
                 CLKVQ_OK)
@@ -611,7 +612,7 @@ static clkvq_status run_serial(clkvq_cache *cache, int l, int n_queries, cl_mem 
     clkvq_args_mem(&a, layer->len_mem);
     clkvq_args_mem(&a, out);
     clkvq_args_int(&a, (int)n_rows);
-    clkvq_args_int(&a, cfg->n_q_heads);
+    clkvq_args_int(&a, layer->n_q_heads);
     clkvq_args_int(&a, n_slots);
     clkvq_args_mem(&a, layer->v.mean);
     clkvq_args_int(&a, (int)layer->cfg.rot_seed);
@@ -643,6 +644,16 @@ static clkvq_status decode_impl(clkvq_cache *cache, int l, int n_queries, cl_mem
     if ((st = clkvq_check_buffer(ctx, q, "q", need)) != CLKVQ_OK ||
         (st = clkvq_check_buffer(ctx, out, "out", need)) != CLKVQ_OK)
         return st;
+    if (clkvq_cache_n_shares(cache, l) > 1)
+        return clkvq_shares_decode(cache, l, n_queries, q, out, scale);
+    return clkvq_cache_decode_stored(cache, cache->first_stored[l], n_queries, q, out, scale);
+}
+
+clkvq_status clkvq_cache_decode_stored(clkvq_cache *cache, int l, int n_queries, cl_mem q,
+                                       cl_mem out, float scale)
+{
+    clkvq_context *ctx = cache->ctx;
+    clkvq_status st;
     clkvq_attn_tuning t;
     resolve_tuning(cache, l, max_length(cache, l), &cache->tuning, &t);
     if ((st = check_layer(ctx, cache, l, &t, n_queries)) != CLKVQ_OK)

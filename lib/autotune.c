@@ -365,7 +365,8 @@ static void release_state(tune_state *ts)
 
 /* The layer settings the candidates' caches get: the caller's (without
  * the per-head arrays, perms and means, whose shape is the caller's
- * model's), else the scheme's defaults with the shape's formats and group. */
+ * model's: a per-head layer's share comes with the share's formats), else
+ * the scheme's defaults with the shape's formats and group. */
 static clkvq_layer_config tuned_layer(const clkvq_tune_shape *sh, const clkvq_layer_config *given)
 {
     clkvq_layer_config lc;
@@ -373,6 +374,7 @@ static clkvq_layer_config tuned_layer(const clkvq_tune_shape *sh, const clkvq_la
         lc = *given;
         lc.perm_k = lc.perm_v = NULL;
         lc.mean_k = lc.mean_v = NULL;
+        lc.head_format_k = lc.head_format_v = NULL;
         return lc;
     }
     lc = clkvq_layer_config_default(sh->scheme);

@@ -30,13 +30,17 @@ clkvq_status clkvq_cache_tuning_source(const clkvq_cache *cache, int layer,
     }
     /* resolve_tuning: a layer without tuned parameters, or whose serial
      * variant the cache's layouts cannot run, gets the built-in defaults */
-    const clkvq_tune_params *held = &cache->tuned[layer];
     int planar = cfg->layout_k == CLKVQ_LAYOUT_GROUP_PLANAR &&
                  cfg->layout_v == CLKVQ_LAYOUT_GROUP_PLANAR;
-    if (!held->attn.variant || (held->attn.variant == CLKVQ_ATTN_SERIAL && !planar)) {
-        *out = CLKVQ_TUNED_BUILTIN;
-        return CLKVQ_OK;
+    /* a split layer reports its least exact share (the chain's order) */
+    *out = CLKVQ_TUNED_EXACT;
+    for (int s = cache->first_stored[layer]; s < cache->first_stored[layer + 1]; s++) {
+        const clkvq_tune_params *held = &cache->tuned[s];
+        clkvq_tuning_source src = cache->tuned_source[s];
+        if (!held->attn.variant || (held->attn.variant == CLKVQ_ATTN_SERIAL && !planar))
+            src = CLKVQ_TUNED_BUILTIN;
+        if (src > *out)
+            *out = src;
     }
-    *out = cache->tuned_source[layer];
     return CLKVQ_OK;
 }

@@ -469,9 +469,15 @@ static int same_setting(const clkvq_tune_shape *a, const clkvq_tune_shape *b)
                                               a->group_size == b->group_size);
 }
 
+/* ... on the same heads (a per-head layer's shares have fewer). */
+static int same_shape(const clkvq_tune_shape *a, const clkvq_tune_shape *b)
+{
+    return same_setting(a, b) && a->n_kv_heads == b->n_kv_heads;
+}
+
 clkvq_status clkvq_config_tune_shapes(clkvq_context *ctx, const clkvq_precision_config *cfg,
                                       const clkvq_model_geometry *g, int tokens, int batch,
-                                      clkvq_tune_shape *out, int max, int *n_out, int *layer_shape,
+                                      clkvq_tune_shape *out, int max, int *n_out, int *head_shape,
                                       int *first_layer)
 {
     clkvq_clear_error(ctx);
@@ -484,34 +490,38 @@ clkvq_status clkvq_config_tune_shapes(clkvq_context *ctx, const clkvq_precision_
     if (st != CLKVQ_OK)
         return st;
     clkvq_tune_shape found[MAX_SETTINGS];
-    int n = 0;
+    clkvq_format share_k[MAX_HEADS], share_v[MAX_HEADS];
+    int share_of[MAX_HEADS], share_heads[MAX_HEADS];
+    int n = 0, qpk = g->n_q_heads / g->n_kv_heads;
     for (int l = 0; l < cfg->n_layers; l++) {
-        const config_layer *cl = &cfg->layers[l];
-        for (int h = 1; h < cl->n_heads; h++)
-            if (cl->heads[h].k != cl->heads[0].k || cl->heads[h].v != cl->heads[0].v)
-                return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
-                                  "layer %d: head %d has other bits than head 0; the kernels "
-                                  "take one bit pair per layer (per-head bits are not "
-                                  "supported)",
-                                  l, h);
-        const clkvq_layer_config *lc = &cl->cfg;
-        clkvq_tune_shape s = {lc->scheme,      lc->format_k, lc->format_v,
-                              lc->group_size,  g->head_dim,  g->n_q_heads,
-                              g->n_kv_heads,   tokens,       batch};
-        int j = 0;
-        while (j < n && !same_setting(&found[j], &s))
-            j++;
-        if (j == n) {
-            if (n == MAX_SETTINGS)
-                return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
-                                  "the config has more than %d distinct layer settings",
-                                  MAX_SETTINGS);
-            found[n++] = s;
-            if (first_layer && j < max)
-                first_layer[j] = l;
+        /* a per-head layer looks up one shape per share of its heads
+         * (kv_shares.c): that pair on the share's head count */
+        const clkvq_layer_config *lc = &cfg->layers[l].cfg;
+        int n_shares = clkvq_head_shares(lc, g->n_kv_heads, share_k, share_v, share_of);
+        for (int p = 0; p < n_shares; p++)
+            share_heads[p] = 0;
+        for (int h = 0; h < g->n_kv_heads; h++)
+            share_heads[share_of[h]]++;
+        for (int p = 0; p < n_shares; p++) {
+            clkvq_tune_shape s = {lc->scheme,       share_k[p],         share_v[p],
+                                  lc->group_size,   g->head_dim,        share_heads[p] * qpk,
+                                  share_heads[p],   tokens,             batch};
+            int j = 0;
+            while (j < n && !same_shape(&found[j], &s))
+                j++;
+            if (j == n) {
+                if (n == MAX_SETTINGS)
+                    return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
+                                      "the config has more than %d distinct layer settings",
+                                      MAX_SETTINGS);
+                found[n++] = s;
+                if (first_layer && j < max)
+                    first_layer[j] = l;
+            }
+            for (int h = 0; head_shape && h < g->n_kv_heads; h++)
+                if (share_of[h] == p)
+                    head_shape[(size_t)l * g->n_kv_heads + h] = j;
         }
-        if (layer_shape)
-            layer_shape[l] = j;
     }
     *n_out = n;
     if (n > max)
@@ -544,6 +554,18 @@ static void layer_ranges(const int *of, int n_layers, int which, char *buf, size
     }
 }
 
+/* of[l] = which for the layers with a head of shape `which` (head_shape:
+ * clkvq_config_tune_shapes' [n_layers][n_kv_heads]), else -1. */
+static void layers_using(const int *head_shape, int n_layers, int n_kv_heads, int which, int *of)
+{
+    for (int l = 0; l < n_layers; l++) {
+        of[l] = -1;
+        for (int h = 0; h < n_kv_heads; h++)
+            if (head_shape[(size_t)l * n_kv_heads + h] == which)
+                of[l] = which;
+    }
+}
+
 static void setting_label(const clkvq_tune_shape *s, char *buf, size_t size)
 {
     if (s->scheme == CLKVQ_SCHEME_FP16)
@@ -561,21 +583,26 @@ static void show_settings(clkvq_context *ctx, FILE *out, const clkvq_precision_c
 {
     clkvq_tune_shape shapes[MAX_SETTINGS];
     int n = 0, *of = calloc((size_t)cfg->n_layers, sizeof *of);
-    if (!of || clkvq_config_tune_shapes(ctx, cfg, g, 1, 1, shapes, MAX_SETTINGS, &n, of, NULL) !=
-                   CLKVQ_OK) {
-        fprintf(out, "    (layer settings: %s)\n", of ? clkvq_last_error(ctx) : "out of memory");
+    int *heads = calloc((size_t)cfg->n_layers * g->n_kv_heads, sizeof *heads);
+    if (!of || !heads ||
+        clkvq_config_tune_shapes(ctx, cfg, g, 1, 1, shapes, MAX_SETTINGS, &n, heads, NULL) !=
+            CLKVQ_OK) {
+        fprintf(out, "    (layer settings: %s)\n",
+                of && heads ? clkvq_last_error(ctx) : "out of memory");
         free(of);
+        free(heads);
         return;
     }
     int tuned = 0;
     for (int i = 0; i < n; i++) {
         char label[64], layers[512], where[1024] = "";
         setting_label(&shapes[i], label, sizeof label);
+        layers_using(heads, cfg->n_layers, g->n_kv_heads, i, of);
         layer_ranges(of, cfg->n_layers, i, layers, sizeof layers);
         for (int e = 0; e < n_entries; e++) {
             const clkvq_tune_shape *s = &entries[e].shape;
-            if (!same_setting(s, &shapes[i]) || s->head_dim != g->head_dim ||
-                s->n_q_heads != g->n_q_heads || s->n_kv_heads != g->n_kv_heads)
+            if (!same_shape(s, &shapes[i]) || s->head_dim != g->head_dim ||
+                s->n_q_heads != shapes[i].n_q_heads)
                 continue;
             size_t used = strlen(where);
             snprintf(where + used, sizeof where - used, "%stokens %d batch %d", used ? ", " : "",
@@ -587,6 +614,7 @@ static void show_settings(clkvq_context *ctx, FILE *out, const clkvq_precision_c
     }
     fprintf(out, "    %d of %d layer settings tuned on this device\n", tuned, n);
     free(of);
+    free(heads);
 }
 
 static int yaml_entry(const struct dirent *e)

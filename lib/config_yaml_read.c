@@ -485,12 +485,6 @@ static clkvq_status compose_layer(parser *p, const clkvq_layer_config *base,
         if ((config_fields[f].scopes & CONFIG_IN_HEAD) && (own->set >> f & 1u))
             return perr(p, (size_t)own->line[f],
                         "layer %d: bits given for the layer and per head; give one", l);
-    for (int h = 0; h < out->n_heads; h++) { /* the widest head: the smallest enum */
-        if (h == 0 || out->heads[h].k < c.format_k)
-            c.format_k = out->heads[h].k;
-        if (h == 0 || out->heads[h].v < c.format_v)
-            c.format_v = out->heads[h].v;
-    }
     for (int i = 0; i < config_field_count; i++) { /* own matrices, else the shared ones */
         const config_field *f = &config_fields[i];
         if (!config_field_is_matrix(f))
@@ -501,6 +495,9 @@ static clkvq_status compose_layer(parser *p, const clkvq_layer_config *base,
                                                               : p->cfg->shared_matrix[f->slot]);
     }
     out->cfg = c;
+    if (!config_layer_sync_heads(out))
+        return clkvq_fail(p->ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating head formats");
+    c = out->cfg;
     char why[256];
     if (!config_layer_rules(&c, why, sizeof why))
         return perr(p, (size_t)out->line, "layer %d: %s", l, why);

@@ -255,14 +255,21 @@ clkvq_status clkvq_eval_layer(clkvq_context *ctx, const clkvq_layer_config *cfg,
     st = clkvq_cache_read(cache, 0, 0, k_back, v_back);
     if (st != CLKVQ_OK)
         goto done;
+    /* per-head bits: the shares' bits weighted by their heads */
     double bits_k = 0.0, bits_v = 0.0, long_k = 0.0, long_v = 0.0;
-    st = tensor_bits(ctx, &cache->layers[0], 0, n_tokens, head_dim, &bits_k);
-    if (st == CLKVQ_OK)
-        st = tensor_bits(ctx, &cache->layers[0], 1, n_tokens, head_dim, &bits_v);
-    if (st == CLKVQ_OK)
-        st = tensor_bits_long(ctx, cfg, 0, head_dim, &long_k);
-    if (st == CLKVQ_OK)
-        st = tensor_bits_long(ctx, cfg, 1, head_dim, &long_v);
+    for (int s = 0; s < clkvq_cache_n_shares(cache, 0) && st == CLKVQ_OK; s++) {
+        const clkvq_cache_layer *share = clkvq_cache_share(cache, 0, s);
+        double b[4] = {0.0, 0.0, 0.0, 0.0}, w = (double)share->n_kv_heads / n_kv_heads;
+        for (int is_v = 0; is_v < 2 && st == CLKVQ_OK; is_v++) {
+            st = tensor_bits(ctx, share, is_v, n_tokens, head_dim, &b[is_v]);
+            if (st == CLKVQ_OK)
+                st = tensor_bits_long(ctx, &share->cfg, is_v, head_dim, &b[2 + is_v]);
+        }
+        bits_k += w * b[0];
+        bits_v += w * b[1];
+        long_k += w * b[2];
+        long_v += w * b[3];
+    }
     if (st != CLKVQ_OK)
         goto done;
 

@@ -72,4 +72,13 @@ void clkvq_clear_error(clkvq_context *ctx);
 /* Round x up to a multiple of m. */
 static inline size_t clkvq_round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
+/*
+ * Per-head bits (lib/kv_shares.c). The distinct (K, V) pairs of lc's kv
+ * heads in order of first use: their count (1 when lc has no head formats
+ * or they all agree), share_k/share_v [n_kv_heads] get each pair and
+ * share_of [n_kv_heads] (may be NULL) each head's share.
+ */
+int clkvq_head_shares(const clkvq_layer_config *lc, int n_kv_heads, clkvq_format *share_k,
+                      clkvq_format *share_v, int *share_of);
+
 #endif

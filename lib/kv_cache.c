@@ -19,6 +19,7 @@
 #define CACHE_LOCAL_SIZE 64
 #define MAX_GQA_GROUP 8
 #define MAX_HEAD_DIM 256
+#define MAX_KV_HEADS 1024
 
 static const char *const g_cache_sources[] = {"quant_common.cl", "kv_cache.cl"};
 static const char *const g_scheme_names[CLKVQ_SCHEME_COUNT] = {"fp16", "token", "kivi", "skvq"};
@@ -123,13 +124,26 @@ static clkvq_status validate_layer(clkvq_context *ctx, const clkvq_cache_config 
                           "layer %d: kivi residual %d must be a positive multiple of group_size %d",
                           l, lc->residual, lc->group_size);
     clkvq_shape shape = {cfg->n_kv_heads, cfg->capacity, cfg->head_dim};
+    clkvq_format pair_k[MAX_KV_HEADS], pair_v[MAX_KV_HEADS];
+    int n_pairs = clkvq_head_shares(lc, cfg->n_kv_heads, pair_k, pair_v, NULL);
+    if (n_pairs > 1 && lc->rotate && (lc->perm_k || lc->perm_v))
+        return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
+                          "layer %d: its kv heads carry %d bit pairs and it rotates with perms; "
+                          "a share of the heads draws its rotation signs by its own head "
+                          "numbers, so perms fitted to the model's would not match",
+                          l, n_pairs);
     for (int is_v = 0; is_v < 2; is_v++) {
-        clkvq_quant_params qp = clkvq_layer_quant_params(lc, is_v);
-        clkvq_status st = clkvq_quant_params_validate(ctx, &qp, &shape);
-        if (st != CLKVQ_OK) {
-            char detail[CLKVQ_MSG_MAX / 2];
-            snprintf(detail, sizeof detail, "%s", clkvq_last_error(ctx));
-            return clkvq_fail(ctx, st, "layer %d %s: %s", l, is_v ? "V" : "K", detail);
+        for (int p = 0; p < n_pairs; p++) {
+            clkvq_layer_config share = *lc;
+            share.format_k = pair_k[p];
+            share.format_v = pair_v[p];
+            clkvq_quant_params qp = clkvq_layer_quant_params(&share, is_v);
+            clkvq_status st = clkvq_quant_params_validate(ctx, &qp, &shape);
+            if (st != CLKVQ_OK) {
+                char detail[CLKVQ_MSG_MAX / 2];
+                snprintf(detail, sizeof detail, "%s", clkvq_last_error(ctx));
+                return clkvq_fail(ctx, st, "layer %d %s: %s", l, is_v ? "V" : "K", detail);
+            }
         }
         const int32_t *perm = is_v ? lc->perm_v : lc->perm_k;
         if (perm && !clkvq_ref_is_permutation(perm, cfg->n_kv_heads, cfg->head_dim))
@@ -185,6 +199,9 @@ static clkvq_status validate_config(clkvq_context *ctx, const clkvq_cache_config
     if (cfg->n_q_heads / cfg->n_kv_heads > MAX_GQA_GROUP)
         return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED, "GQA group %d exceeds %d query heads per kv head",
                           cfg->n_q_heads / cfg->n_kv_heads, MAX_GQA_GROUP);
+    if (cfg->n_kv_heads > MAX_KV_HEADS)
+        return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED, "%d kv heads: at most %d", cfg->n_kv_heads,
+                          MAX_KV_HEADS);
     if (cfg->head_dim % 32 != 0 || cfg->head_dim > MAX_HEAD_DIM)
         return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
                           "head_dim %d: must be a multiple of 32 and at most %d", cfg->head_dim,
@@ -279,12 +296,12 @@ static page_geometry page_geometry_of(const clkvq_cache_config *cfg)
 
 /* Placement and page sizes of one tensor (K or V) of a layer. */
 static void fill_store_geometry(const clkvq_cache_config *cfg, const clkvq_layer_config *lc,
-                                int is_v, int block_size, clkvq_tensor_store *st)
+                                int n_heads, int is_v, int block_size, clkvq_tensor_store *st)
 {
     clkvq_quant_params qp = clkvq_layer_quant_params(lc, is_v);
     memset(st, 0, sizeof *st);
     st->layout = is_v ? cfg->layout_v : cfg->layout_k;
-    size_t heads = (size_t)cfg->n_kv_heads, dim = (size_t)cfg->head_dim;
+    size_t heads = (size_t)n_heads, dim = (size_t)cfg->head_dim;
     if (lc->scheme == CLKVQ_SCHEME_FP16) { /* nothing is packed: formats are not read */
         st->page_fp = heads * block_size * dim * 2;
         return;
@@ -307,14 +324,34 @@ typedef struct {
 } store_bytes;
 
 static store_bytes store_size(const clkvq_cache_config *cfg, const clkvq_tensor_store *st,
-                              int n_pages, int fp_slots)
+                              int n_heads, int n_pages, int fp_slots)
 {
     store_bytes b;
     b.codes = st->page_codes * n_pages;
     b.params = st->page_params * n_pages;
     b.fp = st->page_fp ? st->page_fp * n_pages
-                       : (size_t)cfg->n_seqs * cfg->n_kv_heads * fp_slots * cfg->head_dim * 2;
+                       : (size_t)cfg->n_seqs * n_heads * fp_slots * cfg->head_dim * 2;
     return b;
+}
+
+/* Model layer l's shares: count, and each one's layer settings and head
+ * count (shares[] and n_heads[] hold cfg->n_kv_heads entries). */
+static int layer_shares(const clkvq_cache_config *cfg, int l, clkvq_layer_config *shares,
+                        int *n_heads, int *share_of)
+{
+    const clkvq_layer_config *lc = &cfg->layers[l];
+    clkvq_format pk[MAX_KV_HEADS], pv[MAX_KV_HEADS];
+    int n = clkvq_head_shares(lc, cfg->n_kv_heads, pk, pv, share_of);
+    for (int p = 0; p < n; p++) {
+        shares[p] = *lc;
+        shares[p].format_k = pk[p];
+        shares[p].format_v = pv[p];
+        shares[p].head_format_k = shares[p].head_format_v = NULL;
+        n_heads[p] = n == 1 ? cfg->n_kv_heads : 0;
+    }
+    for (int h = 0; n > 1 && h < cfg->n_kv_heads; h++)
+        n_heads[share_of[h]]++;
+    return n;
 }
 
 clkvq_status clkvq_cache_plan(clkvq_context *ctx, const clkvq_cache_config *cfg,
@@ -329,20 +366,29 @@ clkvq_status clkvq_cache_plan(clkvq_context *ctx, const clkvq_cache_config *cfg,
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "memory plan output is NULL");
     memset(out, 0, sizeof *out);
     page_geometry pg = page_geometry_of(cfg);
+    size_t n_stored = 0;
+    clkvq_layer_config *shares = malloc((size_t)cfg->n_kv_heads * sizeof *shares);
+    int n_heads[MAX_KV_HEADS], share_of[MAX_KV_HEADS];
+    if (!shares)
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "planning the cache's layers");
     for (int l = 0; l < cfg->n_layers; l++) {
-        const clkvq_layer_config *lc = &cfg->layers[l];
-        int fp_slots = ring_slots(lc) + lc->n_sink;
-        for (int is_v = 0; is_v < 2; is_v++) {
-            clkvq_tensor_store ts;
-            fill_store_geometry(cfg, lc, is_v, pg.block_size, &ts);
-            store_bytes b = store_size(cfg, &ts, pg.n_pages, fp_slots);
-            out->quantized_bytes += b.codes + b.params;
-            out->fp16_bytes += b.fp;
+        int n_shares = layer_shares(cfg, l, shares, n_heads, share_of);
+        n_stored += (size_t)n_shares;
+        for (int p = 0; p < n_shares; p++) {
+            const clkvq_layer_config *lc = &shares[p];
+            int fp_slots = ring_slots(lc) + lc->n_sink;
+            for (int is_v = 0; is_v < 2; is_v++) {
+                clkvq_tensor_store ts;
+                fill_store_geometry(cfg, lc, n_heads[p], is_v, pg.block_size, &ts);
+                store_bytes b = store_size(cfg, &ts, n_heads[p], pg.n_pages, fp_slots);
+                out->quantized_bytes += b.codes + b.params;
+                out->fp16_bytes += b.fp;
+            }
         }
     }
-    /* the block tables (one per layer) */
-    size_t tables = cfg->runtime_tables ? 0
-                                        : (size_t)cfg->n_layers * cfg->n_seqs * pg.max_blocks * 4;
+    free(shares);
+    /* the block tables (one per stored layer) */
+    size_t tables = cfg->runtime_tables ? 0 : n_stored * cfg->n_seqs * pg.max_blocks * 4;
     out->device_bytes = out->quantized_bytes + out->fp16_bytes + tables;
     double elements = 2.0 * cfg->n_layers * (double)cfg->n_seqs * cfg->capacity *
                       cfg->n_kv_heads * cfg->head_dim;
@@ -377,35 +423,45 @@ static void release_mem(cl_mem *m)
     *m = NULL;
 }
 
+/* Copies the rows of the stored layer's heads out of a model-wide
+ * [n_kv_heads][head_dim] matrix of elem-byte entries. */
+static void *share_rows(const clkvq_cache *cache, const clkvq_cache_layer *layer,
+                        const void *matrix, size_t elem)
+{
+    size_t row = (size_t)cache->cfg.head_dim * elem;
+    char *out = malloc((size_t)layer->n_kv_heads * row);
+    for (int i = 0; out && i < layer->n_kv_heads; i++)
+        memcpy(out + i * row, (const char *)matrix + (layer->heads ? layer->heads[i] : i) * row,
+               row);
+    return out;
+}
+
 static clkvq_status create_store(clkvq_cache *cache, clkvq_cache_layer *layer, int is_v,
                                  const int32_t *perm, const float *mean)
 {
     clkvq_context *ctx = cache->ctx;
     const clkvq_cache_config *cfg = &cache->cfg;
     clkvq_tensor_store *st = is_v ? &layer->v : &layer->k;
-    fill_store_geometry(cfg, &layer->cfg, is_v, cache->block_size, st);
-    store_bytes b = store_size(cfg, st, cache->n_pages, layer->fp_slots);
+    fill_store_geometry(cfg, &layer->cfg, layer->n_kv_heads, is_v, cache->block_size, st);
+    store_bytes b = store_size(cfg, st, layer->n_kv_heads, cache->n_pages, layer->fp_slots);
     clkvq_status s = create_buffer(ctx, b.fp, NULL, &st->fp,
                                    st->page_fp ? "fp16 page pool" : "fp16 rings");
     if (s == CLKVQ_OK && b.codes)
         s = create_buffer(ctx, b.codes, NULL, &st->codes, "packed code pages");
     if (s == CLKVQ_OK && b.params)
         s = create_buffer(ctx, b.params, NULL, &st->params, "packed parameter pages");
+    size_t n = (size_t)layer->n_kv_heads * cfg->head_dim;
     if (s == CLKVQ_OK && perm) {
-        size_t n = (size_t)cfg->n_kv_heads * cfg->head_dim;
-        st->perm_host = malloc(n * sizeof(int32_t));
+        st->perm_host = share_rows(cache, layer, perm, sizeof(int32_t));
         if (!st->perm_host)
             return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "copying a permutation");
-        memcpy(st->perm_host, perm, n * sizeof(int32_t));
-        s = create_buffer(ctx, n * sizeof(int32_t), perm, &st->perm, "permutation");
+        s = create_buffer(ctx, n * sizeof(int32_t), st->perm_host, &st->perm, "permutation");
     }
     if (s == CLKVQ_OK && mean) {
-        size_t n = (size_t)cfg->n_kv_heads * cfg->head_dim;
-        st->mean_host = malloc(n * sizeof(float));
+        st->mean_host = share_rows(cache, layer, mean, sizeof(float));
         if (!st->mean_host)
             return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "copying a mean");
-        memcpy(st->mean_host, mean, n * sizeof(float));
-        s = create_buffer(ctx, n * sizeof(float), mean, &st->mean, "channel means");
+        s = create_buffer(ctx, n * sizeof(float), st->mean_host, &st->mean, "channel means");
     }
     return s;
 }
@@ -431,16 +487,20 @@ void clkvq_cache_release(clkvq_cache *cache)
     if (cache->async_writes)
         clFinish(cache->ctx->queue);
     if (cache->layers) {
-        for (int l = 0; l < cache->cfg.n_layers; l++) {
+        for (int l = 0; l < cache->n_stored; l++) {
             release_store(&cache->layers[l].k);
             release_store(&cache->layers[l].v);
             clkvq_pages_release(&cache->layers[l].pages);
             release_mem(&cache->layers[l].len_mem);
             free(cache->layers[l].length);
             free(cache->layers[l].tuned_set);
+            free(cache->layers[l].heads);
         }
         free(cache->layers);
     }
+    free(cache->first_stored);
+    for (int i = 0; i < 4; i++)
+        release_mem(&cache->share_buf[i]);
     release_mem(&cache->rt_table);
     release_mem(&cache->partials);
     release_mem(&cache->q_scratch);
@@ -452,19 +512,33 @@ void clkvq_cache_release(clkvq_cache *cache)
     free(cache);
 }
 
-/* This device's tuned entries for layer l's shape on the cache's layouts:
- * decode picks among them by its batch and length (attention.c). A
- * missing or unreadable file leaves none, never an error. */
+/* Whether two stored layers decode with the same tuned parameters: one
+ * tune shape (scheme, formats, group, heads). */
+static int same_shape(const clkvq_cache_layer *a, const clkvq_cache_layer *b)
+{
+    return a->cfg.scheme == b->cfg.scheme && a->cfg.format_k == b->cfg.format_k &&
+           a->cfg.format_v == b->cfg.format_v && a->cfg.group_size == b->cfg.group_size &&
+           a->n_kv_heads == b->n_kv_heads;
+}
+
+static clkvq_tune_shape tune_shape_of(const clkvq_cache *cache, const clkvq_cache_layer *layer)
+{
+    const clkvq_layer_config *lc = &layer->cfg;
+    const clkvq_cache_config *cfg = &cache->cfg;
+    return (clkvq_tune_shape){lc->scheme,        lc->format_k,       lc->format_v,
+                              lc->group_size,    cfg->head_dim,      layer->n_q_heads,
+                              layer->n_kv_heads, cfg->capacity,      cfg->n_seqs};
+}
+
+/* This device's tuned entries for stored layer l's shape on the cache's
+ * layouts: decode picks among them by its batch and length (attention.c).
+ * A missing or unreadable file leaves none, never an error. */
 static clkvq_status tuned_entries(clkvq_cache *cache, int l)
 {
     clkvq_cache_layer *layer = &cache->layers[l];
-    const clkvq_layer_config *lc = &layer->cfg;
-    const clkvq_cache_config *cfg = &cache->cfg;
     /* layers of one shape share the entries (each read parses the file) */
     for (int e = 0; e < l; e++) {
-        const clkvq_layer_config *le = &cache->layers[e].cfg;
-        if (le->scheme != lc->scheme || le->format_k != lc->format_k ||
-            le->format_v != lc->format_v || le->group_size != lc->group_size)
+        if (!same_shape(&cache->layers[e], layer))
             continue;
         int n = cache->layers[e].n_tuned_set;
         if (n > 0) {
@@ -478,15 +552,62 @@ static clkvq_status tuned_entries(clkvq_cache *cache, int l)
         }
         return CLKVQ_OK;
     }
-    clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
-                              cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
-                              cfg->capacity, cfg->n_seqs};
-    clkvq_status st = clkvq_tuning_entries_for(cache->ctx, &shape, cfg->layout_k, cfg->layout_v,
-                                               &layer->tuned_set, &layer->n_tuned_set);
+    clkvq_tune_shape shape = tune_shape_of(cache, layer);
+    clkvq_status st = clkvq_tuning_entries_for(cache->ctx, &shape, cache->cfg.layout_k,
+                                               cache->cfg.layout_v, &layer->tuned_set,
+                                               &layer->n_tuned_set);
     clkvq_clear_error(cache->ctx);
     return st == CLKVQ_ERR_OUT_OF_MEMORY
                ? clkvq_fail(cache->ctx, st, "reading the tuning entries of layer %d", l)
                : CLKVQ_OK;
+}
+
+/* Lays out the stored layers: one per model layer, or one per distinct
+ * (K, V) pair of its kv heads, each with its heads' settings. */
+static clkvq_status plan_stored(clkvq_cache *cache, const clkvq_cache_config *cfg)
+{
+    clkvq_context *ctx = cache->ctx;
+    clkvq_layer_config *shares = malloc((size_t)cfg->n_kv_heads * sizeof *shares);
+    int n_heads[MAX_KV_HEADS], share_of[MAX_KV_HEADS];
+    cache->first_stored = calloc((size_t)cfg->n_layers + 1, sizeof *cache->first_stored);
+    if (!shares || !cache->first_stored) {
+        free(shares);
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating the cache's layers");
+    }
+    int total = 0;
+    for (int l = 0; l < cfg->n_layers; l++)
+        total += layer_shares(cfg, l, shares, n_heads, share_of);
+    cache->layers = calloc((size_t)total, sizeof *cache->layers);
+    clkvq_status st = cache->layers ? CLKVQ_OK
+                                    : clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY,
+                                                 "allocating cache layers");
+    int qpk = cfg->n_q_heads / cfg->n_kv_heads;
+    for (int l = 0; l < cfg->n_layers && st == CLKVQ_OK; l++) {
+        int n = layer_shares(cfg, l, shares, n_heads, share_of);
+        cache->first_stored[l] = cache->n_stored;
+        for (int p = 0; p < n && st == CLKVQ_OK; p++) {
+            clkvq_cache_layer *layer = &cache->layers[cache->n_stored++];
+            layer->cfg = shares[p];
+            layer->cfg.perm_k = layer->cfg.perm_v = NULL;
+            layer->cfg.mean_k = layer->cfg.mean_v = NULL;
+            layer->model_layer = l;
+            layer->n_kv_heads = n_heads[p];
+            layer->n_q_heads = n_heads[p] * qpk;
+            if (n == 1)
+                continue;
+            layer->heads = malloc((size_t)n_heads[p] * sizeof *layer->heads);
+            if (!layer->heads) {
+                st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating a head map");
+                break;
+            }
+            for (int h = 0, i = 0; h < cfg->n_kv_heads; h++)
+                if (share_of[h] == p)
+                    layer->heads[i++] = h;
+        }
+    }
+    cache->first_stored[cfg->n_layers] = cache->n_stored;
+    free(shares);
+    return st;
 }
 
 clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cfg,
@@ -514,32 +635,31 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
     cache->max_blocks = pg.max_blocks;
     cache->n_pages = pg.n_pages;
     cache->paged = cfg->block_size > 0;
-    cache->tuned = calloc((size_t)cfg->n_layers, sizeof *cache->tuned);
-    cache->tuned_source = calloc((size_t)cfg->n_layers, sizeof *cache->tuned_source);
+    if ((st = plan_stored(cache, cfg)) != CLKVQ_OK) {
+        clkvq_cache_release(cache);
+        return st;
+    }
+    cache->tuned = calloc((size_t)cache->n_stored, sizeof *cache->tuned);
+    cache->tuned_source = calloc((size_t)cache->n_stored, sizeof *cache->tuned_source);
     if (!cache->tuned || !cache->tuned_source) {
         clkvq_cache_release(cache);
         return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating tuning slots");
     }
-    /* what tuning found for each layer's shape (never fails: it falls back
-     * to vendor, then built-in defaults); AUTO layouts follow layer 0 */
-    for (int l = 0; l < cfg->n_layers; l++) {
-        const clkvq_layer_config *lc = &cfg->layers[l];
+    /* what tuning found for each stored layer's shape (never fails: it
+     * falls back to vendor, then built-in defaults); AUTO layouts follow
+     * the first */
+    for (int l = 0; l < cache->n_stored; l++) {
         /* layers of one shape share a lookup (each reads the tuning file) */
         int same = -1;
-        for (int e = 0; e < l && same < 0; e++) {
-            const clkvq_layer_config *le = &cfg->layers[e];
-            if (le->scheme == lc->scheme && le->format_k == lc->format_k &&
-                le->format_v == lc->format_v && le->group_size == lc->group_size)
+        for (int e = 0; e < l && same < 0; e++)
+            if (same_shape(&cache->layers[e], &cache->layers[l]))
                 same = e;
-        }
         if (same >= 0) {
             cache->tuned[l] = cache->tuned[same];
             cache->tuned_source[l] = cache->tuned_source[same];
             continue;
         }
-        clkvq_tune_shape shape = {lc->scheme, lc->format_k, lc->format_v, lc->group_size,
-                                  cfg->head_dim, cfg->n_q_heads, cfg->n_kv_heads,
-                                  cfg->capacity, cfg->n_seqs};
+        clkvq_tune_shape shape = tune_shape_of(cache, &cache->layers[l]);
         if (clkvq_tuning_lookup(ctx, &shape, &cache->tuned[l], &cache->tuned_source[l]) !=
             CLKVQ_OK) {
             memset(&cache->tuned[l], 0, sizeof cache->tuned[l]);
@@ -551,25 +671,18 @@ clkvq_status clkvq_cache_create(clkvq_context *ctx, const clkvq_cache_config *cf
     if (cache->cfg.layout_v == CLKVQ_LAYOUT_AUTO)
         cache->cfg.layout_v = cache->tuned[0].layout_v;
     clkvq_clear_error(ctx);
-    cache->layers = calloc((size_t)cfg->n_layers, sizeof *cache->layers);
-    if (!cache->layers) {
-        clkvq_cache_release(cache);
-        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating cache layers");
-    }
-    for (int l = 0; l < cfg->n_layers && st == CLKVQ_OK; l++) {
+    for (int l = 0; l < cache->n_stored && st == CLKVQ_OK; l++) {
         clkvq_cache_layer *layer = &cache->layers[l];
-        layer->cfg = cfg->layers[l];
-        layer->cfg.perm_k = layer->cfg.perm_v = NULL;
-        layer->cfg.mean_k = layer->cfg.mean_v = NULL;
+        const clkvq_layer_config *lc = &cfg->layers[layer->model_layer];
         layer->ring = ring_slots(&layer->cfg);
         layer->fp_slots = layer->ring + layer->cfg.n_sink;
         layer->length = calloc((size_t)cfg->n_seqs, sizeof(int));
         if (!layer->length)
             st = clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating sequence lengths");
         if (st == CLKVQ_OK)
-            st = create_store(cache, layer, 0, cfg->layers[l].perm_k, cfg->layers[l].mean_k);
+            st = create_store(cache, layer, 0, lc->perm_k, lc->mean_k);
         if (st == CLKVQ_OK)
-            st = create_store(cache, layer, 1, cfg->layers[l].perm_v, cfg->layers[l].mean_v);
+            st = create_store(cache, layer, 1, lc->perm_v, lc->mean_v);
         if (st == CLKVQ_OK)
             st = create_buffer(ctx, (size_t)cfg->n_seqs * sizeof(cl_int), layer->length,
                                &layer->len_mem, "sequence lengths");
@@ -622,7 +735,7 @@ static clkvq_status args_geometry(clkvq_args *a, clkvq_cache *cache,
     if (st != CLKVQ_OK)
         return st;
     clkvq_args_mem(a, table);
-    clkvq_args_int(a, cfg->n_kv_heads);
+    clkvq_args_int(a, layer->n_kv_heads);
     clkvq_args_int(a, cfg->head_dim);
     clkvq_args_int(a, cache->block_size);
     clkvq_args_int(a, layer->cfg.group_size);
@@ -664,7 +777,6 @@ static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
                                    clkvq_tensor_store *store, int seq, cl_mem in, cl_mem perm,
                                    int n_old, int n_in, int q0, int q1)
 {
-    const clkvq_cache_config *cfg = &cache->cfg;
     int n_stage = q1 - q0;
     int token_axis = store->axis == CLKVQ_AXIS_TOKEN;
     cl_kernel quant;
@@ -693,8 +805,8 @@ static clkvq_status quantize_range(clkvq_cache *cache, clkvq_cache_layer *layer,
     /* token axis: one work-item per 16 groups; channel axis: one per block
      * touched (a first one after the sinks may be partial) */
     int g = layer->cfg.group_size;
-    size_t items = token_axis ? ((size_t)cfg->n_kv_heads * n_stage * store->n_groups + 15) / 16
-                              : (size_t)cfg->n_kv_heads * ((q1 + g - 1) / g - q0 / g);
+    size_t items = token_axis ? ((size_t)layer->n_kv_heads * n_stage * store->n_groups + 15) / 16
+                              : (size_t)layer->n_kv_heads * ((q1 + g - 1) / g - q0 / g);
     return run_1d(cache->ctx, quant, items, "cache quantize");
 }
 
@@ -718,7 +830,7 @@ static clkvq_status store_fp16(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_int(&a, q_end_new);
     if ((st = clkvq_args_end(cache->ctx, &a, "fp16 store")) != CLKVQ_OK)
         return st;
-    return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * n_in, "fp16 store");
+    return run_1d(cache->ctx, k, (size_t)layer->n_kv_heads * n_in, "fp16 store");
 }
 
 void clkvq_cache_page_writes(const clkvq_cache_layer *layer, int n_old, int n_new, int *t0,
@@ -789,7 +901,7 @@ static clkvq_status transform_rows(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_context *ctx = cache->ctx;
     const clkvq_cache_config *cfg = &cache->cfg;
     clkvq_tensor_store *store = is_v ? &layer->v : &layer->k;
-    size_t n_values = (size_t)cfg->n_kv_heads * n_in * cfg->head_dim;
+    size_t n_values = (size_t)layer->n_kv_heads * n_in * cfg->head_dim;
     size_t bytes = n_values * sizeof(float);
     if (!cache->xform[is_v] || cache->xform_bytes[is_v] < bytes) {
         release_mem(&cache->xform[is_v]);
@@ -809,13 +921,13 @@ static clkvq_status transform_rows(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_mem(&a, store->perm);
     clkvq_args_mem(&a, store->mean);
     clkvq_args_mem(&a, cache->xform[is_v]);
-    clkvq_args_int(&a, cfg->n_kv_heads);
+    clkvq_args_int(&a, layer->n_kv_heads);
     clkvq_args_int(&a, n_in);
     clkvq_args_int(&a, cfg->head_dim);
     clkvq_args_int(&a, layer->cfg.rotate);
     clkvq_args_int(&a, (int)layer->cfg.rot_seed);
     if ((st = clkvq_args_end(ctx, &a, "transform")) != CLKVQ_OK ||
-        (st = run_1d(ctx, k, (size_t)cfg->n_kv_heads * n_in, "transform")) != CLKVQ_OK)
+        (st = run_1d(ctx, k, (size_t)layer->n_kv_heads * n_in, "transform")) != CLKVQ_OK)
         return st;
     cl_event ev = NULL;
     st = clkvq_check_finite(ctx, NULL, cache->xform[is_v], n_values, &ev);
@@ -835,9 +947,10 @@ static clkvq_status nonfinite(clkvq_context *ctx, int is_v, long index)
                       is_v ? "v" : "k", index);
 }
 
-/* Writes n_tokens checked tokens (k and v on the device) into layer l. */
-static clkvq_status append_write(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
-                                 cl_mem v)
+/* Writes n_tokens checked tokens (k and v on the device) into stored
+ * layer l (check_only: runs the transform's range check alone). */
+clkvq_status clkvq_cache_write_stored(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
+                                      cl_mem v, int check_only)
 {
     clkvq_context *ctx = cache->ctx;
     clkvq_cache_layer *layer = &cache->layers[l];
@@ -865,7 +978,7 @@ static clkvq_status append_write(clkvq_cache *cache, int l, int seq, int n_token
                 perms[i] = NULL;
             }
         }
-    if (st != CLKVQ_OK)
+    if (st != CLKVQ_OK || check_only)
         return st;
     int w0, w1;
     clkvq_cache_page_writes(layer, n_old, n_new, &w0, &w1);
@@ -918,7 +1031,7 @@ static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens
     if (st != CLKVQ_OK)
         return st;
     const clkvq_cache_config *cfg = &cache->cfg;
-    int n_old = cache->layers[l].length[seq];
+    int n_old = cache->layers[cache->first_stored[l]].length[seq];
     if (n_tokens <= 0)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "n_tokens %d must be positive", n_tokens);
     if (n_tokens > cfg->capacity - n_old)
@@ -957,7 +1070,9 @@ static clkvq_status append_impl(clkvq_cache *cache, int l, int seq, int n_tokens
         }
     }
     if (st == CLKVQ_OK)
-        st = append_write(cache, l, seq, n_tokens, k, v);
+        st = clkvq_cache_n_shares(cache, l) > 1
+                 ? clkvq_shares_append(cache, l, seq, n_tokens, k, v)
+                 : clkvq_cache_write_stored(cache, cache->first_stored[l], seq, n_tokens, k, v, 0);
     release_mem(&up[0]);
     release_mem(&up[1]);
     return st;
@@ -1035,7 +1150,7 @@ clkvq_status clkvq_cache_length(const clkvq_cache *cache, int layer, int seq, in
         return clkvq_fail(NULL, CLKVQ_ERR_INVALID_ARG, "clkvq_cache_length: NULL argument");
     clkvq_status st = check_seq((clkvq_cache *)cache, layer, seq);
     if (st == CLKVQ_OK)
-        *n_tokens = cache->layers[layer].length[seq];
+        *n_tokens = cache->layers[cache->first_stored[layer]].length[seq];
     return st;
 }
 
@@ -1059,8 +1174,52 @@ static clkvq_status refill(clkvq_cache *cache, clkvq_cache_layer *layer,
     clkvq_args_int(&a, t_count);
     if ((st = clkvq_args_end(cache->ctx, &a, "refill")) != CLKVQ_OK)
         return st;
-    return run_1d(cache->ctx, k, (size_t)cache->cfg.n_kv_heads * t_count * cache->cfg.head_dim,
+    return run_1d(cache->ctx, k, (size_t)layer->n_kv_heads * t_count * cache->cfg.head_dim,
                   "refill");
+}
+
+/* Refills what the shorter sequence keeps in fp16 from the packed codes
+ * (enqueued), for stored layer l. */
+static clkvq_status truncate_refill(clkvq_cache *cache, int l, int seq, int n_tokens)
+{
+    clkvq_cache_layer *layer = &cache->layers[l];
+    int n_old = layer->length[seq];
+    clkvq_status st = CLKVQ_OK;
+    for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
+        int q_old = clkvq_cache_q_end(layer, i, n_old);
+        int q_new = clkvq_cache_q_end(layer, i, n_tokens);
+        int to = q_old < n_tokens ? q_old : n_tokens;
+        if (to > q_new)
+            st = refill(cache, layer, i ? &layer->v : &layer->k, seq, q_new, to - q_new);
+    }
+    return st;
+}
+
+/* After the refills ran: pages left with no packed token go back to the
+ * pool, and the length drops. */
+static void truncate_commit(clkvq_cache *cache, int l, int seq, int n_tokens)
+{
+    clkvq_cache_layer *layer = &cache->layers[l];
+    clkvq_pages_drop_from(cache, l, seq, clkvq_cache_pages_kept(layer, n_tokens));
+    layer->length[seq] = n_tokens;
+    layer->len_dirty = 1;
+}
+
+static clkvq_status finish(clkvq_context *ctx, clkvq_status st, const char *what)
+{
+    if (st != CLKVQ_OK)
+        return st;
+    cl_int err = clFinish(ctx->queue);
+    return err == CL_SUCCESS ? CLKVQ_OK : clkvq_cl_fail(ctx, err, what);
+}
+
+clkvq_status clkvq_cache_truncate_stored(clkvq_cache *cache, int l, int seq, int n_tokens)
+{
+    clkvq_status st = finish(cache->ctx, truncate_refill(cache, l, seq, n_tokens),
+                             "finishing the truncation");
+    if (st == CLKVQ_OK)
+        truncate_commit(cache, l, seq, n_tokens);
+    return st;
 }
 
 clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens)
@@ -1071,35 +1230,18 @@ clkvq_status clkvq_cache_truncate(clkvq_cache *cache, int seq, int n_tokens)
     clkvq_status st = check_seq(cache, 0, seq);
     if (st != CLKVQ_OK)
         return st;
-    for (int l = 0; l < cache->cfg.n_layers; l++)
+    for (int l = 0; l < cache->n_stored; l++)
         if (n_tokens < 0 || n_tokens > cache->layers[l].length[seq])
             return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG,
                               "cannot truncate sequence %d to %d tokens: layer %d holds %d", seq,
-                              n_tokens, l, cache->layers[l].length[seq]);
-    for (int l = 0; l < cache->cfg.n_layers && st == CLKVQ_OK; l++) {
-        clkvq_cache_layer *layer = &cache->layers[l];
-        int n_old = layer->length[seq];
-        for (int i = 0; i < 2 && st == CLKVQ_OK; i++) {
-            int q_old = clkvq_cache_q_end(layer, i, n_old);
-            int q_new = clkvq_cache_q_end(layer, i, n_tokens);
-            int to = q_old < n_tokens ? q_old : n_tokens;
-            if (to > q_new)
-                st = refill(cache, layer, i ? &layer->v : &layer->k, seq, q_new, to - q_new);
-        }
-    }
-    if (st == CLKVQ_OK) {
-        cl_int err = clFinish(cache->ctx->queue);
-        if (err != CL_SUCCESS)
-            st = clkvq_cl_fail(cache->ctx, err, "finishing the truncation");
-    }
+                              n_tokens, cache->layers[l].model_layer,
+                              cache->layers[l].length[seq]);
+    for (int l = 0; l < cache->n_stored && st == CLKVQ_OK; l++)
+        st = truncate_refill(cache, l, seq, n_tokens);
+    st = finish(cache->ctx, st, "finishing the truncation");
     if (st == CLKVQ_OK)
-        for (int l = 0; l < cache->cfg.n_layers; l++) {
-            clkvq_cache_layer *layer = &cache->layers[l];
-            /* pages left with no packed token go back to the pool */
-            clkvq_pages_drop_from(cache, l, seq, clkvq_cache_pages_kept(layer, n_tokens));
-            layer->length[seq] = n_tokens;
-            layer->len_dirty = 1;
-        }
+        for (int l = 0; l < cache->n_stored; l++)
+            truncate_commit(cache, l, seq, n_tokens);
     return st;
 }
 
@@ -1112,7 +1254,7 @@ static clkvq_status copy_rings(clkvq_cache *cache, clkvq_cache_layer *layer, int
         clkvq_tensor_store *ts = i ? &layer->v : &layer->k;
         if (ts->page_fp) /* the fp16 scheme keeps its rows in pages */
             continue;
-        size_t bytes = (size_t)cache->cfg.n_kv_heads * layer->fp_slots * cache->cfg.head_dim * 2;
+        size_t bytes = (size_t)layer->n_kv_heads * layer->fp_slots * cache->cfg.head_dim * 2;
         cl_int err = clEnqueueCopyBuffer(cache->ctx->queue, ts->fp, ts->fp, (size_t)src * bytes,
                                          (size_t)dst * bytes, bytes, 0, NULL, NULL);
         if (err != CL_SUCCESS)
@@ -1135,13 +1277,14 @@ clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq_dst)
     if (seq_src == seq_dst)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "cannot fork sequence %d into itself",
                           seq_src);
-    for (int l = 0; l < cache->cfg.n_layers; l++)
+    for (int l = 0; l < cache->n_stored; l++)
         if (cache->layers[l].length[seq_dst] != 0)
             return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
                               "fork target sequence %d holds %d tokens in layer %d: truncate it "
                               "to 0 first",
-                              seq_dst, cache->layers[l].length[seq_dst], l);
-    for (int l = 0; l < cache->cfg.n_layers && st == CLKVQ_OK; l++) {
+                              seq_dst, cache->layers[l].length[seq_dst],
+                              cache->layers[l].model_layer);
+    for (int l = 0; l < cache->n_stored && st == CLKVQ_OK; l++) {
         clkvq_cache_layer *layer = &cache->layers[l];
         st = copy_rings(cache, layer, seq_src, seq_dst);
         /* the contiguous cache's pages belong to their sequences: copy */
@@ -1155,7 +1298,7 @@ clkvq_status clkvq_cache_fork(clkvq_cache *cache, int seq_src, int seq_dst)
     }
     if (st != CLKVQ_OK)
         return st;
-    for (int l = 0; l < cache->cfg.n_layers; l++) {
+    for (int l = 0; l < cache->n_stored; l++) {
         if (cache->paged && !cache->cfg.runtime_tables)
             clkvq_pages_share(cache, l, seq_src, seq_dst);
         cache->layers[l].length[seq_dst] = cache->layers[l].length[seq_src];
@@ -1184,7 +1327,7 @@ clkvq_status clkvq_cache_copy_blocks(clkvq_cache *cache, const int *src, const i
                               "0..%d; nothing was copied",
                               i, src[i], dst[i], cache->n_pages - 1);
     clkvq_status st = CLKVQ_OK;
-    for (int l = 0; l < cache->cfg.n_layers && st == CLKVQ_OK; l++)
+    for (int l = 0; l < cache->n_stored && st == CLKVQ_OK; l++)
         for (int i = 0; i < n && st == CLKVQ_OK; i++)
             st = clkvq_pages_copy(cache, l, src[i], dst[i]);
     if (st == CLKVQ_OK) {
@@ -1228,8 +1371,19 @@ static clkvq_status read_tensor(clkvq_cache *cache, clkvq_cache_layer *layer,
     }
     if ((st = clkvq_args_end(cache->ctx, &a, "read")) != CLKVQ_OK)
         return st;
-    size_t items = (size_t)cache->cfg.n_kv_heads * n * (rows ? 1 : cache->cfg.head_dim);
+    size_t items = (size_t)layer->n_kv_heads * n * (rows ? 1 : cache->cfg.head_dim);
     return run_1d(cache->ctx, k, items, "read");
+}
+
+clkvq_status clkvq_cache_read_stored(clkvq_cache *cache, int l, int seq, cl_mem k, cl_mem v)
+{
+    clkvq_cache_layer *layer = &cache->layers[l];
+    clkvq_status st = CLKVQ_OK;
+    if (k)
+        st = read_tensor(cache, layer, &layer->k, 0, seq, k);
+    if (st == CLKVQ_OK && v)
+        st = read_tensor(cache, layer, &layer->v, 1, seq, v);
+    return st;
 }
 
 clkvq_status clkvq_cache_read_device(clkvq_cache *cache, int l, int seq, cl_mem k_out,
@@ -1238,17 +1392,17 @@ clkvq_status clkvq_cache_read_device(clkvq_cache *cache, int l, int seq, cl_mem 
     clkvq_status st = check_seq(cache, l, seq);
     if (st != CLKVQ_OK)
         return st;
-    clkvq_cache_layer *layer = &cache->layers[l];
-    size_t need = (size_t)cache->cfg.n_kv_heads * layer->length[seq] * cache->cfg.head_dim *
-                  sizeof(float);
-    if (layer->length[seq] == 0)
+    int n = cache->layers[cache->first_stored[l]].length[seq];
+    size_t need = (size_t)cache->cfg.n_kv_heads * n * cache->cfg.head_dim * sizeof(float);
+    if (n == 0)
         return CLKVQ_OK;
-    if (k_out && (st = clkvq_check_buffer(cache->ctx, k_out, "k_out", need)) == CLKVQ_OK)
-        st = read_tensor(cache, layer, &layer->k, 0, seq, k_out);
-    if (st == CLKVQ_OK && v_out &&
-        (st = clkvq_check_buffer(cache->ctx, v_out, "v_out", need)) == CLKVQ_OK)
-        st = read_tensor(cache, layer, &layer->v, 1, seq, v_out);
-    return st;
+    if (k_out && (st = clkvq_check_buffer(cache->ctx, k_out, "k_out", need)) != CLKVQ_OK)
+        return st;
+    if (v_out && (st = clkvq_check_buffer(cache->ctx, v_out, "v_out", need)) != CLKVQ_OK)
+        return st;
+    return clkvq_cache_n_shares(cache, l) > 1
+               ? clkvq_shares_read(cache, l, seq, k_out, v_out)
+               : clkvq_cache_read_stored(cache, cache->first_stored[l], seq, k_out, v_out);
 }
 
 clkvq_status clkvq_cache_read(clkvq_cache *cache, int l, int seq, float *k, float *v)
@@ -1260,7 +1414,7 @@ clkvq_status clkvq_cache_read(clkvq_cache *cache, int l, int seq, float *k, floa
     clkvq_status st = check_seq(cache, l, seq);
     if (st != CLKVQ_OK)
         return st;
-    int n = cache->layers[l].length[seq];
+    int n = cache->layers[cache->first_stored[l]].length[seq];
     if (n == 0)
         return CLKVQ_OK;
     size_t bytes = (size_t)cache->cfg.n_kv_heads * n * cache->cfg.head_dim * sizeof(float);

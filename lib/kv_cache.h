@@ -42,8 +42,15 @@ typedef struct {
     int dirty;            /* table changed since the last upload */
 } clkvq_page_pool;
 
+/* A stored layer: one model layer, or (per-head bits) the share of its kv
+ * heads that carries one (K, V) pair. Kernels see a stored layer as a
+ * layer of n_kv_heads heads; lib/kv_shares.c maps the model's heads in and
+ * out. */
 typedef struct {
-    clkvq_layer_config cfg; /* perm pointers cleared: see the stores */
+    clkvq_layer_config cfg; /* perm, mean and head format pointers cleared: see the stores */
+    int model_layer;        /* the model layer it stores (heads of) */
+    int n_kv_heads, n_q_heads; /* its heads (the model's, or its share of them) */
+    int *heads;             /* the model's kv head of each of them; NULL: all, in order */
     int ring;               /* fp16 ring slots for recent tokens */
     int fp_slots;           /* ring + n_sink */
     clkvq_tensor_store k, v;
@@ -64,7 +71,10 @@ typedef struct {
 struct clkvq_cache {
     clkvq_context *ctx;
     clkvq_cache_config cfg; /* layers pointer cleared */
-    clkvq_cache_layer *layers;
+    clkvq_cache_layer *layers; /* n_stored stored layers, model layer by model layer */
+    int n_stored;
+    int *first_stored;      /* [n_layers + 1]: model layer l is layers[first_stored[l] ..
+                               first_stored[l + 1]) */
     int block_size;         /* tokens per page (the contiguous cache: the capacity, rounded) */
     int max_blocks;         /* pages one sequence can hold */
     int n_pages;            /* pages per layer pool */
@@ -83,7 +93,22 @@ struct clkvq_cache {
     clkvq_tuning_source *tuned_source; /* the chain's level each of them came from */
     cl_mem xform[2];        /* appended K, V rows after centering/rotation (packed order) */
     size_t xform_bytes[2];
+    /* split layers (kv_shares.c): one share's heads of K/V rows, queries,
+     * outputs, read-back rows, contiguous */
+    cl_mem share_buf[4];
+    size_t share_bytes[4];
 };
+
+/* A model layer's stored layers (more than one: its heads carry different
+ * pairs). */
+static inline int clkvq_cache_n_shares(const clkvq_cache *cache, int l)
+{
+    return cache->first_stored[l + 1] - cache->first_stored[l];
+}
+static inline clkvq_cache_layer *clkvq_cache_share(const clkvq_cache *cache, int l, int s)
+{
+    return &cache->layers[cache->first_stored[l] + s];
+}
 
 /* Whether a layer stores transformed rows (centering or rotation): its
  * appends go through clkvq_cache_transform and its read-back back. */
@@ -135,6 +160,30 @@ clkvq_status clkvq_cache_table(clkvq_cache *cache, int l, cl_mem *table, int *ma
  */
 clkvq_status clkvq_cache_read_device(clkvq_cache *cache, int layer, int seq, cl_mem k_out,
                                      cl_mem v_out);
+
+/* One stored layer's part of the public calls (kv_cache.c, attention.c):
+ * an append of n_tokens checked device rows ([its heads][n_tokens]
+ * [head_dim]; check_only: the centering/rotation range check alone, nothing
+ * written), a read-back into [its heads][length][head_dim] (k or v may be
+ * NULL), a decode with queries and outputs [n_seqs][n_queries][its q heads]
+ * [head_dim], and the truncation that undoes a share's append when a later
+ * share's fails. */
+clkvq_status clkvq_cache_write_stored(clkvq_cache *cache, int stored, int seq, int n_tokens,
+                                      cl_mem k, cl_mem v, int check_only);
+clkvq_status clkvq_cache_read_stored(clkvq_cache *cache, int stored, int seq, cl_mem k,
+                                     cl_mem v);
+clkvq_status clkvq_cache_decode_stored(clkvq_cache *cache, int stored, int n_queries, cl_mem q,
+                                       cl_mem out, float scale);
+clkvq_status clkvq_cache_truncate_stored(clkvq_cache *cache, int stored, int seq, int n_tokens);
+
+/* The same for a model layer split into shares (kv_shares.c): each share's
+ * heads gathered from the model's layout into scratch, and back. An append
+ * checks every share before it writes one. */
+clkvq_status clkvq_shares_append(clkvq_cache *cache, int l, int seq, int n_tokens, cl_mem k,
+                                 cl_mem v);
+clkvq_status clkvq_shares_read(clkvq_cache *cache, int l, int seq, cl_mem k_out, cl_mem v_out);
+clkvq_status clkvq_shares_decode(clkvq_cache *cache, int l, int n_queries, cl_mem q, cl_mem out,
+                                 float scale);
 
 /* How one tensor (K or V) of a layer is quantized: format, axis (KIVI keys
  * run along tokens), group, clip, parameter storage. The one mapping from

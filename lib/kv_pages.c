@@ -224,14 +224,18 @@ clkvq_status clkvq_cache_pool_stats(const clkvq_cache *cache, int l, clkvq_pool_
     if (l < 0 || l >= cache->cfg.n_layers)
         return clkvq_fail(cache->ctx, CLKVQ_ERR_INVALID_ARG, "layer %d is outside 0..%d", l,
                           cache->cfg.n_layers - 1);
-    const clkvq_cache_layer *layer = &cache->layers[l];
+    /* a split layer's shares hold the same page ids (one per token block
+     * across all of them): bytes add up, counts are the first share's */
+    const clkvq_cache_layer *layer = clkvq_cache_share(cache, l, 0);
     memset(out, 0, sizeof *out);
     out->block_size = cache->block_size;
     out->n_blocks = cache->n_pages;
-    for (int i = 0; i < 2; i++) {
-        const clkvq_tensor_store *ts = i ? &layer->v : &layer->k;
-        out->block_bytes += ts->page_codes + ts->page_params + ts->page_fp;
-    }
+    for (int s = 0; s < clkvq_cache_n_shares(cache, l); s++)
+        for (int i = 0; i < 2; i++) {
+            const clkvq_cache_layer *share = clkvq_cache_share(cache, l, s);
+            const clkvq_tensor_store *ts = i ? &share->v : &share->k;
+            out->block_bytes += ts->page_codes + ts->page_params + ts->page_fp;
+        }
     if (cache->cfg.runtime_tables) {
         out->used_blocks = out->free_blocks = out->shared_blocks = -1;
         return CLKVQ_OK;

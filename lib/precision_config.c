@@ -20,6 +20,7 @@ void clkvq_config_free(clkvq_precision_config *cfg)
         for (int i = 0; i < CONFIG_MATRIX_SLOTS; i++)
             free(cfg->layers[l].matrix[i]);
         free(cfg->layers[l].heads);
+        free(cfg->layers[l].head_formats);
     }
     free(cfg->layers);
     for (int i = 0; i < CONFIG_MATRIX_SLOTS; i++)
@@ -41,6 +42,58 @@ clkvq_status config_check_layer(clkvq_context *ctx, const clkvq_layer_config *c,
     if (l < 0)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "defaults: %s", why);
     return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d: %s", l, why);
+}
+
+int config_layer_sync_heads(config_layer *cl)
+{
+    free(cl->head_formats);
+    cl->head_formats = NULL;
+    cl->cfg.head_format_k = cl->cfg.head_format_v = NULL;
+    if (!cl->n_heads)
+        return 1;
+    if (!(cl->head_formats = malloc(2 * (size_t)cl->n_heads * sizeof *cl->head_formats)))
+        return 0;
+    for (int h = 0; h < cl->n_heads; h++) {
+        cl->head_formats[h] = cl->heads[h].k;
+        cl->head_formats[cl->n_heads + h] = cl->heads[h].v;
+        /* the widest head: the smallest enum */
+        if (h == 0 || cl->heads[h].k < cl->cfg.format_k)
+            cl->cfg.format_k = cl->heads[h].k;
+        if (h == 0 || cl->heads[h].v < cl->cfg.format_v)
+            cl->cfg.format_v = cl->heads[h].v;
+    }
+    cl->cfg.head_format_k = cl->head_formats;
+    cl->cfg.head_format_v = cl->head_formats + cl->n_heads;
+    return 1;
+}
+
+/* The caller's head formats (n_heads of each given array) as out's heads. */
+static clkvq_status create_heads(clkvq_context *ctx, const clkvq_layer_config *src, int l,
+                                 int n_heads, config_layer *out)
+{
+    out->cfg.head_format_k = out->cfg.head_format_v = NULL;
+    if (!src->head_format_k && !src->head_format_v)
+        return CLKVQ_OK;
+    if (n_heads <= 0 || n_heads > MAX_HEADS)
+        return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
+                          "layer %d: head formats given but n_kv_heads %d is not in 1..%d", l,
+                          n_heads, MAX_HEADS);
+    if (!(out->heads = malloc((size_t)n_heads * sizeof *out->heads)))
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating heads");
+    out->n_heads = n_heads;
+    for (int h = 0; h < n_heads; h++) {
+        out->heads[h].k = src->head_format_k ? src->head_format_k[h] : src->format_k;
+        out->heads[h].v = src->head_format_v ? src->head_format_v[h] : src->format_v;
+        for (int i = 0; i < 2; i++) {
+            clkvq_format f = i ? out->heads[h].v : out->heads[h].k;
+            if ((int)f < 0 || f >= CLKVQ_FMT_COUNT)
+                return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG, "layer %d head %d: format_%c %d "
+                                  "is unknown", l, h, i ? 'v' : 'k', (int)f);
+        }
+    }
+    return config_layer_sync_heads(out)
+               ? CLKVQ_OK
+               : clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating head formats");
 }
 
 /* src checked, its matrices (perms, means: heads x head_dim 4-byte
@@ -102,9 +155,12 @@ clkvq_status clkvq_config_create(clkvq_context *ctx, const char *model, int n_la
     cfg->matrix_heads = has_matrix ? n_kv_heads : 0;
     cfg->head_dim = has_matrix ? head_dim : 0;
     clkvq_status st = CLKVQ_OK;
-    for (int l = 0; l < n_layers && st == CLKVQ_OK; l++)
+    for (int l = 0; l < n_layers && st == CLKVQ_OK; l++) {
         st = create_layer(ctx, &layers[l], l, has_matrix ? n_kv_heads : 1, head_dim,
                           &cfg->layers[l]);
+        if (st == CLKVQ_OK)
+            st = create_heads(ctx, &layers[l], l, n_kv_heads, &cfg->layers[l]);
+    }
     if (st != CLKVQ_OK) {
         clkvq_config_free(cfg);
         return st;
@@ -314,8 +370,8 @@ clkvq_status clkvq_config_set_geometry(clkvq_context *ctx, clkvq_precision_confi
 
 /* ------------------------------------------------------------ the cache */
 
-/* Per-head bits can run only when a layer's heads all agree (the kernels
- * take one pair per layer); perms and means must have the cache's shape. */
+/* A per-head layer needs a pair for every kv head; perms and means must
+ * have the cache's shape. */
 static clkvq_status check_layer_fits(clkvq_context *ctx, const clkvq_precision_config *cfg,
                                      int l, int n_kv_heads, int head_dim)
 {
@@ -324,15 +380,6 @@ static clkvq_status check_layer_fits(clkvq_context *ctx, const clkvq_precision_c
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
                           "layer %d has bits for %d heads, the cache %d kv heads", l, cl->n_heads,
                           n_kv_heads);
-    for (int h = 1; h < cl->n_heads; h++)
-        if (cl->heads[h].k != cl->heads[0].k || cl->heads[h].v != cl->heads[0].v)
-            return clkvq_fail(ctx, CLKVQ_ERR_UNSUPPORTED,
-                              "layer %d: head %d is K%sV%s, head 0 K%sV%s; the kernels take one "
-                              "bit pair per layer (per-head bits are not supported)",
-                              l, h, clkvq_format_get(cl->heads[h].k)->bits_name,
-                              clkvq_format_get(cl->heads[h].v)->bits_name,
-                              clkvq_format_get(cl->heads[0].k)->bits_name,
-                              clkvq_format_get(cl->heads[0].v)->bits_name);
     if (config_has_matrix(&cl->cfg) &&
         (cfg->matrix_heads != n_kv_heads || cfg->head_dim != head_dim))
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,

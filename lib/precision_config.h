@@ -21,6 +21,7 @@ typedef struct {
     void *matrix[CONFIG_MATRIX_SLOTS]; /* the layer's own, [matrix_heads][head_dim], or NULL */
     int n_heads;            /* heads with their own bits; 0 = one pair */
     head_pair *heads;
+    clkvq_format *head_formats; /* [2][n_heads]: K then V, what cfg.head_format_k/v show */
     int line;               /* of the layer key (0 when built in memory) */
 } config_layer;
 
@@ -45,6 +46,11 @@ static inline head_pair head_from_layer(const clkvq_layer_config *c)
 {
     return (head_pair){c->format_k, c->format_v};
 }
+
+/* Points l's cfg.head_format_k/v at its heads' formats (NULL without
+ * heads) and makes format_k/format_v the widest head's; 0 when out of
+ * memory. Called whenever heads are set. */
+int config_layer_sync_heads(config_layer *cl);
 
 /* Every scalar field of c in range (CLKVQ_ERR_INVALID_ARG naming layer l,
  * or "defaults" when l < 0); matrices are the caller's to check. */

@@ -545,7 +545,7 @@ clkvq_status clkvq_cache_prefill_host(clkvq_cache *cache, int layer, int seq, in
     if (!isfinite(scale))
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
                           "clkvq_cache_prefill_host: scale is not finite");
-    const int n = cache->layers[layer].length[seq];
+    const int n = cache->layers[cache->first_stored[layer]].length[seq];
     if (n_queries < 1 || n_queries > n)
         return clkvq_fail(ctx, CLKVQ_ERR_INVALID_ARG,
                           "clkvq_cache_prefill_host: n_queries %d outside [1, %d] (the length "

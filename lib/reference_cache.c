@@ -16,6 +16,10 @@ struct clkvq_ref_cache {
     int32_t *perm[2];
     float *mean[2];
     float *val[2]; /* [heads][capacity][dim], stored space */
+    /* per-head bits: each head's formats, and its index within the heads
+     * sharing its pair (what its rotation signs are drawn by, kv_shares.c) */
+    clkvq_format *fmt[2];
+    int *rot_head;
 };
 
 clkvq_ref_cache *clkvq_ref_cache_create(const clkvq_layer_config *cfg, int n_kv_heads,
@@ -42,6 +46,26 @@ clkvq_ref_cache *clkvq_ref_cache_create(const clkvq_layer_config *cfg, int n_kv_
     }
     rc->layer.cfg.perm_k = rc->layer.cfg.perm_v = NULL;
     rc->layer.cfg.mean_k = rc->layer.cfg.mean_v = NULL;
+    rc->layer.cfg.head_format_k = rc->layer.cfg.head_format_v = NULL;
+    rc->fmt[0] = malloc(sizeof(clkvq_format) * n_kv_heads);
+    rc->fmt[1] = malloc(sizeof(clkvq_format) * n_kv_heads);
+    rc->rot_head = malloc(sizeof(int) * n_kv_heads);
+    int *share_of = malloc(sizeof(int) * n_kv_heads);
+    int n_shares = clkvq_head_shares(cfg, n_kv_heads, rc->fmt[0], rc->fmt[1], share_of);
+    clkvq_format pk[1024], pv[1024];
+    memcpy(pk, rc->fmt[0], sizeof(clkvq_format) * n_shares);
+    memcpy(pv, rc->fmt[1], sizeof(clkvq_format) * n_shares);
+    for (int h = 0; h < n_kv_heads; h++) {
+        rc->fmt[0][h] = pk[share_of[h]];
+        rc->fmt[1][h] = pv[share_of[h]];
+        rc->rot_head[h] = h;
+        if (n_shares > 1) {
+            rc->rot_head[h] = 0;
+            for (int e = 0; e < h; e++)
+                rc->rot_head[h] += share_of[e] == share_of[h];
+        }
+    }
+    free(share_of);
     return rc;
 }
 
@@ -53,7 +77,9 @@ void clkvq_ref_cache_free(clkvq_ref_cache *rc)
         free(rc->perm[i]);
         free(rc->mean[i]);
         free(rc->val[i]);
+        free(rc->fmt[i]);
     }
+    free(rc->rot_head);
     free(rc);
 }
 
@@ -66,9 +92,13 @@ static float *at(clkvq_ref_cache *rc, int i, int h, int t, int c)
     return &rc->val[i][((size_t)h * rc->capacity + t) * rc->dim + c];
 }
 
-static clkvq_quant_params params_of(const clkvq_ref_cache *rc, int i)
+/* Tensor i of head h: the head's own formats. */
+static clkvq_quant_params params_of(const clkvq_ref_cache *rc, int i, int h)
 {
-    return clkvq_layer_quant_params(&rc->layer.cfg, i);
+    clkvq_layer_config c = rc->layer.cfg;
+    c.format_k = rc->fmt[0][h];
+    c.format_v = rc->fmt[1][h];
+    return clkvq_layer_quant_params(&c, i);
 }
 
 /* Quantizes and dequantizes n values in place (one group). */
@@ -90,10 +120,10 @@ static void round_trip_group(const clkvq_quant_params *qp, float **slots, int n)
  * with per-channel keys) and then holds only its tokens from q0. */
 static void quantize_tokens(clkvq_ref_cache *rc, int i, int q0, int q1)
 {
-    clkvq_quant_params qp = params_of(rc, i);
-    int g = qp.group_size;
     float *slots[256];
     for (int h = 0; h < rc->heads; h++) {
+        clkvq_quant_params qp = params_of(rc, i, h);
+        int g = qp.group_size;
         if (qp.axis == CLKVQ_AXIS_TOKEN) {
             for (int t = q0; t < q1; t++)
                 for (int c0 = 0; c0 < rc->dim; c0 += g) {
@@ -122,7 +152,7 @@ static void to_stored(const clkvq_ref_cache *rc, int i, int h, const float *x, f
     for (int c = 0; c < rc->dim; c++)
         row[c] = mean ? x[c] - mean[c] : x[c];
     if (rc->layer.cfg.rotate)
-        kvq_rotate(row, rc->dim, rc->layer.cfg.rot_seed, h);
+        kvq_rotate(row, rc->dim, rc->layer.cfg.rot_seed, rc->rot_head[h]);
     const int32_t *perm = rc->perm[i] ? rc->perm[i] + (size_t)h * rc->dim : NULL;
     for (int c = 0; c < rc->dim; c++)
         y[c] = row[perm ? perm[c] : c];
@@ -136,7 +166,7 @@ static void from_stored(const clkvq_ref_cache *rc, int i, int h, const float *y,
     for (int c = 0; c < rc->dim; c++)
         row[perm ? perm[c] : c] = y[c];
     if (rc->layer.cfg.rotate)
-        kvq_unrotate(row, rc->dim, rc->layer.cfg.rot_seed, h);
+        kvq_unrotate(row, rc->dim, rc->layer.cfg.rot_seed, rc->rot_head[h]);
     const float *mean = rc->mean[i] ? rc->mean[i] + (size_t)h * rc->dim : NULL;
     for (int c = 0; c < rc->dim; c++)
         x[c] = mean ? row[c] + mean[c] : row[c];

@@ -13,7 +13,8 @@
 
 typedef struct clkvq_ref_cache clkvq_ref_cache;
 
-/* One layer of one sequence; perms as in clkvq_layer_config (copied). */
+/* One layer of one sequence; perms, means and per-head formats as in
+ * clkvq_layer_config (copied). */
 clkvq_ref_cache *clkvq_ref_cache_create(const clkvq_layer_config *cfg, int n_kv_heads,
                                         int head_dim, int capacity);
 void clkvq_ref_cache_free(clkvq_ref_cache *rc);

@@ -301,7 +301,8 @@ END_TEST
 /* ------------------------------------------------------------ layer settings */
 
 /* The 3.25-bit Llama-3.1-8B kivi preset uses K2V2, K4V4, K4V2 and K8V4: four
- * shapes, in order of first use, and each layer's is its own pair. */
+ * shapes, in order of first use, and each layer's heads all have its own
+ * pair's ([layer][kv head] entries). */
 START_TEST(tune_shapes_of_a_preset)
 {
     clkvq_precision_config *c = NULL;
@@ -310,10 +311,15 @@ START_TEST(tune_shapes_of_a_preset)
     clkvq_model_geometry g;
     ck_assert(clkvq_config_geometry(c, &g));
     clkvq_tune_shape shapes[8];
-    int n = 0, of[32], first[8];
-    ck_assert_int_eq(clkvq_config_tune_shapes(NULL, c, &g, 4096, 2, shapes, 8, &n, of, first),
+    int n = 0, heads[32 * 8], of[32], first[8];
+    ck_assert_int_eq(clkvq_config_tune_shapes(NULL, c, &g, 4096, 2, shapes, 8, &n, heads, first),
                      CLKVQ_OK);
     ck_assert_int_eq(n, 4);
+    for (int l = 0; l < 32; l++) {
+        of[l] = heads[l * 8];
+        for (int h = 1; h < 8; h++)
+            ck_assert_int_eq(heads[l * 8 + h], of[l]);
+    }
     const clkvq_format want[4][2] = {{CLKVQ_FMT_Q2, CLKVQ_FMT_Q2},
                                      {CLKVQ_FMT_Q4, CLKVQ_FMT_Q4},
                                      {CLKVQ_FMT_Q4, CLKVQ_FMT_Q2},
@@ -341,12 +347,17 @@ START_TEST(tune_shapes_of_a_preset)
                  CLKVQ_ERR_INVALID_ARG, clkvq_last_error(NULL), 1, "32 layers, the model 28");
     clkvq_config_free(c);
 
-    /* heads with their own bits: refused as the cache refuses them */
+    /* heads with their own bits: one shape per share, on its heads */
     const char *y = "0:\n  0: " LAYER(8, 4) "\n  1: " LAYER(4, 4) "\n";
     ck_assert_int_eq(clkvq_config_parse(NULL, y, strlen(y), NULL, &c), CLKVQ_OK);
-    clkvq_model_geometry two = geo(1, 2, 2, 64);
-    expect_error(clkvq_config_tune_shapes(NULL, c, &two, 64, 1, shapes, 8, &n, NULL, NULL),
-                 CLKVQ_ERR_UNSUPPORTED, clkvq_last_error(NULL), 1, "layer 0: head 1");
+    clkvq_model_geometry two = geo(1, 4, 2, 64);
+    ck_assert_int_eq(clkvq_config_tune_shapes(NULL, c, &two, 64, 1, shapes, 8, &n, heads, NULL),
+                     CLKVQ_OK);
+    ck_assert_int_eq(n, 2);
+    ck_assert(heads[0] == 0 && heads[1] == 1);
+    for (int i = 0; i < 2; i++)
+        ck_assert(shapes[i].n_kv_heads == 1 && shapes[i].n_q_heads == 2 &&
+                  shapes[i].format_k == (i ? CLKVQ_FMT_Q4 : CLKVQ_FMT_Q8));
     clkvq_config_free(c);
 }
 END_TEST
