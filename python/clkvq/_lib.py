@@ -68,7 +68,8 @@ class LayerConfigC(Structure):
                 ("n_sink", c_int), ("residual", c_int), ("perm_k", POINTER(ctypes.c_int32)),
                 ("perm_v", POINTER(ctypes.c_int32)), ("key_axis", c_enum), ("rotate", c_int),
                 ("rot_seed", c_uint32), ("mean_k", POINTER(c_float)),
-                ("mean_v", POINTER(c_float))]
+                ("mean_v", POINTER(c_float)), ("head_format_k", POINTER(c_enum)),
+                ("head_format_v", POINTER(c_enum))]
 
 
 class CacheConfigC(Structure):

@@ -198,8 +198,9 @@ class Cache(Owned):
                     layout_v: Any = "auto", defaults: Any = None) -> "Cache":
         """A contiguous cache whose layers follow a precision config (a
         PrecisionConfig, or a YAML path loaded with ``defaults``):
-        clkvq_cache_create_from_config. Per-head bits are refused
-        (CLKVQ_ERR_UNSUPPORTED)."""
+        clkvq_cache_create_from_config. A per-head layer (KVTuner's
+        per-head files) is stored as one share per (K, V) pair of its heads;
+        its head count must be n_kv_heads."""
         call = "Cache.from_config"
         if not isinstance(ctx, Context):
             raise invalid(f"ctx must be a clkvq.Context, not {type(ctx).__name__}", call)

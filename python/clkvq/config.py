@@ -30,6 +30,10 @@ def _defaults(defaults: Any, call: str) -> Tuple[Optional[_lib.LayerConfigC], Li
     if defaults is None:
         return None, []
     lc = layer_config(defaults)
+    if lc.n_heads is not None:
+        # the loader would drop them: a file's layers have their own head count
+        raise invalid("defaults cannot carry head formats (head_format_k/head_format_v): "
+                      "per-head bits go in the file's layers", call)
     return lc.to_c(call=call)
 
 
@@ -133,7 +137,8 @@ class PrecisionConfig(Owned):
                ctx: Optional[Context] = None) -> "PrecisionConfig":
         """clkvq_config_create from per-layer configs (spec strings or
         LayerConfigs). n_kv_heads/head_dim matter only when layers carry
-        permutations."""
+        permutations or means (both) or head formats (n_kv_heads: their
+        length)."""
         call = "PrecisionConfig.create"
         lib = _lib.load()
         lcs = [layer_config(x) for x in layers]
@@ -148,7 +153,11 @@ class PrecisionConfig(Owned):
             if has and (nk <= 0 or hd <= 0):
                 raise invalid(f"layer {i} carries permutations: give n_kv_heads and head_dim",
                               call)
-            c, k = lc.to_c(nk if has else None, hd if has else None, call)
+            heads = lc.n_heads is not None
+            if heads and nk <= 0:
+                raise invalid(f"layer {i} carries head formats: give n_kv_heads", call)
+            c, k = lc.to_c(nk if has or heads else None, hd if has else None,
+                           f"{call}: layer {i}")
             arr[i] = c
             keep.append(k)
         out = ctypes.c_void_p()
@@ -189,15 +198,19 @@ class PrecisionConfig(Owned):
               head_dim: Optional[int] = None) -> LayerConfig:
         """Layer l's settings; its permutations are copied out when the
         config's shape is known (from create, its recorded geometry, or
-        given here or at load)."""
+        given here or at load). A per-head layer comes with head_format_k
+        and head_format_v (one Format per kv head) and format_k/format_v
+        the widest of its heads."""
         call = "PrecisionConfig.layer"
+        layer = as_int(layer, "layer", call)
         c = _lib.LayerConfigC()
-        check_status(self._lib.clkvq_config_layer(self.handle, as_int(layer, "layer", call),
-                                                  ctypes.byref(c)), None, call)
+        check_status(self._lib.clkvq_config_layer(self.handle, layer, ctypes.byref(c)), None,
+                     call)
         g = self.geometry
         nk = n_kv_heads or self.n_kv_heads or (g.n_kv_heads if g else None)
         hd = head_dim or self.head_dim or (g.head_dim if g else None)
-        return LayerConfig.from_c(c, nk, hd)
+        # the config knows its per-head layers' head counts itself
+        return LayerConfig.from_c(c, nk, hd, self.n_heads(layer) or None)
 
     def layers(self, n_kv_heads: Optional[int] = None,
                head_dim: Optional[int] = None) -> List[LayerConfig]:
@@ -259,29 +272,37 @@ class PrecisionConfig(Owned):
                      call)
 
     def tune_shapes(self, geometry: Union[None, str, ModelGeometry] = None, tokens: int = 4096,
-                    batch: int = 1) -> Tuple[List[TuneShape], List[int], List[int]]:
+                    batch: int = 1) -> Tuple[List[TuneShape], List[List[int]], List[int]]:
         """clkvq_config_tune_shapes: the distinct decode shapes a cache of
         ``tokens`` capacity and ``batch`` sequences made from this config
-        looks up (one per distinct scheme, formats and group), the index of
-        each layer's shape, and the first layer using each shape. geometry:
-        the config's own when None."""
+        looks up (one per distinct scheme, formats, group and kv head
+        count), ``head_shape`` and ``first_layer``.
+
+        A per-head layer whose heads carry different (K, V) pairs has one
+        shape per share of its heads: that pair on the share's head count
+        (n_kv_heads, and n_q_heads in proportion). ``head_shape[l][h]`` is
+        the index of the shape kv head h of layer l decodes with (a layer
+        of one pair: the same index on every head); ``first_layer[i]`` the
+        first layer using shape i. geometry: the config's own when None."""
         call = "PrecisionConfig.tune_shapes"
         geo = self.geometry if geometry is None else model_geometry(geometry)
         if geo is None:
             raise invalid("the config carries no geometry: give one", call)
-        g = geo.to_c()
         t, b = as_int(tokens, "tokens", call, 1), as_int(batch, "batch", call, 1)
-        n_layers = self.n_layers
-        layer_shape = (ctypes.c_int * n_layers)()
+        self.check_geometry(geo)  # before sizing the arrays by it
+        g = geo.to_c()
+        n_layers, n_heads = self.n_layers, geo.n_kv_heads
+        head_shape = (ctypes.c_int * max(n_layers * n_heads, 1))()
         n = ctypes.c_int()
         h = _ctx_handle(self._ctx)
-        cap = n_layers  # at most one shape per layer
+        cap = max(n_layers * n_heads, 1)  # at most one shape per layer and kv head
         shapes = (_lib.TuneShapeC * cap)()
         first = (ctypes.c_int * cap)()
         check_status(self._lib.clkvq_config_tune_shapes(h, self.handle, ctypes.byref(g), t, b,
                                                         shapes, cap, ctypes.byref(n),
-                                                        layer_shape, first), h, call)
-        return ([TuneShape.from_c(shapes[i]) for i in range(n.value)], list(layer_shape),
+                                                        head_shape, first), h, call)
+        per_layer = [list(head_shape[l * n_heads:(l + 1) * n_heads]) for l in range(n_layers)]
+        return ([TuneShape.from_c(shapes[i]) for i in range(n.value)], per_layer,
                 list(first[:n.value]))
 
     def store(self, model: Optional[str] = None) -> str:

@@ -50,7 +50,7 @@ from .minilm import (MAX_SEQ_LENGTH, Bert, encode, load_model, softmax_attention
                      tiny_random_model)
 from .quant import quant_layout
 from .spec import layer_config
-from .types import Axis, LayerConfig, QuantParams, Scheme
+from .types import Axis, Format, LayerConfig, QuantParams, Scheme
 
 DEFAULT_SCHEMES = ["fp16", "token:k8v8:g32", "token:k4v4:g32", "token:k4v2:g32",
                    "token:k2v2:g32", "kivi:k2v2:g32:r32", "skvq:k2v1.5:g32:w128:s5",
@@ -133,8 +133,15 @@ def packed_rows(lc: LayerConfig, n: int, is_v: bool) -> Optional[int]:
 
 def packed_bits(lc: LayerConfig, is_v: bool, head_dim: int) -> float:
     """Stored bits per element of a packed row: codes padded to 32-bit words
-    (as the cache stores them) plus scale and zero."""
-    fmt = lc.format_v if is_v else lc.format_k
+    (as the cache stores them) plus scale and zero; with head formats, the
+    mean over the heads (each stores as many rows)."""
+    heads = lc.head_format_v if is_v else lc.head_format_k
+    if heads is not None:
+        return sum(_packed_bits(lc, f, head_dim) for f in heads) / len(heads)
+    return _packed_bits(lc, lc.format_v if is_v else lc.format_k, head_dim)
+
+
+def _packed_bits(lc: LayerConfig, fmt: Format, head_dim: int) -> float:
     lay = quant_layout(QuantParams(fmt, Axis.TOKEN, lc.group_size, 1.0, lc.param_type,
                                    lc.zero_mode), (1, 1, max(head_dim, lc.group_size)))
     code_bytes = -(-lay.group_bytes // 4) * 4

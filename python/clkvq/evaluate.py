@@ -17,7 +17,7 @@ from .cache import Cache
 from .config import PrecisionConfig
 from .context import Context
 from .dump import Dump
-from .errors import ClkvqError, Status, invalid
+from .errors import ClkvqError, invalid
 from .quant import calibrate_layer
 from .spec import Spec, fit_names, layer_config, parse_spec
 from .types import Fit, LayerConfig
@@ -187,7 +187,10 @@ def evaluate_dump(ctx: Context, dump: Union[Dump, str, "os.PathLike[str]"],
     LayerConfig rows use rot_seed + layer in layer l, as configs do; skvq
     specs without ``gN`` group min(128, head_dim) channels. Every spec is
     checked against the dump's shape (clkvq_cache_plan) before anything is
-    evaluated: a spec the cache refuses raises InvalidArgumentError."""
+    evaluated: a spec the cache refuses raises InvalidArgumentError.
+    Configs with per-head bits evaluate too (clkvq_eval_layer stores each
+    pair of heads as a share, bits weighted by heads), which the clkvq-eval
+    program still refuses."""
     call = "evaluate_dump"
     rows: List[_Row] = []
     for s in schemes:
@@ -239,11 +242,8 @@ def evaluate_dump(ctx: Context, dump: Union[Dump, str, "os.PathLike[str]"],
             else:
                 name = c.model or "config"
             c.check_model(info.n_layers)
-            for layer in range(info.n_layers):
-                if c.n_heads(layer) > 0:
-                    raise ClkvqError(Status.ERR_UNSUPPORTED,
-                                     f"{name}: layer {layer} has per-head bits, which the "
-                                     "kernels do not support", call)
+            # per-head layers evaluate through clkvq_eval_layer like any other
+            # (one share per pair of heads; bits averaged over the shares)
             rows.append(_Row(name, None, config=c))
         kind = "out-of-sample" if fit_dump is not None else "in-sample"
         scores = [SchemeScore(r.name, kind if r.fit else "-") for r in rows]

@@ -225,6 +225,26 @@ def _array_eq(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
+HEAD_FORMATS = ("head_format_k", "head_format_v")
+
+
+def _head_formats(value: Any, name: str, call: str) -> Optional[Tuple[Format, ...]]:
+    """None, or a non-empty sequence of Formats (or their names) as a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, Format)):
+        raise invalid(f"{name} must be a sequence of formats, one per kv head, not "
+                      f"{type(value).__name__} {value!r}", call)
+    try:
+        items = list(value)
+    except TypeError:
+        raise invalid(f"{name} must be a sequence of formats, one per kv head, not "
+                      f"{type(value).__name__}", call) from None
+    if not items:
+        raise invalid(f"{name} is empty: give one format per kv head, or None", call)
+    return tuple(Format.coerce(f, f"{name}[{h}]", call) for h, f in enumerate(items))
+
+
 @dataclass(eq=False)
 class LayerConfig:
     """clkvq_layer_config: one layer's scheme and its settings.
@@ -234,6 +254,14 @@ class LayerConfig:
     perm_k/perm_v are int32 [n_kv_heads, head_dim] (packed position c of
     head h holds input channel perm[h, c]), mean_k/mean_v float32
     [n_kv_heads, head_dim]; the cache copies them at creation.
+
+    head_format_k/head_format_v: per-kv-head bits (KVTuner's per-head
+    configs), a tuple of one Format per kv head, or None for
+    format_k/format_v on every head (either may be None: that side is then
+    format_k/format_v on every head). Heads with different (K, V) pairs
+    are stored as one share per pair (include/clkvq.h); a config's
+    per-head layer comes back with both tuples and format_k/format_v the
+    widest of its heads.
     """
     scheme: Scheme = Scheme.TOKEN
     format_k: Format = Format.Q4
@@ -253,6 +281,8 @@ class LayerConfig:
     rot_seed: int = 0
     mean_k: Optional[np.ndarray] = None
     mean_v: Optional[np.ndarray] = None
+    head_format_k: Optional[Tuple[Format, ...]] = None
+    head_format_v: Optional[Tuple[Format, ...]] = None
 
     def __post_init__(self) -> None:
         call = "LayerConfig"
@@ -278,6 +308,32 @@ class LayerConfig:
                 if not isinstance(m, np.ndarray):
                     m = np.asarray(m, dtype=np.float32)
                 setattr(self, name, float_array(m, name, call, (None, None)))
+        for name in HEAD_FORMATS:
+            setattr(self, name, _head_formats(getattr(self, name), name, call))
+        if self.head_format_k is not None and self.head_format_v is not None and \
+                len(self.head_format_k) != len(self.head_format_v):
+            raise invalid(f"head_format_k has {len(self.head_format_k)} heads, head_format_v "
+                          f"{len(self.head_format_v)}: give one format per kv head in each",
+                          call)
+
+    @property
+    def n_heads(self) -> Optional[int]:
+        """The kv heads the head formats are for (None without them)."""
+        for f in (self.head_format_k, self.head_format_v):
+            if f is not None:
+                return len(f)
+        return None
+
+    def head_pairs(self, n_kv_heads: int) -> List[Tuple[Format, Format]]:
+        """(format_k, format_v) of each of n_kv_heads heads as the cache
+        stores them (format_k/format_v where no head format is given)."""
+        n = as_int(n_kv_heads, "n_kv_heads", "LayerConfig.head_pairs", 1)
+        if self.n_heads is not None and self.n_heads != n:
+            raise invalid(f"the layer has head formats for {self.n_heads} kv heads, not {n}",
+                          "LayerConfig.head_pairs")
+        fk = self.head_format_k or (self.format_k,) * n
+        fv = self.head_format_v or (self.format_v,) * n
+        return list(zip(fk, fv))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LayerConfig):
@@ -307,7 +363,9 @@ class LayerConfig:
              call: str = "LayerConfig") -> Tuple[_lib.LayerConfigC, List[Any]]:
         """The C struct and the arrays it points into (keep them alive while
         the struct is used). With n_kv_heads/head_dim, the perm and mean
-        arrays are checked against [n_kv_heads, head_dim]."""
+        arrays are checked against [n_kv_heads, head_dim]; head formats
+        need n_kv_heads (the C side reads that many) and must have as many
+        entries."""
         keep: List[Any] = []
         c = _lib.LayerConfigC()
         c.scheme, c.format_k, c.format_v = int(self.scheme), int(self.format_k), int(
@@ -330,13 +388,27 @@ class LayerConfig:
                 arr = float_array(arr, name, call, want)
                 keep.append(arr)
                 setattr(c, name, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        for name in HEAD_FORMATS:
+            fmts = getattr(self, name)
+            if fmts is None:
+                continue
+            if n_kv_heads is None:
+                raise invalid(f"the layer carries {name}: give n_kv_heads", call)
+            if len(fmts) != n_kv_heads:
+                raise invalid(f"{name} has {len(fmts)} entries; n_kv_heads = {n_kv_heads} "
+                              "expected (one format per kv head)", call)
+            arr = (_lib.c_enum * len(fmts))(*(int(f) for f in fmts))
+            keep.append(arr)
+            setattr(c, name, ctypes.cast(arr, ctypes.POINTER(_lib.c_enum)))
         return c, keep
 
     @classmethod
     def from_c(cls, c: _lib.LayerConfigC, n_kv_heads: Optional[int] = None,
-               head_dim: Optional[int] = None) -> "LayerConfig":
+               head_dim: Optional[int] = None, n_heads: Optional[int] = None
+               ) -> "LayerConfig":
         """Copies a C struct; its perm/mean arrays are copied when their size
-        (n_kv_heads x head_dim) is given, and refused when it is not."""
+        (n_kv_heads x head_dim) is given, and refused when it is not; its
+        head formats likewise need their count: n_heads, else n_kv_heads."""
         arrays: Dict[str, Optional[np.ndarray]] = {}
         for name, ct in (("perm_k", np.int32), ("perm_v", np.int32), ("mean_k", np.float32),
                          ("mean_v", np.float32)):
@@ -350,10 +422,22 @@ class LayerConfig:
             n = n_kv_heads * head_dim
             arrays[name] = np.ctypeslib.as_array(ptr, shape=(n,)).astype(ct).reshape(
                 n_kv_heads, head_dim)
+        heads: Dict[str, Optional[Tuple[Format, ...]]] = {}
+        nh = n_heads if n_heads is not None else n_kv_heads
+        for name in HEAD_FORMATS:
+            ptr = getattr(c, name)
+            if not ptr:
+                heads[name] = None
+                continue
+            if nh is None:
+                raise invalid(f"the layer carries {name}: give n_kv_heads to copy it",
+                              "LayerConfig.from_c")
+            heads[name] = tuple(Format(ptr[h]) for h in range(nh))
         return cls(Scheme(c.scheme), Format(c.format_k), Format(c.format_v), c.group_size,
                    c.clip_k, c.clip_v, ParamType(c.param_type), ZeroMode(c.zero_mode), c.window,
                    c.n_sink, c.residual, arrays["perm_k"], arrays["perm_v"], Axis(c.key_axis),
-                   bool(c.rotate), c.rot_seed, arrays["mean_k"], arrays["mean_v"])
+                   bool(c.rotate), c.rot_seed, arrays["mean_k"], arrays["mean_v"],
+                   heads["head_format_k"], heads["head_format_v"])
 
 
 @dataclass(frozen=True)

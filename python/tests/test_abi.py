@@ -68,6 +68,17 @@ def test_struct_sizes_and_offsets(c_layout):
     assert checked > 100
 
 
+def test_layer_config_head_formats(c_layout):
+    """clkvq_layer_config's per-head format pointers, the last fields, are
+    mirrored (the loop above checks their offsets and sizes)."""
+    rows = {(r[0], r[1]) for r in c_layout}
+    for name in ("head_format_k", "head_format_v"):
+        assert ("clkvq_layer_config", name) in rows
+    assert [n for n, _ in _lib.LayerConfigC._fields_][-2:] == ["head_format_k", "head_format_v"]
+    assert ctypes.sizeof(_lib.LayerConfigC) == _lib.LayerConfigC.head_format_v.offset + \
+        ctypes.sizeof(ctypes.c_void_p)
+
+
 def test_enum_values(c_layout):
     c_values = {row[1]: int(row[2]) for row in c_layout if row[0] == "enum"}
     for enum, prefix in ENUMS.items():

@@ -96,8 +96,8 @@ def test_config_geometry(ctx, tmp_path):
 
 def test_tune_shapes():
     with mixed_config() as c:
-        shapes, layer_shape, first = c.tune_shapes(ModelGeometry(3, NQ, NKV, HD), 512, 2)
-        assert layer_shape == [0, 1, 0] and first == [0, 1]
+        shapes, head_shape, first = c.tune_shapes(ModelGeometry(3, NQ, NKV, HD), 512, 2)
+        assert head_shape == [[0] * NKV, [1] * NKV, [0] * NKV] and first == [0, 1]
         assert [(s.scheme, s.format_k, s.group_size) for s in shapes] == \
             [(clkvq.Scheme.KIVI, clkvq.Format.Q2, 32), (clkvq.Scheme.TOKEN, clkvq.Format.Q4, 32)]
         assert all((s.head_dim, s.n_q_heads, s.n_kv_heads, s.tokens, s.batch) ==
