@@ -18,6 +18,7 @@ int bench_attention_main(int argc, char **argv);
 int bench_append_main(int argc, char **argv);
 int bench_decode_main(int argc, char **argv);
 int bench_serve_main(int argc, char **argv);
+int bench_heads_main(int argc, char **argv);
 
 /* "serial", "cooperative" or "default" (the device picks). */
 const char *bench_variant_name(clkvq_attn_variant v);

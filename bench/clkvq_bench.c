@@ -24,6 +24,8 @@ static const bench_command commands[] = {
      bench_decode_main},
     {"serve", "continuous batching over a paged cache: tokens/s, peak pages vs contiguous",
      bench_serve_main},
+    {"heads", "per-head bits (two pairs over a layer's heads) vs the uniform layers",
+     bench_heads_main},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 

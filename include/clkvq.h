@@ -615,8 +615,10 @@ CLKVQ_API const char *clkvq_tuning_source_name(clkvq_tuning_source source);
  * formats, group, head_dim, heads, capacity as tokens, n_seqs as batch),
  * CLKVQ_TUNED_BUILTIN when the cache's layouts cannot take what was found
  * (the serial variant needs group-planar layouts), CLKVQ_TUNED_CALLER under
- * clkvq_cache_set_tuning. A cache keeps what its lookup gave at creation,
- * so a later retuning changes neither its parameters nor this answer.
+ * clkvq_cache_set_tuning. A layer with per-head bits looks up each share
+ * (its pair on its head count) and reports the least exact of them. A
+ * cache keeps what its lookup gave at creation, so a later retuning
+ * changes neither its parameters nor this answer.
  */
 CLKVQ_API clkvq_status clkvq_cache_tuning_source(const clkvq_cache *cache, int layer,
                                                  clkvq_tuning_source *out);

@@ -597,6 +597,10 @@ static void show_settings(clkvq_context *ctx, FILE *out, const clkvq_precision_c
     for (int i = 0; i < n; i++) {
         char label[64], layers[512], where[1024] = "";
         setting_label(&shapes[i], label, sizeof label);
+        if (shapes[i].n_kv_heads < g->n_kv_heads) { /* a share of per-head layers */
+            size_t used = strlen(label);
+            snprintf(label + used, sizeof label - used, " %dh", shapes[i].n_kv_heads);
+        }
         layers_using(heads, cfg->n_layers, g->n_kv_heads, i, of);
         layer_ranges(of, cfg->n_layers, i, layers, sizeof layers);
         for (int e = 0; e < n_entries; e++) {
@@ -609,7 +613,7 @@ static void show_settings(clkvq_context *ctx, FILE *out, const clkvq_precision_c
                      s->tokens, s->batch);
         }
         tuned += where[0] != '\0';
-        fprintf(out, "    %-16s %s%s; layers %s\n", label,
+        fprintf(out, "    %-20s %s%s; layers %s\n", label,
                 where[0] ? "tuned at " : "not tuned at this geometry", where, layers);
     }
     fprintf(out, "    %d of %d layer settings tuned on this device\n", tuned, n);

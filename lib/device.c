@@ -389,6 +389,7 @@ double clkvq_last_device_ms(const clkvq_context *ctx) {
         double ms = clWaitForEvents((cl_uint)c->n_timed, c->timed) == CL_SUCCESS
                         ? clkvq_events_ms(c->timed, c->n_timed)
                         : -1.0;
+        ms = ms >= 0.0 && c->timed_ms >= 0.0 ? ms + c->timed_ms : -1.0;
         clkvq_timing_reset(c);
         c->last_device_ms = ms;
     }
@@ -398,19 +399,24 @@ double clkvq_last_device_ms(const clkvq_context *ctx) {
 void clkvq_timing_reset(clkvq_context *ctx) {
     for (int i = 0; i < ctx->n_timed; i++) clReleaseEvent(ctx->timed[i]);
     ctx->n_timed = 0;
+    ctx->timed_ms = 0.0;
     ctx->last_device_ms = -1.0;
 }
 
 void clkvq_timing_defer(clkvq_context *ctx, const cl_event *events, int n) {
-    clkvq_timing_reset(ctx);
-    int keep = n < 4 ? n : 4;
+    const int cap = (int)(sizeof ctx->timed / sizeof ctx->timed[0]);
     for (int i = 0; i < n; i++) {
-        if (i < keep)
-            ctx->timed[i] = events[i];
-        else
-            clReleaseEvent(events[i]);
+        if (ctx->n_timed == cap) {
+            /* full (a layer of many shares): wait for what is held */
+            double ms = clWaitForEvents((cl_uint)cap, ctx->timed) == CL_SUCCESS
+                            ? clkvq_events_ms(ctx->timed, cap)
+                            : -1.0;
+            ctx->timed_ms = ms >= 0.0 && ctx->timed_ms >= 0.0 ? ctx->timed_ms + ms : -1.0;
+            for (int j = 0; j < cap; j++) clReleaseEvent(ctx->timed[j]);
+            ctx->n_timed = 0;
+        }
+        ctx->timed[ctx->n_timed++] = events[i];
     }
-    ctx->n_timed = keep;
 }
 
 clkvq_status clkvq_list_devices(FILE *out) {

@@ -22,8 +22,9 @@ struct clkvq_context {
     double last_device_ms; /* profiled kernel time of the last call, -1 if none */
     int profiling;         /* the queue has CL_QUEUE_PROFILING_ENABLE */
     unsigned features;     /* CLKVQ_FEATURE_* the device reports */
-    cl_event timed[4];     /* kernels of the last asynchronous call, timed on demand */
+    cl_event timed[16];    /* kernels of the last asynchronous call, timed on demand */
     int n_timed;
+    double timed_ms;       /* time of its kernels already waited for (more than timed holds) */
     int used_clblast;      /* a CLBlast routine ran on this context (prefill.c) */
     char last_error[CLKVQ_MSG_MAX];
 };
@@ -51,6 +52,8 @@ double clkvq_events_ms(const cl_event *events, int n);
  * call), or handed the events of an asynchronous one (taken over; waited
  * for and summed only when the time is asked for). */
 void clkvq_timing_reset(clkvq_context *ctx);
+/* Adds to the call's events (the call reset them when it began: a decode
+ * of a per-head layer hands over each share's kernels in turn). */
 void clkvq_timing_defer(clkvq_context *ctx, const cl_event *events, int n);
 
 /* Optional device features the extension string reports (detected at

@@ -233,6 +233,71 @@ static void fresh_cache_dir_sharing_programs(void)
         ck_assert_int_eq(symlink(programs, link_path), 0);
 }
 
+/* Tunes every shape of the config in y (stored as model test-model) at
+ * tokens and batch 1 and checks that a cache opened by the model's name
+ * then finds an exact entry for every layer; n_shapes: the shapes the
+ * config must have. Returns the config (the caller frees it). */
+static clkvq_precision_config *tune_config_for(const char *y, int n_shapes, int tokens)
+{
+    clkvq_context *ctx = test_ctx();
+    clkvq_precision_config *cfg = NULL;
+    ck_assert_int_eq(clkvq_config_parse(ctx, y, strlen(y), NULL, &cfg), CLKVQ_OK);
+    ck_assert_int_eq(clkvq_config_store(ctx, cfg, NULL, NULL, 0), CLKVQ_OK);
+    int n_layers = clkvq_config_n_layers(cfg);
+    clkvq_cache *cache = NULL;
+    clkvq_tuning_source src;
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", 1, tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < n_layers; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_int_eq(src, CLKVQ_TUNED_BUILTIN);
+    }
+    clkvq_cache_release(cache);
+
+    clkvq_model_geometry g;
+    ck_assert(clkvq_config_geometry(cfg, &g));
+    clkvq_tune_shape shapes[8];
+    int n = 0, first[8];
+    ck_assert_int_eq(clkvq_config_tune_shapes(ctx, cfg, &g, tokens, 1, shapes, 8, &n, NULL,
+                                              first),
+                     CLKVQ_OK);
+    ck_assert_int_eq(n, n_shapes);
+    clkvq_tune_result res[8];
+    for (int i = 0; i < n; i++) {
+        /* the layer's settings with the shape's pair (a per-head layer's share) */
+        clkvq_layer_config lc;
+        clkvq_config_layer(cfg, first[i], &lc);
+        lc.format_k = shapes[i].format_k;
+        lc.format_v = shapes[i].format_v;
+        ck_assert_int_eq(lc.residual, 32);
+        clkvq_tune_options opt = {0, 1, 1, 1, NULL, NULL, &lc};
+        clkvq_status st = clkvq_tune_decode(ctx, &shapes[i], &opt, &res[i]);
+        ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
+        ck_assert_int_eq(res[i].n_rejected, 0);
+    }
+    ck_assert_int_eq(clkvq_tuning_store(ctx, res, n, NULL, 0), CLKVQ_OK);
+
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", 1, tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < n_layers; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_msg(src == CLKVQ_TUNED_EXACT, "layer %d: %s", l, clkvq_tuning_source_name(src));
+    }
+    clkvq_cache_release(cache);
+    /* another capacity: the nearest entry, not an exact one */
+    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", 1, 2 * tokens,
+                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
+                     CLKVQ_OK);
+    for (int l = 0; l < n_layers; l++) {
+        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
+        ck_assert_int_eq(src, CLKVQ_TUNED_NEAREST);
+    }
+    clkvq_cache_release(cache);
+    return cfg;
+}
+
 /* clkvq-tune --config in the library's terms: every distinct layer setting
  * of a config, tuned at the model's geometry and a cache's capacity and
  * batch, with the settings of the layers it serves; afterwards a cache
@@ -247,68 +312,39 @@ START_TEST(config_tuned_for_gives_every_layer_an_exact_entry)
                     "scheme: kivi\nresidual: 32\n"
                     "0: {nbits_key: 2, nbits_value: 2}\n1: {nbits_key: 4, nbits_value: 4}\n"
                     "2: {nbits_key: 2, nbits_value: 2}\n3: {nbits_key: 8, nbits_value: 4}\n";
-    clkvq_precision_config *cfg = NULL;
-    ck_assert_int_eq(clkvq_config_parse(ctx, y, strlen(y), NULL, &cfg), CLKVQ_OK);
-    ck_assert_int_eq(clkvq_config_store(ctx, cfg, NULL, NULL, 0), CLKVQ_OK);
-    const int tokens = 192, batch = 1;
-
-    clkvq_cache *cache = NULL;
-    clkvq_tuning_source src;
-    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, tokens,
-                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
-                     CLKVQ_OK);
-    for (int l = 0; l < 4; l++) {
-        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
-        ck_assert_int_eq(src, CLKVQ_TUNED_BUILTIN);
-    }
-    clkvq_cache_release(cache);
-
+    clkvq_precision_config *cfg = tune_config_for(y, 3, 192);
     clkvq_model_geometry g;
     ck_assert(clkvq_config_geometry(cfg, &g));
     clkvq_tune_shape shapes[8];
     int n = 0, first[8];
-    ck_assert_int_eq(clkvq_config_tune_shapes(ctx, cfg, &g, tokens, batch, shapes, 8, &n, NULL,
-                                              first),
+    ck_assert_int_eq(clkvq_config_tune_shapes(ctx, cfg, &g, 192, 1, shapes, 8, &n, NULL, first),
                      CLKVQ_OK);
-    ck_assert_int_eq(n, 3);
-    clkvq_tune_result res[8];
-    for (int i = 0; i < n; i++) {
-        clkvq_layer_config lc;
-        clkvq_config_layer(cfg, first[i], &lc);
-        ck_assert_int_eq(lc.residual, 32);
-        clkvq_tune_options opt = {0, 1, 1, 1, NULL, NULL, &lc};
-        clkvq_status st = clkvq_tune_decode(ctx, &shapes[i], &opt, &res[i]);
-        ck_assert_msg(st == CLKVQ_OK, "%s", clkvq_last_error(ctx));
-        ck_assert_int_eq(res[i].n_rejected, 0);
-    }
-    ck_assert_int_eq(clkvq_tuning_store(ctx, res, n, NULL, 0), CLKVQ_OK);
-
-    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, tokens,
-                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
-                     CLKVQ_OK);
-    for (int l = 0; l < 4; l++) {
-        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
-        ck_assert_msg(src == CLKVQ_TUNED_EXACT, "layer %d: %s", l, clkvq_tuning_source_name(src));
-    }
-    clkvq_cache_release(cache);
-    /* another capacity: the nearest entry, not an exact one */
-    ck_assert_int_eq(clkvq_cache_create_for_model(ctx, "test-model", batch, 2 * tokens,
-                                                  CLKVQ_LAYOUT_AUTO, CLKVQ_LAYOUT_AUTO, &cache),
-                     CLKVQ_OK);
-    for (int l = 0; l < 4; l++) {
-        ck_assert_int_eq(clkvq_cache_tuning_source(cache, l, &src), CLKVQ_OK);
-        ck_assert_int_eq(src, CLKVQ_TUNED_NEAREST);
-    }
-    clkvq_cache_release(cache);
-
     /* the layer given must be the shape's */
     clkvq_layer_config other;
     clkvq_config_layer(cfg, 1, &other); /* K4V4, not K2V2 */
     clkvq_tune_options opt = {0, 1, 1, 1, NULL, NULL, &other};
-    ck_assert_int_eq(clkvq_tune_decode(ctx, &shapes[0], &opt, &res[0]), CLKVQ_ERR_INVALID_ARG);
+    clkvq_tune_result res;
+    ck_assert_int_eq(clkvq_tune_decode(ctx, &shapes[0], &opt, &res), CLKVQ_ERR_INVALID_ARG);
     ck_assert(strstr(clkvq_last_error(ctx), "options->layer"));
     clkvq_tuning_set_shipped(NULL, NULL, -1);
     clkvq_config_free(cfg);
+}
+END_TEST
+
+/* The same for a config with per-head bits: each share of a per-head layer
+ * is a setting of its own (its pair on its head count), and once every
+ * one is tuned the per-head layer finds exact entries for all its shares. */
+START_TEST(per_head_config_tuned_for_gives_every_layer_an_exact_entry)
+{
+    fresh_cache_dir_sharing_programs();
+    clkvq_tuning_set_shipped(NULL, NULL, 0);
+    const char *y = "model: test-model\nn_q_heads: 8\nn_kv_heads: 2\nhead_dim: 64\n"
+                    "scheme: kivi\nresidual: 32\n"
+                    "0:\n  0: {nbits_key: 2, nbits_value: 2}\n"
+                    "  1: {nbits_key: 4, nbits_value: 4}\n"
+                    "1: {nbits_key: 2, nbits_value: 2}\n";
+    clkvq_config_free(tune_config_for(y, 3, 192));
+    clkvq_tuning_set_shipped(NULL, NULL, -1);
 }
 END_TEST
 
@@ -325,6 +361,7 @@ int main(void)
     tcase_add_test(tc, tuned_result_is_what_the_library_uses);
     tcase_add_test(tc, stored_entry_changes_the_variant);
     tcase_add_test(tc, config_tuned_for_gives_every_layer_an_exact_entry);
+    tcase_add_test(tc, per_head_config_tuned_for_gives_every_layer_an_exact_entry);
     tcase_add_test(tc, decode_takes_the_entry_nearest_its_length);
     suite_add_tcase(s, tc);
     return test_run_suite(s);

@@ -460,6 +460,76 @@ START_TEST(tool_fit_is_out_of_sample)
 }
 END_TEST
 
+/* Writes a config: every layer's head 0 on (k0, v0) bits, head 1 on (k1, v1). */
+static void write_head_config(const char *path, int k0, int v0, int k1, int v1)
+{
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    for (int l = 0; l < TL; l++)
+        fprintf(f, "%d:\n  0: {nbits_key: %d, nbits_value: %d}\n"
+                   "  1: {nbits_key: %d, nbits_value: %d}\n",
+                l, k0, v0, k1, v1);
+    fclose(f);
+}
+
+/* clkvq-eval on a per-head config: each kv head (and its query head) keeps
+ * its own pair, so the error and bits land between the two uniform
+ * configs' (the error sums over heads), and a head count other than the
+ * dump's is refused. */
+START_TEST(tool_runs_per_head_configs)
+{
+    char dump[64], dir[64];
+    snprintf(dump, sizeof dump, "/tmp/clkvq-eval-h-XXXXXX");
+    snprintf(dir, sizeof dir, "/tmp/clkvq-eval-hd-XXXXXX");
+    int fd = mkstemp(dump);
+    ck_assert(fd >= 0 && mkdtemp(dir));
+    close(fd);
+    tool_dump(dump, 1.0, 1.0f, 3);
+    char hi[128], lo[128], mixed[128], bad[128];
+    snprintf(hi, sizeof hi, "%s/k4v4.yaml", dir);
+    snprintf(lo, sizeof lo, "%s/k2v2.yaml", dir);
+    snprintf(mixed, sizeof mixed, "%s/mixed.yaml", dir);
+    snprintf(bad, sizeof bad, "%s/three.yaml", dir);
+    write_head_config(hi, 4, 4, 4, 4);
+    write_head_config(lo, 2, 2, 2, 2);
+    write_head_config(mixed, 4, 4, 2, 2);
+    char args[1024];
+    snprintf(args, sizeof args, "--calib %s --config %s --config %s --config %s", dump, hi, lo,
+             mixed);
+    int rc;
+    char *json = run_tool(args, &rc);
+    ck_assert_msg(rc == 0, "exit %d\n%s", rc, json);
+    double e_hi = row_number(json, "k4v4.yaml", "rel_err"), e_lo = row_number(json, "k2v2.yaml",
+                                                                             "rel_err");
+    double e_mix = row_number(json, "mixed.yaml", "rel_err");
+    double b_hi = row_number(json, "k4v4.yaml", "bits_long");
+    double b_lo = row_number(json, "k2v2.yaml", "bits_long");
+    double b_mix = row_number(json, "mixed.yaml", "bits_long");
+    ck_assert_msg(e_hi < e_mix && e_mix < e_lo, "rel_err k4v4 %.6g, mixed %.6g, k2v2 %.6g", e_hi,
+                  e_mix, e_lo);
+    ck_assert_msg(fabs(b_mix - 0.5 * (b_hi + b_lo)) < 1e-9, "bits_long %.6g %.6g %.6g", b_hi,
+                  b_mix, b_lo);
+    free(json);
+    FILE *f = fopen(bad, "w");
+    ck_assert_ptr_nonnull(f);
+    for (int l = 0; l < TL; l++)
+        fprintf(f, "%d:\n  0: {nbits_key: 4, nbits_value: 4}\n  1: {nbits_key: 2, nbits_value: "
+                   "2}\n  2: {nbits_key: 2, nbits_value: 2}\n",
+                l);
+    fclose(f);
+    snprintf(args, sizeof args, "--calib %s --config %s", dump, bad);
+    json = run_tool(args, &rc);
+    ck_assert_int_ne(rc, 0);
+    free(json);
+    unlink(hi);
+    unlink(lo);
+    unlink(mixed);
+    unlink(bad);
+    rmdir(dir);
+    unlink(dump);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("eval");
@@ -472,6 +542,7 @@ int main(void)
     tcase_add_test(tc, all_positions_as_queries);
     tcase_add_test(tc, bad_arguments);
     tcase_add_test(tc, tool_fit_is_out_of_sample);
+    tcase_add_test(tc, tool_runs_per_head_configs);
     suite_add_tcase(s, tc);
     return test_run_suite(s);
 }

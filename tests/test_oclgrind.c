@@ -16,8 +16,9 @@
  *   params byte for byte against lib/reference.c, dequantized values bit for
  *   bit.
  * - decode: the 25 (K, V) format pairs, each once, over the quantized schemes
- *   (token, kivi, skvq) in turn, plus the fp16 scheme with each variant. The
- *   variant cycles through cooperative at work-group sizes 16/32/64/128 (tokens
+ *   (every fifth with its second kv head on another pair: per-head bits,
+ *   two shares), (token, kivi, skvq) in turn, plus the fp16 scheme with each
+ *   variant. The variant cycles through cooperative at work-group sizes 16/32/64/128 (tokens
  *   per lane 1/2/4, V words per lane automatic/1/2/4, one split written
  *   directly or several and the merge) and serial (vw 4/8/16); head_dim
  *   32/64/128 and GQA 1/4/7 cycle on other
@@ -187,6 +188,7 @@ typedef struct {
     int lengths[N_SEQS];
     int truncate; /* seq 0: cut 20 tokens, then append 5 */
     int permute;
+    clkvq_format head_k[KV_HEADS], head_v[KV_HEADS]; /* per-head bits (some configurations) */
 } decode_config;
 
 /* Configuration i (see the header): the strides were chosen so that every
@@ -240,6 +242,15 @@ static void decode_config_get(int i, decode_config *c)
     default:
         break;
     }
+    if (lc->scheme != CLKVQ_SCHEME_FP16 && i % 5 == 1) {
+        /* per-head bits: head 1 on another pair, a share of its own
+         * (its launch reads queries gathered from, and writes outputs
+         * scattered to, the middle of q and out) */
+        c->head_k[0] = lc->format_k;
+        c->head_v[0] = lc->format_v;
+        c->head_k[1] = (clkvq_format)((lc->format_k + 2) % CLKVQ_FMT_COUNT);
+        c->head_v[1] = (clkvq_format)((lc->format_v + 1) % CLKVQ_FMT_COUNT);
+    }
     if (lc->scheme != CLKVQ_SCHEME_FP16) {
         int pv = (i / 2) % 3; /* fp16 float, fp8 float, fp16 int */
         lc->param_type = pv == 1 ? CLKVQ_PARAM_FP8_E4M3 : CLKVQ_PARAM_FP16;
@@ -284,14 +295,14 @@ static void describe(int i, const decode_config *c, char *buf, size_t size)
     else
         snprintf(tun, sizeof tun, "cooperative wgs %d tpl %d vwpl %d waves %d", c->tuning.wgs,
                  c->tuning.tpl, c->tuning.vwpl, c->tuning.waves);
-    snprintf(buf, size, "decode %d/%d: %s %s/%s d%d gqa%d %s layouts %s/%s%s%s%s",
+    snprintf(buf, size, "decode %d/%d: %s %s/%s d%d gqa%d %s layouts %s/%s%s%s%s%s",
              i + 1, N_DECODE, clkvq_scheme_name(lc->scheme),
              fp16 ? "-" : clkvq_format_get(lc->format_k)->name,
              fp16 ? "-" : clkvq_format_get(lc->format_v)->name, c->head_dim, c->qpk, tun,
              c->layout_k == CLKVQ_LAYOUT_GROUP_PLANAR ? "P" : "T",
              c->layout_v == CLKVQ_LAYOUT_GROUP_PLANAR ? "P" : "T",
              lc->param_type ? " fp8" : "", lc->zero_mode ? " int-zero" : "",
-             c->permute ? " perm" : "");
+             c->permute ? " perm" : "", c->head_k[1] != c->head_k[0] ? " per-head" : "");
 }
 
 /* Appends n tokens to seq of the cache and of its model. */
@@ -428,6 +439,10 @@ START_TEST(decode_sweep)
         perm_v = test_random_perm(12 + (uint64_t)_i, KV_HEADS, d);
         c.lc.perm_k = perm_k;
         c.lc.perm_v = perm_v;
+    }
+    if (c.head_k[1] != c.head_k[0]) {
+        c.lc.head_format_k = c.head_k;
+        c.lc.head_format_v = c.head_v;
     }
     int capacity = c.lengths[0] + 8;
     /* every other configuration in pages (of a kivi key group at least) */

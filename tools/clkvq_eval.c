@@ -550,11 +550,12 @@ int main(int argc, char **argv)
                 CLKVQ_OK ||
             (st = clkvq_config_check_model(ctx, row->config, info.n_layers)) != CLKVQ_OK)
             goto fail;
+        /* per-head bits run (one share per pair) when they name every kv head */
         for (int l = 0; l < info.n_layers; l++)
-            if (clkvq_config_n_heads(row->config, l) > 0) {
-                fprintf(stderr, "clkvq-eval: %s: layer %d has per-head bits, which the kernels "
-                                "do not support\n",
-                        configs[i], l);
+            if (clkvq_config_n_heads(row->config, l) > 0 &&
+                clkvq_config_n_heads(row->config, l) != info.n_kv_heads) {
+                fprintf(stderr, "clkvq-eval: %s: layer %d has bits for %d kv heads, the dump %d\n",
+                        configs[i], l, clkvq_config_n_heads(row->config, l), info.n_kv_heads);
                 goto out;
             }
     }

@@ -189,8 +189,7 @@ def evaluate_dump(ctx: Context, dump: Union[Dump, str, "os.PathLike[str]"],
     checked against the dump's shape (clkvq_cache_plan) before anything is
     evaluated: a spec the cache refuses raises InvalidArgumentError.
     Configs with per-head bits evaluate too (clkvq_eval_layer stores each
-    pair of heads as a share, bits weighted by heads), which the clkvq-eval
-    program still refuses."""
+    pair of heads as a share, bits weighted by heads), as in clkvq-eval."""
     call = "evaluate_dump"
     rows: List[_Row] = []
     for s in schemes:
