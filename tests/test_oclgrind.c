@@ -16,8 +16,8 @@
  *   params byte for byte against lib/reference.c, dequantized values bit for
  *   bit.
  * - decode: the 25 (K, V) format pairs, each once, over the quantized schemes
- *   (every fifth with its second kv head on another pair: per-head bits,
- *   two shares), (token, kivi, skvq) in turn, plus the fp16 scheme with each
+ *   (every fifth with its second kv head on another key format: per-head
+ *   bits, two shares), (token, kivi, skvq) in turn, plus the fp16 scheme with each
  *   variant. The variant cycles through cooperative at work-group sizes 16/32/64/128 (tokens
  *   per lane 1/2/4, V words per lane automatic/1/2/4, one split written
  *   directly or several and the merge) and serial (vw 4/8/16); head_dim
@@ -243,13 +243,14 @@ static void decode_config_get(int i, decode_config *c)
         break;
     }
     if (lc->scheme != CLKVQ_SCHEME_FP16 && i % 5 == 1) {
-        /* per-head bits: head 1 on another pair, a share of its own
+        /* per-head bits: head 1 on another key format, a share of its own
          * (its launch reads queries gathered from, and writes outputs
-         * scattered to, the middle of q and out) */
+         * scattered to, the middle of q and out). The value format stays:
+         * the configuration's tunables must fit every share, and the
+         * cooperative tile's local memory follows the value format. */
         c->head_k[0] = lc->format_k;
-        c->head_v[0] = lc->format_v;
+        c->head_v[0] = c->head_v[1] = lc->format_v;
         c->head_k[1] = (clkvq_format)((lc->format_k + 2) % CLKVQ_FMT_COUNT);
-        c->head_v[1] = (clkvq_format)((lc->format_v + 1) % CLKVQ_FMT_COUNT);
     }
     if (lc->scheme != CLKVQ_SCHEME_FP16) {
         int pv = (i / 2) % 3; /* fp16 float, fp8 float, fp16 int */
