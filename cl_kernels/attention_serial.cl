@@ -99,6 +99,39 @@
 #define PF_AHEAD 8  /* token vectors ahead, packed kernels */
 #define PF_TOKENS 16 /* tokens ahead, fp16 rows */
 
+/* Per-channel keys (K_CHANNEL): a channel's codes of VW consecutive tokens
+ * are VW * K_BITS consecutive bits. For widths that divide 32 (8, 4, 2)
+ * they lie in one word or in K_VEC_WORDS whole words (vectors start at
+ * multiples of VW), so every lane takes its word and shift as vectors:
+ * a load, a shuffle, a shift and a mask instead of VW scalar extractions
+ * with run-time shifts. 3-bit codes (which straddle words) and ternary
+ * digits keep the scalar path. */
+#define K_LANES_VEC (K_CHANNEL && K_BITS && 32 % K_BITS == 0)
+#if K_LANES_VEC
+#define K_VEC_WORDS ((VW * K_BITS + 31) / 32)
+#define K_LANE_BITS (as_uintv(LANE_IDS) * (uintv)K_BITS)
+#if VW == 16
+#define as_uintv as_uint16
+#elif VW == 8
+#define as_uintv as_uint8
+#else
+#define as_uintv as_uint4
+#endif
+/* The word of each lane from w (K_VEC_WORDS words, or the one word). */
+ALWAYS_INLINE uintv k_lane_words(__global const uint *w)
+{
+#if K_VEC_WORDS == 1
+    return (uintv)(w[0]);
+#elif K_VEC_WORDS == 2
+    return shuffle(vload2(0, w), K_LANE_BITS >> (uintv)5);
+#elif K_VEC_WORDS == 4
+    return shuffle(vload4(0, w), K_LANE_BITS >> (uintv)5);
+#else
+#error "K_VEC_WORDS must be 1, 2 or 4"
+#endif
+}
+#endif
+
 /* 2^-e for 0 <= e < 127, exact */
 #define EXP2_NEG(e) as_float((uint)(127 - (e)) << 23)
 
@@ -411,9 +444,21 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                         PREFETCH(pn + i);
                 }
             }
+#if K_LANES_VEC
+            /* the vector's codes of a channel: one word (or K_VEC_WORDS
+             * words spread over the lanes), shifted and masked per lane */
+            const int w_at = (j0 * K_BITS) >> 5;
+            const uintv shifts = K_VEC_WORDS == 1
+                                     ? (uintv)((j0 * K_BITS) & 31) + K_LANE_BITS
+                                     : K_LANE_BITS & (uintv)31;
+#endif
             for (int c = 0; c < HEAD_DIM; c++) {
                 __global const uint *w = kc + kvq_channel_group_word(hb, o0, c, block_size,
                                                                      GROUP_SIZE, HEAD_DIM, K_GW);
+#if K_LANES_VEC
+                floatv code = CONVERT_FLOATV((k_lane_words(w + w_at) >> shifts) &
+                                             (uintv)((1u << K_BITS) - 1u));
+#else
                 uint lanes[VW];
 #pragma unroll
                 for (int l = 0; l < VW; l++) {
@@ -422,6 +467,7 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                         KVQ_CODE(w[wi], KVQ_STRADDLES(j, K_BITS) ? w[wi + 1] : 0u, j, K_BITS);
                 }
                 floatv code = CONVERT_FLOATV(VLOAD(0, lanes));
+#endif
                 float2 sz = load_params(
                     kp, kvq_channel_param(hb, o0, c, block_size, GROUP_SIZE, HEAD_DIM));
 #if ZERO_INT
