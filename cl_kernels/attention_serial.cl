@@ -281,10 +281,11 @@ ALWAYS_INLINE floatv code_float(__global const uint *gw, size_t step, int j, int
  * words at pw (step words apart), the rows' queries at qp (HEAD_DIM
  * apart), two accumulators per row when QK_PAIR. */
 #if QB
-#define QK_Q const floatv
+#define QK_Q_VAR floatv
 #else
-#define QK_Q const float
+#define QK_Q_VAR float
 #endif
+#define QK_Q const QK_Q_VAR
 ALWAYS_INLINE void qk_codes(__global const uint *pw, size_t step, QK_Q *qp, int n_codes,
                             floatv *d0, floatv *d1)
 {
@@ -399,6 +400,16 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
 #else
         float q[RB_QK * HEAD_DIM];
 #endif
+#if K_CHANNEL
+        /* per-channel keys: a token group's scale and zero hold for every
+         * vector of the group, so the scales are folded into the query
+         * (qsc) and the zeros' dot (zq) taken once per group: a code then
+         * costs one multiply-add per row, as the per-token path's do */
+        QK_Q_VAR qsc[RB_QK * HEAD_DIM];
+        QK_Q_VAR zq[RB_QK];
+        long grp_row = -1;
+        int grp_o = -1;
+#endif
         for (int r = 0; r < RB_QK; r++) {
             __global const float *qr = qs + row_index(s, kh, rb + r, n_q_heads) * HEAD_DIM;
             for (int g = 0; g < NG; g++)
@@ -444,6 +455,27 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                         PREFETCH(pn + i);
                 }
             }
+            if (hb != grp_row || o0 - j0 != grp_o) { /* a new token group */
+                grp_row = hb;
+                grp_o = o0 - j0;
+#pragma unroll
+                for (int r = 0; r < RB_QK; r++)
+                    zq[r] = 0.0f;
+                for (int c = 0; c < HEAD_DIM; c++) {
+                    float2 sz = load_params(
+                        kp, kvq_channel_param(hb, o0, c, block_size, GROUP_SIZE, HEAD_DIM));
+#pragma unroll
+                    for (int r = 0; r < RB_QK; r++) {
+                        QK_Q_VAR qs = q[r * HEAD_DIM + c] * sz.x;
+                        qsc[r * HEAD_DIM + c] = qs;
+#if ZERO_INT /* (code - z) s q = code (s q) - z (s q) */
+                        zq[r] = MAD(-qs, sz.y, zq[r]);
+#else /* (code s + z) q = code (s q) + z q */
+                        zq[r] = MAD(q[r * HEAD_DIM + c], sz.y, zq[r]);
+#endif
+                    }
+                }
+            }
 #if K_LANES_VEC
             /* the vector's codes of a channel: one word (or K_VEC_WORDS
              * words spread over the lanes), shifted and masked per lane */
@@ -468,17 +500,13 @@ clkvq_attn_packed_serial(__global const float *qs, __global const float *qsum,
                 }
                 floatv code = CONVERT_FLOATV(VLOAD(0, lanes));
 #endif
-                float2 sz = load_params(
-                    kp, kvq_channel_param(hb, o0, c, block_size, GROUP_SIZE, HEAD_DIM));
-#if ZERO_INT
-                floatv kv = (code - sz.y) * sz.x;
-#else
-                floatv kv = MAD(code, sz.x, sz.y);
-#endif
 #pragma unroll
                 for (int r = 0; r < RB_QK; r++)
-                    acc[r] = MAD(q[r * HEAD_DIM + c], kv, acc[r]);
+                    acc[r] = MAD(qsc[r * HEAD_DIM + c], code, acc[r]);
             }
+#pragma unroll
+            for (int r = 0; r < RB_QK; r++)
+                acc[r] += zq[r];
 #else
             if (page_pf) {
                 int bp = min(b + PF_AHEAD, n_blocks - 1);
