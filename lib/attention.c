@@ -195,27 +195,6 @@ static void common_defines(const clkvq_cache *cache, const clkvq_cache_layer *la
     clkvq_defines_int(d, "ROT", lc->rotate);
 }
 
-static clkvq_status ensure_buffer(clkvq_context *ctx, cl_mem *mem, size_t *have, size_t need,
-                                  const char *what)
-{
-    if (*mem && *have >= need)
-        return CLKVQ_OK;
-    /* a kernel still queued keeps the old buffer alive (OpenCL reference
-     * counting): releasing it here is safe */
-    if (*mem)
-        clReleaseMemObject(*mem);
-    cl_int err;
-    *mem = clCreateBuffer(ctx->cl_ctx, CL_MEM_READ_WRITE, need, NULL, &err);
-    if (err != CL_SUCCESS) {
-        *mem = NULL;
-        *have = 0;
-        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating %s (%zu bytes): %s", what,
-                          need, clkvq_cl_error_name(err));
-    }
-    *have = need;
-    return CLKVQ_OK;
-}
-
 static int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 /* The device's copy of the layer's lengths, written without blocking when
@@ -400,7 +379,7 @@ static clkvq_status run_coop(clkvq_cache *cache, int l, int n_queries, cl_mem q,
         if ((st = clkvq_kernel_get(ctx, g_coop_sources, 2, options, "clkvq_attn_merge", &merge)) !=
                 CLKVQ_OK ||
             (st = check_built(ctx, merge, (size_t)plan.mwgs, "the merge kernel")) != CLKVQ_OK ||
-            (st = ensure_buffer(ctx, &cache->partials, &cache->partials_bytes,
+            (st = clkvq_scratch_ensure(ctx, &cache->partials, &cache->partials_bytes,
                                 n_rows * layer->n_q_heads * n_slots * (cfg->head_dim + 2) *
                                     sizeof(float),
                                 "partial results")) != CLKVQ_OK)
@@ -523,11 +502,11 @@ static clkvq_status run_serial(clkvq_cache *cache, int l, int n_queries, cl_mem 
     int n_slots = n_packed + n_fp;
     size_t n_rows = (size_t)cfg->n_seqs * n_queries; /* (sequence, query) pairs */
     size_t n_q = n_rows * layer->n_q_heads;
-    if ((st = ensure_buffer(ctx, &cache->q_scratch, &cache->q_scratch_bytes,
+    if ((st = clkvq_scratch_ensure(ctx, &cache->q_scratch, &cache->q_scratch_bytes,
                             n_q * cfg->head_dim * sizeof(float), "query scratch")) != CLKVQ_OK ||
-        (st = ensure_buffer(ctx, &cache->qsum_scratch, &cache->qsum_scratch_bytes,
+        (st = clkvq_scratch_ensure(ctx, &cache->qsum_scratch, &cache->qsum_scratch_bytes,
                             n_q * n_groups * sizeof(float), "query-sum scratch")) != CLKVQ_OK ||
-        (st = ensure_buffer(ctx, &cache->partials, &cache->partials_bytes,
+        (st = clkvq_scratch_ensure(ctx, &cache->partials, &cache->partials_bytes,
                             n_q * n_slots * (cfg->head_dim + 2) * sizeof(float),
                             "partial results")) != CLKVQ_OK)
         return st;

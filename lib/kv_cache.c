@@ -398,6 +398,28 @@ clkvq_status clkvq_cache_plan(clkvq_context *ctx, const clkvq_cache_config *cfg,
 
 /* ------------------------------------------------------------ create */
 
+clkvq_status clkvq_scratch_ensure(clkvq_context *ctx, cl_mem *mem, size_t *have, size_t need,
+                                  const char *what)
+{
+    if (*mem && *have >= need)
+        return CLKVQ_OK;
+    /* a kernel still queued keeps the old buffer alive (OpenCL reference
+     * counting): releasing it here is safe */
+    if (*mem)
+        clReleaseMemObject(*mem);
+    cl_int err;
+    *mem = clCreateBuffer(ctx->cl_ctx, CL_MEM_READ_WRITE, need, NULL, &err);
+    if (err != CL_SUCCESS) {
+        *mem = NULL;
+        *have = 0;
+        return clkvq_fail(ctx, CLKVQ_ERR_OUT_OF_MEMORY, "allocating %s (%zu bytes): %s", what,
+                          need, clkvq_cl_error_name(err));
+    }
+    *have = need;
+    return CLKVQ_OK;
+}
+
+
 static clkvq_status create_buffer(clkvq_context *ctx, size_t size, const void *host,
                                   cl_mem *out, const char *what)
 {

@@ -161,6 +161,12 @@ clkvq_status clkvq_cache_table(clkvq_cache *cache, int l, cl_mem *table, int *ma
 clkvq_status clkvq_cache_read_device(clkvq_cache *cache, int layer, int seq, cl_mem k_out,
                                      cl_mem v_out);
 
+/* Grows a scratch buffer (*mem of *have bytes) to at least need bytes;
+ * what names it in the error. Kernels still queued on the old buffer keep
+ * it alive. */
+clkvq_status clkvq_scratch_ensure(clkvq_context *ctx, cl_mem *mem, size_t *have, size_t need,
+                                  const char *what);
+
 /* One stored layer's part of the public calls (kv_cache.c, attention.c):
  * an append of n_tokens checked device rows ([its heads][n_tokens]
  * [head_dim]; check_only: the centering/rotation range check alone, nothing

@@ -52,23 +52,8 @@ int clkvq_head_shares(const clkvq_layer_config *lc, int n_kv_heads, clkvq_format
 
 static clkvq_status ensure(clkvq_cache *cache, int which, size_t bytes)
 {
-    if (cache->share_buf[which] && cache->share_bytes[which] >= bytes)
-        return CLKVQ_OK;
-    /* commands already enqueued on the old buffer keep it alive */
-    if (cache->share_buf[which])
-        clReleaseMemObject(cache->share_buf[which]);
-    cache->share_bytes[which] = 0;
-    cl_int err;
-    cache->share_buf[which] =
-        clCreateBuffer(cache->ctx->cl_ctx, CL_MEM_READ_WRITE, bytes ? bytes : 4, NULL, &err);
-    if (err != CL_SUCCESS) {
-        cache->share_buf[which] = NULL;
-        return clkvq_fail(cache->ctx, CLKVQ_ERR_OUT_OF_MEMORY,
-                          "allocating %zu bytes of per-head scratch: %s", bytes,
-                          clkvq_cl_error_name(err));
-    }
-    cache->share_bytes[which] = bytes;
-    return CLKVQ_OK;
+    return clkvq_scratch_ensure(cache->ctx, &cache->share_buf[which], &cache->share_bytes[which],
+                                bytes ? bytes : 4, "per-head scratch");
 }
 
 /* The share's heads in runs of consecutive model heads: *run gets the
