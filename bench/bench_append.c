@@ -27,7 +27,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define WARMUPS 2
 #define FILL_CHUNK 4096
@@ -178,27 +177,10 @@ static int parse_options(int argc, char **argv, append_options *opt) {
     return BENCH_EXIT_OK;
 }
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
 static int fail(clkvq_context *ctx, clkvq_status st, const char *what) {
     fprintf(stderr, "%s: %s: %s: %s\n", g_prog, what, clkvq_status_string(st),
             clkvq_last_error(ctx));
     return BENCH_EXIT_FAILURE;
-}
-
-/* xorshift32 in [-1, 1): the queries (their values do not change the work). */
-static void fill_random(float *x, size_t n, uint32_t seed) {
-    uint32_t s = seed ? seed : 1u;
-    for (size_t i = 0; i < n; i++) {
-        s ^= s << 13;
-        s ^= s >> 17;
-        s ^= s << 5;
-        x[i] = (float)((double)s / 2147483648.0 - 1.0);
-    }
 }
 
 typedef struct {
@@ -266,7 +248,7 @@ static int run_format(clkvq_context *ctx, const append_options *opt, append_resu
         rc = BENCH_EXIT_FAILURE;
     }
     if (rc == BENCH_EXIT_OK) {
-        fill_random(qh, nq, Q_SEED);
+        bench_fill_random(qh, nq, Q_SEED);
         s.k1 = device_buffer(ctx, s.k, row, &err);
         if (err == CL_SUCCESS) s.v1 = device_buffer(ctx, s.v, row, &err);
         if (err == CL_SUCCESS) s.q = device_buffer(ctx, qh, nq, &err);
@@ -281,16 +263,16 @@ static int run_format(clkvq_context *ctx, const append_options *opt, append_resu
     double *t_host = times, *t_mem = times + opt->reps, *t_dec = times + 2 * opt->reps,
            *t_dev = times + 3 * opt->reps;
     for (int r = -WARMUPS; rc == BENCH_EXIT_OK && r < opt->reps; r++) {
-        double a = now_ms();
+        double a = 1e3 * bench_now_s();
         st = clkvq_cache_append(s.cache, 0, 0, 1, s.k, s.v);
-        double b = now_ms();
+        double b = 1e3 * bench_now_s();
         if (st == CLKVQ_OK) st = clkvq_cache_append_mem(s.cache, 0, 0, 1, s.k1, s.v1);
-        double c = now_ms();
+        double c = 1e3 * bench_now_s();
         if (st == CLKVQ_OK) st = clkvq_cache_decode(s.cache, 0, s.q, s.out, scale);
         /* a decode only enqueues: its wall time runs until the output is there */
         if (st == CLKVQ_OK && clFinish(clkvq_context_cl_queue(ctx)) != CL_SUCCESS)
             st = CLKVQ_ERR_OPENCL;
-        double d = now_ms();
+        double d = 1e3 * bench_now_s();
         if (st != CLKVQ_OK) {
             rc = fail(ctx, st, "append or decode");
         } else if (r >= 0) {

@@ -43,7 +43,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define WARMUPS 2
 #define FILL_CHUNK 4096                 /* most tokens per clkvq_cache_append */
@@ -475,24 +474,6 @@ static int report_cl(cl_int err, const char *what) {
     return BENCH_EXIT_FAILURE;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* xorshift32 in [-1, 1): queries and the GEMV baseline's K/V. Their values
- * do not change the work a decode does; they only need to be finite. */
-static void fill_random(float *x, size_t n, uint32_t seed) {
-    uint32_t s = seed ? seed : 1u;
-    for (size_t i = 0; i < n; i++) {
-        s ^= s << 13;
-        s ^= s >> 17;
-        s ^= s << 5;
-        x[i] = (float)((double)s / 2147483648.0 - 1.0);
-    }
-}
-
 static cl_mem upload(const attn_bench *b, const float *host, size_t bytes, cl_int *err) {
     return clCreateBuffer(clkvq_context_cl_context(b->ctx),
                           CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR, bytes, (void *)host, err);
@@ -726,7 +707,7 @@ static int make_q_out(attn_bench *b, const attn_shape *s, int batch, cl_mem *q, 
         fprintf(stderr, "%s: out of host memory\n", g_prog);
         return BENCH_EXIT_FAILURE;
     }
-    fill_random(host, n, Q_SEED);
+    bench_fill_random(host, n, Q_SEED);
     cl_int err;
     *q = upload(b, host, n * sizeof *host, &err);
     free(host);
@@ -889,7 +870,7 @@ static int run_cache_row(attn_bench *b, const attn_options *opt, attn_result *re
         }
     }
     clkvq_attn_tuning tuning;
-    double t0 = now_s();
+    double t0 = bench_now_s();
     int rc = fill_cache(b, cache, res->shape, res->tokens, res->batch);
     /* read after the fill: a decode takes the tuned entry nearest its
      * length, so this is what the timed decodes run (and the twin gets) */
@@ -913,7 +894,7 @@ static int run_cache_row(attn_bench *b, const attn_options *opt, attn_result *re
     paged_twin twin = {NULL, NULL, NULL, 0};
     int with_twin = opt->block_size > 0 && 2.0 * (double)mem.device_bytes <= b->mem_limit;
     if (rc == BENCH_EXIT_OK && with_twin) rc = make_paged_twin(b, opt, &cfg, &tuning, res, &twin);
-    double fill_s = now_s() - t0;
+    double fill_s = bench_now_s() - t0;
     cl_mem q = NULL, out = NULL;
     if (rc == BENCH_EXIT_OK) rc = make_q_out(b, s, res->batch, &q, &out);
     if (rc == BENCH_EXIT_OK) {
@@ -977,10 +958,10 @@ static int run_gemv_row(attn_bench *b, const attn_options *opt, attn_result *res
     }
     cl_int err;
     int rc = BENCH_EXIT_OK;
-    fill_random(host, n_kv, 1u);
+    bench_fill_random(host, n_kv, 1u);
     cl_mem k = upload(b, host, kv_bytes, &err), v = NULL;
     if (err == CL_SUCCESS) {
-        fill_random(host, n_kv, 2u);
+        bench_fill_random(host, n_kv, 2u);
         v = upload(b, host, kv_bytes, &err);
     }
     free(host);
@@ -1242,7 +1223,7 @@ int bench_attention_main(int argc, char **argv) {
         return BENCH_EXIT_FAILURE;
     }
     result_list list = {NULL, 0, 0};
-    double t_start = now_s();
+    double t_start = bench_now_s();
     st = clkvq_context_device_info(b.ctx, &b.info);
     if (st != CLKVQ_OK) {
         rc = report(&b, st, "device info");
@@ -1281,7 +1262,7 @@ int bench_attention_main(int argc, char **argv) {
         rc = print_json(&b, &opt, &list);
     else if (b.tuning_varies)
         printf("note: not every cache resolved the header's tunables\n");
-    fprintf(stderr, "%s: total %.1f s\n", g_prog, now_s() - t_start);
+    fprintf(stderr, "%s: total %.1f s\n", g_prog, bench_now_s() - t_start);
 out:
     free(list.rows);
     synth_cache_free(&b.synth);

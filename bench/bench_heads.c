@@ -25,7 +25,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define WARMUPS 2
 #define FILL_CHUNK 2048
@@ -159,12 +158,6 @@ static int parse_options(int argc, char **argv, heads_options *opt) {
     return BENCH_EXIT_OK;
 }
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
 static int fail(clkvq_context *ctx, clkvq_status st, const char *what) {
     fprintf(stderr, "%s: %s: %s: %s\n", g_prog, what, clkvq_status_string(st),
             clkvq_last_error(ctx));
@@ -206,17 +199,6 @@ static int create_cache(clkvq_context *ctx, const heads_options *opt, int r,
     return st == CLKVQ_OK ? BENCH_EXIT_OK : fail(ctx, st, "cache create");
 }
 
-/* xorshift32 in [-1, 1): the queries (their values do not change the work). */
-static void fill_random(float *x, size_t n, uint32_t seed) {
-    uint32_t s = seed;
-    for (size_t i = 0; i < n; i++) {
-        s ^= s << 13;
-        s ^= s >> 17;
-        s ^= s << 5;
-        x[i] = (float)((double)s / 2147483648.0 - 1.0);
-    }
-}
-
 static int run(clkvq_context *ctx, const heads_options *opt, heads_result *res) {
     const clkvq_model_geometry *g = &opt->g;
     clkvq_cache *caches[N_ROWS] = {NULL};
@@ -247,7 +229,7 @@ static int run(clkvq_context *ctx, const heads_options *opt, heads_result *res) 
     cl_context clc = clkvq_context_cl_context(ctx);
     cl_mem bufs[4] = {NULL};
     if (rc == BENCH_EXIT_OK) {
-        fill_random(q, nq, 12345u);
+        bench_fill_random(q, nq, 12345u);
         bufs[0] = clCreateBuffer(clc, CL_MEM_COPY_HOST_PTR, row * 4, k, &err);
         if (err == CL_SUCCESS) bufs[1] = clCreateBuffer(clc, CL_MEM_COPY_HOST_PTR, row * 4, v, &err);
         if (err == CL_SUCCESS) bufs[2] = clCreateBuffer(clc, CL_MEM_COPY_HOST_PTR, nq * 4, q, &err);
@@ -260,15 +242,15 @@ static int run(clkvq_context *ctx, const heads_options *opt, heads_result *res) 
     float scale = 1.0f / sqrtf((float)g->head_dim);
     for (int rep = -WARMUPS; rc == BENCH_EXIT_OK && rep < opt->reps; rep++)
         for (int r = 0; r < N_ROWS && rc == BENCH_EXIT_OK; r++) {
-            double a = now_ms();
+            double a = 1e3 * bench_now_s();
             st = clkvq_cache_decode(caches[r], 0, bufs[2], bufs[3], scale);
             if (st == CLKVQ_OK && clFinish(clkvq_context_cl_queue(ctx)) != CL_SUCCESS)
                 st = CLKVQ_ERR_OPENCL;
-            double b = now_ms();
+            double b = 1e3 * bench_now_s();
             double dev = st == CLKVQ_OK ? clkvq_last_device_ms(ctx) : 0.0;
             if (st == CLKVQ_OK)
                 st = clkvq_cache_append_mem(caches[r], 0, 0, 1, bufs[0], bufs[1]);
-            double c = now_ms();
+            double c = 1e3 * bench_now_s();
             if (st != CLKVQ_OK) {
                 rc = fail(ctx, st, g_row_names[r]);
             } else if (rep >= 0) {

@@ -38,7 +38,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define WARM_TOKENS 4 /* untimed append + decode that builds the kernels first */
 #define TOKEN_RING 64 /* distinct single-token K/V buffers the decode appends cycle through */
@@ -334,13 +333,6 @@ static int parse_options(int argc, char **argv, serve_options *o)
 
 /* ------------------------------------------------------------ helpers */
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static int report(const serve *sv, clkvq_status st, const char *what)
 {
     fprintf(stderr, "%s: %s: %s: %s\n", g_prog, what, clkvq_status_string(st),
@@ -596,10 +588,10 @@ static int run_step(serve *sv)
 {
     const serve_options *o = sv->opt;
     serve_stats *s = &sv->st;
-    double t0 = now_s();
+    double t0 = bench_now_s();
     for (int i = 0; i < o->slots; i++)
         if (!sv->slots[i].live && admit(sv, i) != BENCH_EXIT_OK) return BENCH_EXIT_FAILURE;
-    double t1 = now_s();
+    double t1 = bench_now_s();
     int live = 0;
     for (int i = 0; i < o->slots; i++) {
         slot *sl = &sv->slots[i];
@@ -615,15 +607,15 @@ static int run_step(serve *sv)
         sl->length++;
         live++;
     }
-    double t2 = now_s();
+    double t2 = bench_now_s();
     if (sample_pool(sv) != BENCH_EXIT_OK) return BENCH_EXIT_FAILURE;
-    double t3 = now_s();
+    double t3 = bench_now_s();
     clkvq_status st = clkvq_cache_decode(sv->cache, 0, sv->q, sv->out, scale_of(sv));
     if (st != CLKVQ_OK) return report(sv, st, "decode");
     /* a decode only enqueues: the step's decode ends when its output is there */
     if (clFinish(clkvq_context_cl_queue(sv->ctx)) != CL_SUCCESS)
         return report(sv, CLKVQ_ERR_OPENCL, "finishing the decode");
-    double t4 = now_s();
+    double t4 = bench_now_s();
     double ms = clkvq_last_device_ms(sv->ctx);
     if (ms > 0.0) s->decode_device_ms += ms;
     s->tokens += live;
@@ -635,7 +627,7 @@ static int run_step(serve *sv)
             if ((st = free_slot(sv, i)) != CLKVQ_OK) return report(sv, st, "finish");
         }
     }
-    double t5 = now_s();
+    double t5 = bench_now_s();
     s->admit_s += t1 - t0;
     s->append_s += t2 - t1;
     s->decode_s += t4 - t3;
@@ -862,14 +854,14 @@ int bench_serve_main(int argc, char **argv)
         rc = report(&sv, st, "device info");
     if (rc == BENCH_EXIT_OK) rc = setup(&sv);
     if (rc == BENCH_EXIT_OK) rc = warm_up(&sv);
-    double t0 = now_s();
+    double t0 = bench_now_s();
     for (int step = 0; step < opt.steps && rc == BENCH_EXIT_OK; step++) {
         rc = run_step(&sv);
         if ((step + 1) % 250 == 0)
             fprintf(stderr, "%s: step %d, %ld requests done, %d pages in use, %.1f s\n", g_prog,
-                    step + 1, sv.st.requests_done, sv.pool.used_blocks, now_s() - t0);
+                    step + 1, sv.st.requests_done, sv.pool.used_blocks, bench_now_s() - t0);
     }
-    sv.st.wall_s = now_s() - t0;
+    sv.st.wall_s = bench_now_s() - t0;
     if (rc == BENCH_EXIT_OK) {
         if (opt.json)
             rc = print_json(&sv);

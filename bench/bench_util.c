@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define CELL_MAX 64
 
@@ -108,5 +109,21 @@ const char *bench_variant_name(clkvq_attn_variant v)
     case CLKVQ_ATTN_SERIAL: return "serial";
     case CLKVQ_ATTN_COOPERATIVE: return "cooperative";
     default: return "default";
+    }
+}
+
+double bench_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void bench_fill_random(float *x, size_t n, uint32_t seed) {
+    uint32_t s = seed ? seed : 1u;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        x[i] = (float)((double)s / 2147483648.0 - 1.0);
     }
 }

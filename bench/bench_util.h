@@ -6,6 +6,7 @@
 #include "clkvq.h"
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 
 /* Exit codes of clkvq-bench (documented in --help). */
@@ -22,6 +23,13 @@ int bench_heads_main(int argc, char **argv);
 
 /* "serial", "cooperative" or "default" (the device picks). */
 const char *bench_variant_name(clkvq_attn_variant v);
+
+/* Seconds on the monotonic clock. */
+double bench_now_s(void);
+
+/* xorshift32 in [-1, 1) (seed 0 taken as 1): queries and other inputs
+ * whose values do not change the work, only need to be finite. */
+void bench_fill_random(float *x, size_t n, uint32_t seed);
 
 /* Median of values[0..n); sorts values in place. n must be > 0. */
 double bench_median(double *values, int n);
