@@ -165,38 +165,7 @@ static double decode_error_nq(clkvq_cache *cache, int qpk, int d, const int *len
         clReleaseMemObject(om);
     }
     ck_assert_msg(st == CLKVQ_OK, "decode: %s", clkvq_last_error(test_ctx()));
-    double worst = 0.0;
-    double *ref = malloc(sizeof(double) * (size_t)n_q * nq * d);
-    float *qt = malloc(sizeof(float) * (size_t)n_q * nq * d);
-    for (int s = 0; s < N_SEQS; s++) {
-        int n = lengths[s];
-        size_t kv_count = (size_t)KV_HEADS * (n > 0 ? n : 1) * d;
-        float *k = malloc(sizeof(float) * kv_count), *v = malloc(sizeof(float) * kv_count);
-        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
-        /* [query][head] -> the reference's [head][query] */
-        for (int i = 0; i < nq; i++)
-            for (int h = 0; h < n_q; h++)
-                memcpy(qt + ((size_t)h * nq + i) * d, q + (((size_t)s * nq + i) * n_q + h) * d,
-                       sizeof(float) * d);
-        clkvq_ref_attn_shape rs = {n_q, KV_HEADS, d, n, (size_t)n * d, nq, (size_t)nq * d, scale};
-        clkvq_ref_attention(&rs, qt, k, v, ref);
-        for (int r = 0; r < n_q * nq; r++) {
-            int h = r % n_q, i = r / n_q;
-            double num = 0.0, den = 0.0;
-            for (int c = 0; c < d; c++) {
-                double rr = ref[((size_t)h * nq + i) * d + c];
-                double o = out[(((size_t)s * nq + i) * n_q + h) * d + c];
-                num += (o - rr) * (o - rr);
-                den += rr * rr;
-            }
-            double err = den > 0 ? sqrt(num / den) : sqrt(num);
-            worst = err > worst || isnan(err) ? err : worst;
-        }
-        free(k);
-        free(v);
-    }
-    free(ref);
-    free(qt);
+    double worst = test_decode_error(cache, N_SEQS, lengths, KV_HEADS, qpk, d, nq, q, out, scale);
     free(q);
     free(out);
     return worst;

@@ -235,38 +235,7 @@ static double decode_error(clkvq_cache *cache, int n_seqs, const int *lengths, i
     float *q = malloc(sizeof(float) * q_count), *out = malloc(sizeof(float) * q_count);
     test_fill_normal(4242, q, q_count, 1.0f);
     run_decode(cache, n_seqs, nq, q, out);
-    double worst = 0.0;
-    double *ref = malloc(sizeof(double) * (size_t)n_q * nq * DIM);
-    float *qt = malloc(sizeof(float) * (size_t)n_q * nq * DIM);
-    for (int s = 0; s < n_seqs; s++) {
-        int n = lengths[s];
-        size_t kv = (size_t)HEADS * n * DIM;
-        float *k = malloc(sizeof(float) * kv + 4), *v = malloc(sizeof(float) * kv + 4);
-        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
-        for (int i = 0; i < nq; i++)
-            for (int h = 0; h < n_q; h++)
-                memcpy(qt + ((size_t)h * nq + i) * DIM, q + (((size_t)s * nq + i) * n_q + h) * DIM,
-                       sizeof(float) * DIM);
-        clkvq_ref_attn_shape rs = {n_q, HEADS, DIM, n, (size_t)n * DIM, nq, (size_t)nq * DIM,
-                                   0.125f};
-        clkvq_ref_attention(&rs, qt, k, v, ref);
-        for (int r = 0; r < n_q * nq; r++) {
-            int h = r % n_q, i = r / n_q;
-            double num = 0.0, den = 0.0;
-            for (int c = 0; c < DIM; c++) {
-                double rr = ref[((size_t)h * nq + i) * DIM + c];
-                double o = out[(((size_t)s * nq + i) * n_q + h) * DIM + c];
-                num += (o - rr) * (o - rr);
-                den += rr * rr;
-            }
-            double err = den > 0 ? sqrt(num / den) : sqrt(num);
-            worst = err > worst || isnan(err) ? err : worst;
-        }
-        free(k);
-        free(v);
-    }
-    free(ref);
-    free(qt);
+    double worst = test_decode_error(cache, n_seqs, lengths, HEADS, QPK, DIM, nq, q, out, 0.125f);
     free(q);
     free(out);
     return worst;

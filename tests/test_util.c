@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static clkvq_context *g_ctx;
 
@@ -85,4 +86,43 @@ int test_run_suite(Suite *suite)
     clkvq_context_release(g_ctx);
     g_ctx = NULL;
     return failed == 0 ? 0 : 1;
+}
+
+double test_decode_error(clkvq_cache *cache, int n_seqs, const int *lengths, int n_kv, int qpk,
+                         int d, int nq, const float *q, const float *out, float scale)
+{
+    int n_q = n_kv * qpk;
+    double worst = 0.0;
+    double *ref = malloc(sizeof(double) * (size_t)n_q * nq * d);
+    float *qt = malloc(sizeof(float) * (size_t)n_q * nq * d);
+    for (int s = 0; s < n_seqs; s++) {
+        int n = lengths[s];
+        size_t kv_count = (size_t)n_kv * (n > 0 ? n : 1) * d;
+        float *k = malloc(sizeof(float) * kv_count), *v = malloc(sizeof(float) * kv_count);
+        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
+        /* [query][head] -> the reference's [head][query] */
+        for (int i = 0; i < nq; i++)
+            for (int h = 0; h < n_q; h++)
+                memcpy(qt + ((size_t)h * nq + i) * d, q + (((size_t)s * nq + i) * n_q + h) * d,
+                       sizeof(float) * d);
+        clkvq_ref_attn_shape rs = {n_q, n_kv, d, n, (size_t)n * d, nq, (size_t)nq * d, scale};
+        clkvq_ref_attention(&rs, qt, k, v, ref);
+        for (int r = 0; r < n_q * nq; r++) {
+            int h = r % n_q, i = r / n_q;
+            double num = 0.0, den = 0.0;
+            for (int c = 0; c < d; c++) {
+                double rr = ref[((size_t)h * nq + i) * d + c];
+                double o = out[(((size_t)s * nq + i) * n_q + h) * d + c];
+                num += (o - rr) * (o - rr);
+                den += rr * rr;
+            }
+            double err = den > 0 ? sqrt(num / den) : sqrt(num);
+            worst = err > worst || isnan(err) ? err : worst;
+        }
+        free(k);
+        free(v);
+    }
+    free(ref);
+    free(qt);
+    return worst;
 }

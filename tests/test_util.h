@@ -27,6 +27,13 @@ int32_t *test_random_perm(uint64_t seed, int n_heads, int head_dim);
 void test_attention_reference(const float *q, const float *k, const float *v, int n, int n_q,
                               int qpk, int d, float scale, double *out);
 
+/* Worst relative error over (sequence, query, query head) of out, a decode
+ * of q ([n_seqs][nq][n_kv * qpk][d]) over layer 0 of cache, against causal
+ * fp64 attention (clkvq_ref_attention) over the cache's read-back of
+ * sequences of lengths[s] tokens; a row that sees no token: absolute error. */
+double test_decode_error(clkvq_cache *cache, int n_seqs, const int *lengths, int n_kv, int qpk,
+                         int d, int nq, const float *q, const float *out, float scale);
+
 /* Runs a suite without forking (one OpenCL context per process), releases
  * the context and returns the process exit code. */
 int test_run_suite(Suite *suite);
