@@ -117,36 +117,6 @@ static void fill_chunk(uint64_t seed, float *k, float *v, int n_tokens, int dim)
             k[((size_t)h * n_tokens + t) * dim + 5] *= 20.0f;
 }
 
-/* Read-back of every sequence equals the model, bit for bit. */
-static void expect_equal(clkvq_cache *cache, clkvq_ref_cache **model, int n_seqs, int dim,
-                         const char *label)
-{
-    for (int s = 0; s < n_seqs; s++) {
-        int n = clkvq_ref_cache_length(model[s]), got;
-        ck_assert_int_eq(clkvq_cache_length(cache, 0, s, &got), CLKVQ_OK);
-        ck_assert_int_eq(got, n);
-        size_t count = (size_t)HEADS * n * dim;
-        float *k = malloc(count * sizeof(float) + 4), *v = malloc(count * sizeof(float) + 4);
-        float *rk = malloc(count * sizeof(float) + 4), *rv = malloc(count * sizeof(float) + 4);
-        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
-        clkvq_ref_cache_read(model[s], rk, rv);
-        size_t bad = 0, first = 0;
-        for (size_t i = 0; i < count; i++)
-            if (k[i] != rk[i] || v[i] != rv[i]) {
-                if (!bad)
-                    first = i;
-                bad++;
-            }
-        ck_assert_msg(bad == 0, "%s seq %d len %d: %zu mismatches, first at %zu: k %g/%g v %g/%g",
-                      label, s, n, bad, first, (double)k[first], (double)rk[first],
-                      (double)v[first], (double)rv[first]);
-        free(k);
-        free(v);
-        free(rk);
-        free(rv);
-    }
-}
-
 static void snapshot_seq(clkvq_cache *cache, int seq, float *k, float *v, int *len)
 {
     ck_assert_int_eq(clkvq_cache_length(cache, 0, seq, len), CLKVQ_OK);
@@ -209,7 +179,7 @@ static void run_state_test_paged(int dim, clkvq_layout layout, int block_size)
             char label[128];
             snprintf(label, sizeof label, "%s d=%d layout=%d step %d", cases[ci].name, dim,
                      (int)layout, step);
-            expect_equal(cache, model, n_seqs, dim, label);
+            test_expect_model(cache, model, n_seqs, HEADS, dim, label);
         }
         clkvq_pool_stats ps;
         ck_assert_int_eq(clkvq_cache_pool_stats(cache, 0, &ps), CLKVQ_OK);
@@ -280,7 +250,7 @@ START_TEST(fork_shares_pages_until_written)
     ck_assert_int_eq(ps.used_blocks, 4);
     ck_assert_int_eq(ps.shared_blocks, 4);
     ck_assert_int_eq(ps.block_size, block);
-    expect_equal(cache, model, 2, dim, "after fork");
+    test_expect_model(cache, model, 2, HEADS, dim, "after fork");
 
     fill_chunk(22, k, v, 1, dim);
     ck_assert_int_eq(clkvq_cache_append(cache, 0, 1, 1, k, v), CLKVQ_OK);
@@ -291,11 +261,11 @@ START_TEST(fork_shares_pages_until_written)
     fill_chunk(23, k, v, 40, dim);
     ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 40, k, v), CLKVQ_OK);
     clkvq_ref_cache_append(model[0], 40, k, v);
-    expect_equal(cache, model, 2, dim, "after appends to both sides");
+    test_expect_model(cache, model, 2, HEADS, dim, "after appends to both sides");
     /* the copy of a fork is independent of its source's later truncation */
     ck_assert_int_eq(clkvq_cache_truncate(cache, 0, 10), CLKVQ_OK);
     clkvq_ref_cache_truncate(model[0], 10);
-    expect_equal(cache, model, 2, dim, "after truncating the source");
+    test_expect_model(cache, model, 2, HEADS, dim, "after truncating the source");
     ck_assert_int_eq(clkvq_cache_fork(cache, 0, 1), CLKVQ_ERR_INVALID_ARG); /* not empty */
     ck_assert_int_eq(clkvq_cache_fork(cache, 0, 0), CLKVQ_ERR_INVALID_ARG);
     ck_assert_int_eq(clkvq_cache_fork(cache, 0, 2), CLKVQ_ERR_INVALID_ARG);
@@ -481,7 +451,7 @@ START_TEST(window_transitions_one_token_at_a_time)
             ck_assert_int_eq(clkvq_cache_append(cache, 0, 0, 1, k, v), CLKVQ_OK);
             clkvq_ref_cache_append(model[0], 1, k, v);
             if (t % 7 == 0 || t > 125)
-                expect_equal(cache, model, 1, dim, cases[ci].name);
+                test_expect_model(cache, model, 1, HEADS, dim, cases[ci].name);
         }
         clkvq_ref_cache_free(model[0]);
         clkvq_cache_release(cache);

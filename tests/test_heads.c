@@ -96,31 +96,6 @@ static void fill_chunk(uint64_t seed, float *k, float *v, int n_tokens)
             k[((size_t)h * n_tokens + t) * DIM + 5] *= 20.0f;
 }
 
-static void expect_equal(clkvq_cache *cache, clkvq_ref_cache **model, int n_seqs,
-                         const char *label)
-{
-    for (int s = 0; s < n_seqs; s++) {
-        int n = clkvq_ref_cache_length(model[s]), got;
-        ck_assert_int_eq(clkvq_cache_length(cache, 0, s, &got), CLKVQ_OK);
-        ck_assert_int_eq(got, n);
-        size_t count = (size_t)HEADS * n * DIM;
-        float *k = malloc(count * 4 + 4), *v = malloc(count * 4 + 4);
-        float *rk = malloc(count * 4 + 4), *rv = malloc(count * 4 + 4);
-        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
-        clkvq_ref_cache_read(model[s], rk, rv);
-        size_t bad = 0, first = 0;
-        for (size_t i = 0; i < count; i++)
-            if (k[i] != rk[i] || v[i] != rv[i])
-                first = bad++ ? first : i;
-        ck_assert_msg(bad == 0, "%s seq %d len %d: %zu mismatches, first at %zu (head %zu)",
-                      label, s, n, bad, first, first / ((size_t)n * DIM));
-        free(k);
-        free(v);
-        free(rk);
-        free(rv);
-    }
-}
-
 /* Random appends, truncations and forks over three sequences: the
  * read-back equals the model (each head quantized with its own pair). */
 static void state_walk(int block_size)
@@ -164,7 +139,7 @@ static void state_walk(int block_size)
             char label[128];
             snprintf(label, sizeof label, "%s block %d step %d", cases[ci].name, block_size,
                      step);
-            expect_equal(cache, model, n_seqs, label);
+            test_expect_model(cache, model, n_seqs, HEADS, DIM, label);
         }
         for (int s = 0; s < n_seqs; s++) {
             ck_assert_int_eq(clkvq_cache_truncate(cache, s, 0), CLKVQ_OK);

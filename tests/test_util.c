@@ -126,3 +126,33 @@ double test_decode_error(clkvq_cache *cache, int n_seqs, const int *lengths, int
     free(qt);
     return worst;
 }
+
+void test_expect_model(clkvq_cache *cache, clkvq_ref_cache **model, int n_seqs, int heads,
+                       int dim, const char *label)
+{
+    for (int s = 0; s < n_seqs; s++) {
+        int n = clkvq_ref_cache_length(model[s]), got;
+        ck_assert_int_eq(clkvq_cache_length(cache, 0, s, &got), CLKVQ_OK);
+        ck_assert_int_eq(got, n);
+        size_t count = (size_t)heads * n * dim;
+        float *k = malloc(count * sizeof(float) + 4), *v = malloc(count * sizeof(float) + 4);
+        float *rk = malloc(count * sizeof(float) + 4), *rv = malloc(count * sizeof(float) + 4);
+        ck_assert_int_eq(clkvq_cache_read(cache, 0, s, k, v), CLKVQ_OK);
+        clkvq_ref_cache_read(model[s], rk, rv);
+        size_t bad = 0, first = 0;
+        for (size_t i = 0; i < count; i++)
+            if (k[i] != rk[i] || v[i] != rv[i]) {
+                if (!bad)
+                    first = i;
+                bad++;
+            }
+        ck_assert_msg(bad == 0,
+                      "%s seq %d len %d: %zu mismatches, first at %zu (head %zu): k %g/%g v %g/%g",
+                      label, s, n, bad, first, first / ((size_t)(n > 0 ? n : 1) * dim),
+                      (double)k[first], (double)rk[first], (double)v[first], (double)rv[first]);
+        free(k);
+        free(v);
+        free(rk);
+        free(rv);
+    }
+}

@@ -3,6 +3,7 @@
 #define CLKVQ_TEST_UTIL_H
 
 #include "clkvq.h"
+#include "reference_cache.h"
 
 #include <check.h>
 #include <stdint.h>
@@ -33,6 +34,11 @@ void test_attention_reference(const float *q, const float *k, const float *v, in
  * sequences of lengths[s] tokens; a row that sees no token: absolute error. */
 double test_decode_error(clkvq_cache *cache, int n_seqs, const int *lengths, int n_kv, int qpk,
                          int d, int nq, const float *q, const float *out, float scale);
+
+/* Layer 0 of every sequence of cache reads back as its plain-C model
+ * (heads x dim per token), bit for bit: the length, then every value. */
+void test_expect_model(clkvq_cache *cache, clkvq_ref_cache **model, int n_seqs, int heads,
+                       int dim, const char *label);
 
 /* Runs a suite without forking (one OpenCL context per process), releases
  * the context and returns the process exit code. */
