@@ -41,11 +41,6 @@ int clkvq_head_shares(const clkvq_layer_config *lc, int n_kv_heads, clkvq_format
         }
         if (share_of)
             share_of[h] = j;
-        if (!per_head) { /* every head alike */
-            for (int i = 1; share_of && i < n_kv_heads; i++)
-                share_of[i] = 0;
-            break;
-        }
     }
     return n;
 }
